@@ -1,0 +1,228 @@
+"""The local APIC register table: the one source of truth for every register.
+
+Each row names a register of the 4 KiB APIC page (SDM Vol. 3 Table 10-1 "Local APIC Register
+Address Map") and of the x2APIC MSR range (SDM Table 10-6 "Local APIC Register Address Map
+Supported by x2APIC"), with KVM's view of it (``kvm_lapic_readable_reg_mask``,
+``kvm_lapic_reg_write``, ``kvm_x2apic_msr_read/write``; reference ``kvm_lapic.md`` §1.1, §15):
+
+* ``offset``: xAPIC MMIO offset; ``msr``: x2APIC MSR (``0x800 + offset >> 4``) or ``None`` where
+  x2APIC mode has no such register (APR, RRD, DFR, ICR2: any access #GPs);
+* ``reset``/``init``: value after RESET and after INIT (``None`` = computed by the APIC, or for
+  ``init``: unchanged);
+* ``xapic``/``x2apic``: ``Access`` in that mode.  A read of a non-readable register is not
+  serviced over MMIO and #GPs over RDMSR; a write to a non-writable register is ignored over
+  MMIO and #GPs over WRMSR;
+* ``write_mask``: the bits a write stores (the register's handler in ``lapic.apic`` applies it,
+  plus any profile adjustments, e.g. SDM read-only LVT status bits);
+* ``feature``: a register that exists only with an optional feature (``"cmci"``).
+
+MMIO and MSR dispatch, the state image, the docs table (``python -m lapic.registers``) and the
+hypothesis strategies all come from :data:`REGISTERS`.
+
+Not modelled: the 0x900-0xBFF MSR range (reserved by the SDM; KVM does not route it to the
+APIC, so the generic unknown-MSR #GP applies and the model raises #GP too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Flag
+
+
+class Access(Flag):
+    NONE = 0
+    R = 1
+    W = 2
+    RW = 3
+
+    def __repr__(self) -> str:
+        return f"Access.{self.name}"
+
+
+R, W, RW, NO = Access.R, Access.W, Access.RW, Access.NONE
+
+LVT_MASKED = 0x10000
+LVT_DELIVERY_STATUS = 0x1000
+LVT_REMOTE_IRR = 0x4000
+LVT_LEVEL = 0x8000
+LVT_TIMER_MODE = 0x60000
+TIMER_ONESHOT = 0x00000
+TIMER_PERIODIC = 0x20000
+TIMER_TSC_DEADLINE = 0x40000
+LVT_MASK = 0x110FF
+"""KVM ``LVT_MASK``: masked | delivery status | vector."""
+LINT_MASK = 0x1F7FF
+"""KVM ``LINT_MASK``: LVT_MASK | delivery mode | polarity | remote IRR | trigger."""
+
+SVR_ENABLE = 0x100
+SVR_FOCUS_DISABLE = 0x200
+SVR_SUPPRESS_EOI_BROADCAST = 0x1000
+LVR_DIRECTED_EOI = 0x01000000
+KVM_APIC_VERSION = 0x14
+
+ESR_SEND_CS = 0x01
+ESR_RECV_CS = 0x02
+ESR_SEND_ACCEPT = 0x04
+ESR_RECV_ACCEPT = 0x08
+ESR_REDIRECTABLE_IPI = 0x10
+ESR_SEND_ILLEGAL_VECTOR = 0x20
+ESR_RECV_ILLEGAL_VECTOR = 0x40
+ESR_ILLEGAL_REGISTER = 0x80
+
+DFR_FLAT = 0xFFFFFFFF
+DFR_CLUSTER = 0x0FFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    name: str
+    offset: int
+    msr: int | None
+    reset: int | None
+    init: int | None
+    xapic: Access
+    x2apic: Access
+    write_mask: int
+    title: str
+    feature: str | None = None
+    is_lvt: bool = False
+
+    def __repr__(self) -> str:
+        msr = "None" if self.msr is None else f"{self.msr:#x}"
+        return f"REGISTER_BY_NAME[{self.name!r}]  # offset {self.offset:#05x}, msr {msr}"
+
+
+def _msr(offset: int) -> int:
+    return 0x800 + (offset >> 4)
+
+
+def _reg(
+    name: str,
+    offset: int,
+    reset: int | None,
+    init: int | None,
+    xapic: Access,
+    x2apic: Access,
+    write_mask: int,
+    title: str,
+    *,
+    has_msr: bool = True,
+    feature: str | None = None,
+    is_lvt: bool = False,
+) -> Register:
+    return Register(
+        name,
+        offset,
+        _msr(offset) if has_msr else None,
+        reset,
+        init,
+        xapic,
+        x2apic,
+        write_mask,
+        title,
+        feature,
+        is_lvt,
+    )
+
+
+def _vector_words(stem: str, base: int, title: str) -> list[Register]:
+    return [
+        _reg(f"{stem}{n}", base + 0x10 * n, 0, 0, R, R, 0, f"{title} bits {32 * n + 31}:{32 * n}")
+        for n in range(8)
+    ]
+
+
+def _lvt(name: str, offset: int, mask: int, title: str, feature: str | None = None) -> Register:
+    return _reg(
+        name, offset, LVT_MASKED, LVT_MASKED, RW, RW, mask, title, feature=feature, is_lvt=True
+    )
+
+
+REGISTERS: tuple[Register, ...] = (
+    # name, offset, RESET, INIT, xAPIC, x2APIC, write mask, title
+    _reg("ID", 0x020, None, None, RW, R, 0xFF000000, "Local APIC ID"),
+    _reg("LVR", 0x030, None, None, R, R, 0, "Local APIC Version"),
+    _reg("TPR", 0x080, 0, 0, RW, RW, 0xFF, "Task Priority"),
+    _reg("APR", 0x090, 0, 0, R, NO, 0, "Arbitration Priority", has_msr=False),
+    _reg("PPR", 0x0A0, 0, 0, R, R, 0, "Processor Priority"),
+    _reg("EOI", 0x0B0, 0, 0, W, W, 0, "End Of Interrupt"),
+    _reg("RRD", 0x0C0, 0, 0, NO, NO, 0, "Remote Read", has_msr=False),
+    _reg("LDR", 0x0D0, 0, None, RW, R, 0xFF000000, "Logical Destination"),
+    _reg("DFR", 0x0E0, DFR_FLAT, DFR_FLAT, RW, NO, 0xF0000000, "Destination Format",
+         has_msr=False),
+    _reg("SVR", 0x0F0, 0xFF, 0xFF, RW, RW, 0x3FF, "Spurious Interrupt Vector"),
+    *_vector_words("ISR", 0x100, "In-Service Register"),
+    *_vector_words("TMR", 0x180, "Trigger Mode Register"),
+    *_vector_words("IRR", 0x200, "Interrupt Request Register"),
+    _reg("ESR", 0x280, 0, 0, RW, RW, 0, "Error Status"),
+    _lvt("LVTCMCI", 0x2F0, 0x117FF, "LVT Corrected Machine Check Interrupt", "cmci"),
+    _reg("ICR", 0x300, 0, 0, RW, RW, 0xFFFFFFFF, "Interrupt Command (low; 64-bit in x2APIC)"),
+    _reg("ICR2", 0x310, 0, 0, RW, NO, 0xFF000000, "Interrupt Command (high)", has_msr=False),
+    _lvt("LVTT", 0x320, LVT_MASK | LVT_TIMER_MODE, "LVT Timer"),
+    _lvt("LVTTHMR", 0x330, 0x117FF, "LVT Thermal Sensor"),
+    _lvt("LVTPC", 0x340, 0x117FF, "LVT Performance Monitoring Counters"),
+    _lvt("LVT0", 0x350, LINT_MASK, "LVT LINT0"),
+    _lvt("LVT1", 0x360, LINT_MASK, "LVT LINT1"),
+    _lvt("LVTERR", 0x370, LVT_MASK, "LVT Error"),
+    _reg("TMICT", 0x380, 0, 0, RW, RW, 0xFFFFFFFF, "Timer Initial Count"),
+    _reg("TMCCT", 0x390, 0, 0, R, R, 0, "Timer Current Count"),
+    _reg("TDCR", 0x3E0, 0, 0, RW, RW, 0xB, "Timer Divide Configuration"),
+    _reg("SELF_IPI", 0x3F0, 0, 0, NO, W, 0xFF, "SELF IPI (x2APIC only)"),
+)
+
+REGISTER_BY_NAME: dict[str, Register] = {r.name: r for r in REGISTERS}
+REGISTER_BY_OFFSET: dict[int, Register] = {r.offset: r for r in REGISTERS}
+REGISTER_BY_MSR: dict[int, Register] = {r.msr: r for r in REGISTERS if r.msr is not None}
+
+LVT_REGISTERS: tuple[Register, ...] = tuple(r for r in REGISTERS if r.is_lvt)
+
+APIC_BASE_MSR = 0x1B
+X2APIC_MSR_FIRST = 0x800
+X2APIC_MSR_LAST = 0x8FF
+TSC_DEADLINE_MSR = 0x6E0
+
+ISR_BASE = 0x100
+TMR_BASE = 0x180
+IRR_BASE = 0x200
+
+APIC_PAGE_SIZE = 0x1000
+STATE_SIZE = 0x400
+"""``KVM_APIC_REG_SIZE``: ``struct kvm_lapic_state`` is the first 1 KiB of the page."""
+
+APIC_BASE_BSP = 0x100
+APIC_BASE_EXTD = 0x400
+APIC_BASE_EN = 0x800
+APIC_BASE_ADDR_MASK = 0xFFFFF000
+APIC_DEFAULT_BASE = 0xFEE00000
+
+
+def markdown_table() -> str:
+    """The register table as Markdown (used by ``specs/registers.md``)."""
+
+    def acc(a: Access) -> str:
+        return {R: "R", W: "W", RW: "RW", NO: "-"}[a]
+
+    lines = [
+        "| Register | Offset | MSR | RESET | INIT | xAPIC | x2APIC | write mask | Title |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in REGISTERS:
+        lines.append(
+            "| {} | {:#05x} | {} | {} | {} | {} | {} | {:#x} | {}{} |".format(
+                r.name,
+                r.offset,
+                "-" if r.msr is None else f"{r.msr:#x}",
+                "computed" if r.reset is None else f"{r.reset:#x}",
+                "unchanged" if r.init is None else f"{r.init:#x}",
+                acc(r.xapic),
+                acc(r.x2apic),
+                r.write_mask,
+                r.title,
+                f" (with {r.feature})" if r.feature else "",
+            )
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
