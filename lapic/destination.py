@@ -47,8 +47,12 @@ class Target(Protocol):
 
 
 def x2apic_ldr(x2apic_id: int) -> int:
-    """x2APIC logical ID from the x2APIC ID (MATCH-7): cluster in 31:16, one bit in 15:0."""
-    return ((x2apic_id >> 4) << 16) | (1 << (x2apic_id & 0xF))
+    """x2APIC logical ID from the x2APIC ID (MATCH-7): cluster in 31:16, one bit in 15:0.
+
+    KVM ``kvm_apic_calc_x2apic_ldr`` computes in ``u32``: for an ID of 2**20 and above the
+    cluster no longer fits in 16 bits and its high bits are lost, as they are here (the SDM's
+    x2APIC IDs are 32 bits wide, but its LDR has only 16 cluster bits, SDM 10.12.10.2)."""
+    return (((x2apic_id >> 4) << 16) | (1 << (x2apic_id & 0xF))) & 0xFFFFFFFF
 
 
 def mda(dest: int, target_x2apic: bool, *, is_ipi: bool, broadcast_quirk: bool) -> int:
@@ -106,19 +110,23 @@ def match_dest(
     broadcast_quirk: bool,
     profile: Profile,
 ) -> bool:
-    """KVM ``kvm_apic_match_dest``.  ``source`` is the sending APIC (None for an IOAPIC/MSI
-    message); identity (``is``) decides SELF and ALL_EXCLUDING_SELF."""
-    if shorthand is Shorthand.NONE:
+    """KVM ``kvm_apic_match_dest`` (MATCH-1..7).  ``source`` is the sending APIC (None for an
+    IOAPIC/MSI message); identity (``is``) decides SELF and ALL_EXCLUDING_SELF.  Shorthands
+    ignore ``dest`` and ``dest_mode`` (MATCH-2); a shorthand value outside 0-3 matches nothing
+    (the ``default:`` of KVM's switch).  Enum members and their plain int values are equal."""
+    if shorthand == Shorthand.NONE:
         m = mda(dest, target.x2apic_mode, is_ipi=source is not None,
                 broadcast_quirk=broadcast_quirk)
-        if dest_mode is DestMode.PHYSICAL:
+        if dest_mode == DestMode.PHYSICAL:
             return match_physical(m, target, profile)
         return match_logical(m, target, profile)
-    if shorthand is Shorthand.SELF:
+    if shorthand == Shorthand.SELF:
         return target is source
-    if shorthand is Shorthand.ALL_INCLUDING_SELF:
+    if shorthand == Shorthand.ALL_INCLUDING_SELF:
         return True
-    return target is not source
+    if shorthand == Shorthand.ALL_EXCLUDING_SELF:
+        return target is not source
+    return False
 
 
 def matches(

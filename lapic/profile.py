@@ -118,6 +118,13 @@ class Profile:
     """D5.  KVM: vector hashing (module parameter ``vector_hashing``, default on) or the
     arbitration counter; TPR/PPR are never consulted (LP-1..3).  SDM: TPR/focus-based."""
 
+    optimized_apic_map: bool = True
+    """DIFF-D6/D8, FAST-8/9.  KVM first tries its optimized APIC map (``kvm_apic_map``), whose
+    answers differ from the architectural rules in documented corners (a logical message while
+    every APIC is software-disabled is dropped; aliased xAPIC IDs under x2apic_format reach one
+    vCPU; 0 instead of -1 for no target).  The SDM has no such map: the sdm preset delivers by
+    the architectural rules only.  Read by the hypervisor layer."""
+
     x2apic_lowest_priority_ipi: bool = True
     """D5.  KVM sends lowest-priority IPIs from x2APIC mode.  SDM 10.5.3 (ESR bit 4) and
     reference LP-1: x2APIC does not support lowest-priority IPIs; the sender logs Redirectable
@@ -222,6 +229,7 @@ SDM = Profile(
     broadcast_quirk=False,
     lowest_priority=LowestPriorityPolicy.LOWEST_TPR,
     x2apic_lowest_priority_ipi=False,
+    optimized_apic_map=False,
     lint0_reenabled_quirk=False,
     mmio_hole_quirk=False,
     set_state_svr_before_fixup=False,

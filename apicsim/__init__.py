@@ -1,0 +1,1 @@
+"""User-facing tools: the ``apicsim`` command, the scenario runner, the real-KVM backend."""

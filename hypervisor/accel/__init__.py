@@ -1,0 +1,61 @@
+"""Ways of delivering interrupts to a guest, one module each, one interface for all.
+
+An accelerator sees every guest access to the local APIC first, as the CPU would, and decides
+whether it exits to KVM (trap-and-emulate), is completed by hardware (AVIC, APICv), or both.
+It also decides how a target vCPU learns that something is pending for it (a kick, a doorbell,
+a posted-interrupt notification, a wake-up).
+
+:class:`Accelerator` is the interface; ``ACCELERATORS`` maps the names accepted by
+``Vm(accelerator=...)`` to constructors.  Accelerators never import each other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from hypervisor.vcpu import Vcpu
+    from hypervisor.vm import Vm
+
+
+class Accelerator(Protocol):
+    name: str
+
+    def attach(self, vm: Vm) -> None:
+        """Called once, after the VM created its vCPUs."""
+        ...
+
+    def mmio_read(self, vcpu: Vcpu, gpa: int, size: int) -> int: ...
+
+    def mmio_write(self, vcpu: Vcpu, gpa: int, value: int, size: int) -> None: ...
+
+    def rdmsr(self, vcpu: Vcpu, msr: int) -> int: ...
+
+    def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None: ...
+
+    def notify(self, vcpu: Vcpu) -> None:
+        """Something became pending in ``vcpu``'s APIC."""
+        ...
+
+    def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None: ...
+
+    def vcpu_put(self, vcpu: Vcpu) -> None: ...
+
+    def vcpu_blocking(self, vcpu: Vcpu) -> None: ...
+
+    def vcpu_unblocking(self, vcpu: Vcpu) -> None: ...
+
+
+def make(name: str) -> Accelerator:
+    """An accelerator by name (``"emulated"``)."""
+    from hypervisor.accel.emulated import Emulated
+
+    table: dict[str, type[Accelerator]] = {"emulated": Emulated}
+    try:
+        return table[name]()
+    except KeyError:
+        from lapic.faults import ApicValueError
+
+        raise ApicValueError(
+            f"accelerator={name!r} is not known; choose one of {sorted(table)}"
+        ) from None

@@ -1,0 +1,292 @@
+"""``Vcpu``: one virtual CPU as the guest and the host scheduler see it.
+
+Guest side (what code running on the vCPU executes): ``mmio_read``/``mmio_write`` at guest
+physical addresses (the APIC page sits at the APIC base), ``rdmsr``/``wrmsr``, ``hypercall``
+(VMCALL), ``halt`` (HLT).  Each access goes to the VM's accelerator first, which decides whether
+it exits (every one does under trap-and-emulate) and then lets KVM's emulation run
+(``emulate_*``).
+
+Host side: a run state (not started, in guest, preempted, blocked) and the pCPU it was last
+loaded on; KVM's ``mp_state`` (runnable, uninitialized, INIT received, halted);
+``run()`` = one VM entry: pending INIT/SIPI are processed (``kvm_apic_accept_events``), NMIs and
+interrupts are injected one at a time, each acknowledged (IRR -> ISR) and handed to the guest's
+handler, which ends it with an EOI write.
+
+Not modelled: the instruction stream itself (the guest stub in ``guest/`` calls these methods
+in the order Linux would execute the instructions), RFLAGS.IF and interrupt shadows (the guest
+is taken as always interruptible when it runs or halts), SMM entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from hypervisor.exits import Exit, ExitReason
+from hypervisor.pv_ipi import emulate_hypercall
+from hypervisor.trace import KvmExit, KvmHypercall
+from lapic.apic import LocalApic
+from lapic.faults import ApicValueError, check_int, gp
+from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
+
+if TYPE_CHECKING:
+    from hypervisor.vm import Vm
+
+NMI_VECTOR = 2
+
+Handler = Callable[["Vcpu", int], None]
+
+
+class RunState(Enum):
+    NOT_STARTED = "not started"
+    IN_GUEST = "in guest"
+    PREEMPTED = "preempted"
+    BLOCKED = "blocked"
+
+    def __repr__(self) -> str:
+        return f"RunState.{self.name}"
+
+
+class MpState(Enum):
+    """KVM ``KVM_MP_STATE_*`` (the ones the in-kernel APIC uses)."""
+
+    RUNNABLE = 0
+    UNINITIALIZED = 1
+    INIT_RECEIVED = 2
+    HALTED = 3
+
+    def __repr__(self) -> str:
+        return f"MpState.{self.name}"
+
+
+class Vcpu:
+    def __init__(self, vm: Vm, index: int, apic: LocalApic, *, started: bool) -> None:
+        self.vm = vm
+        self.index = index
+        self.vcpu_id = apic.vcpu_id
+        self.apic = apic
+        self.run_state = RunState.NOT_STARTED
+        self.mp_state = MpState.RUNNABLE if started or apic.bsp else MpState.UNINITIALIZED
+        self.pcpu: int | None = None
+        self.interrupt_handler: Handler | None = None
+        """Installed by the guest; called with each acknowledged vector (and 2 for NMI)."""
+        self.handled: list[int] = []
+        """Vectors handled by the default handler (no guest handler installed)."""
+        self.sipi_entry: int | None = None
+        """Physical start address from the last SIPI (vector << 12), if any."""
+        self.exits = 0
+
+    # ===================================================================================
+    # Guest-executed accesses
+    # ===================================================================================
+    def mmio_read(self, gpa: int, size: int = 4) -> int:
+        check_int("gpa", gpa, 0, (1 << 52) - 1)
+        self._executing()
+        return self.vm.accel.mmio_read(self, gpa, size)
+
+    def mmio_write(self, gpa: int, value: int, size: int = 4) -> None:
+        check_int("gpa", gpa, 0, (1 << 52) - 1)
+        self._executing()
+        self.vm.accel.mmio_write(self, gpa, value, size)
+
+    def rdmsr(self, msr: int) -> int:
+        check_int("msr", msr, 0, 0xFFFFFFFF)
+        self._executing()
+        return self.vm.accel.rdmsr(self, msr)
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        check_int("msr", msr, 0, 0xFFFFFFFF)
+        check_int("value", value, 0, (1 << 64) - 1)
+        self._executing()
+        self.vm.accel.wrmsr(self, msr, value)
+
+    def hypercall(
+        self,
+        nr: int,
+        a0: int = 0,
+        a1: int = 0,
+        a2: int = 0,
+        a3: int = 0,
+        *,
+        long_mode: bool = True,
+        cpl: int = 0,
+    ) -> int:
+        """VMCALL with RAX=nr, RBX=a0, RCX=a1, RDX=a2, RSI=a3; returns RAX afterwards."""
+        for name, v in (("nr", nr), ("a0", a0), ("a1", a1), ("a2", a2), ("a3", a3)):
+            check_int(name, v, 0, (1 << 64) - 1)
+        check_int("cpl", cpl, 0, 3)
+        self._executing()
+        vm = self.vm
+        self.record_exit(ExitReason.VMCALL, nr, 0)
+        vm.stats.hypercalls += 1
+        if vm.tracer.on:
+            vm.tracer.emit(KvmHypercall(self.vcpu_id, nr, a0, a1, a2, a3))
+        return emulate_hypercall(
+            vm, self.index, nr, a0, a1, a2, a3, op_64_bit=long_mode, cpl=cpl
+        )
+
+    def halt(self) -> bool:
+        """HLT: exits; blocks unless an event is already pending.  True if it blocked."""
+        self._executing()
+        self.record_exit(ExitReason.HLT, 0, 0)
+        if self.has_events():
+            return False
+        self.mp_state = MpState.HALTED
+        self.run_state = RunState.BLOCKED
+        self.vm.accel.vcpu_blocking(self)
+        return True
+
+    def _executing(self) -> None:
+        state = self.run_state
+        if state is not RunState.IN_GUEST:
+            if state is RunState.BLOCKED:
+                raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
+            self.enter()
+        self.vm.current = self
+
+    # ===================================================================================
+    # KVM's side of an exit
+    # ===================================================================================
+    def record_exit(self, reason: ExitReason, qualification: int, value: int) -> None:
+        vm = self.vm
+        self.exits += 1
+        stats = vm.stats
+        stats.exits += 1
+        stats.exits_by_reason[reason] += 1
+        if vm.exit_log is not None:
+            vm.exit_log.append(Exit(self.index, reason, qualification, value))
+        if vm.tracer.on:
+            vm.tracer.emit(KvmExit(self.vcpu_id, reason, qualification))
+
+    def _apic_offset(self, gpa: int) -> int:
+        base = self.apic.base_address
+        if not base <= gpa < base + 0x1000:
+            raise ApicValueError(
+                f"gpa={gpa:#x} is outside the APIC page at {base:#x}; no other device is modelled"
+            )
+        return gpa - base
+
+    def emulate_mmio_read(self, gpa: int, size: int) -> int:
+        return self.apic.mmio_read(self._apic_offset(gpa), size)
+
+    def emulate_mmio_write(self, gpa: int, value: int, size: int) -> None:
+        self.apic.mmio_write(self._apic_offset(gpa), value, size)
+
+    def emulate_rdmsr(self, msr: int) -> int:
+        if _apic_msr(msr):
+            return self.apic.rdmsr(msr)
+        raise gp(f"RDMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
+
+    def emulate_wrmsr(self, msr: int, value: int) -> None:
+        if _apic_msr(msr):
+            self.apic.wrmsr(msr, value)
+            return
+        raise gp(f"WRMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
+
+    # ===================================================================================
+    # Scheduling and events
+    # ===================================================================================
+    def enter(self, pcpu: int | None = None) -> None:
+        """Load on a pCPU and enter guest mode (KVM vcpu_load + VM entry)."""
+        if pcpu is None:
+            pcpu = self.pcpu if self.pcpu is not None else self.index
+        check_int("pcpu", pcpu, 0, 1 << 20)
+        if self.run_state is RunState.BLOCKED:
+            self.vm.accel.vcpu_unblocking(self)
+        self.pcpu = pcpu
+        self.run_state = RunState.IN_GUEST
+        self.vm.accel.vcpu_load(self, pcpu)
+
+    def preempt(self) -> None:
+        """The host scheduled the vCPU out (KVM vcpu_put); it stays runnable."""
+        if self.run_state is RunState.IN_GUEST:
+            self.run_state = RunState.PREEMPTED
+            self.vm.accel.vcpu_put(self)
+
+    def has_events(self) -> bool:
+        """KVM ``kvm_vcpu_has_events`` for the sources modelled here."""
+        apic = self.apic
+        if apic.init_pending or apic.nmi_pending or apic.smi_pending or apic.pv_unhalted:
+            return True
+        if apic.sipi_pending and self.mp_state is MpState.INIT_RECEIVED:
+            return True
+        return apic.pending_interrupt() is not None
+
+    def kick(self) -> None:
+        """KVM ``kvm_vcpu_kick`` after an event became pending for this vCPU."""
+        state = self.run_state
+        if state is RunState.BLOCKED:
+            if self.has_events():
+                self.vm.stats.wakeups += 1
+                self.mp_state = MpState.RUNNABLE
+                self.run_state = RunState.PREEMPTED
+                self.vm.accel.vcpu_unblocking(self)
+        elif state is RunState.IN_GUEST and self.vm.current is not self:
+            self.vm.stats.kicks += 1
+
+    def accept_events(self) -> None:
+        """KVM ``kvm_apic_accept_events``: INIT resets the vCPU, SIPI starts an AP."""
+        apic = self.apic
+        if apic.init_pending:
+            apic.init()
+            self.mp_state = (
+                MpState.RUNNABLE if apic.apic_base & APIC_BASE_BSP else MpState.INIT_RECEIVED
+            )
+        if apic.sipi_pending:
+            apic.sipi_pending = False
+            if self.mp_state is MpState.INIT_RECEIVED:
+                self.sipi_entry = apic.sipi_vector << 12
+                self.mp_state = MpState.RUNNABLE
+
+    def run(self, handler: Handler | None = None) -> list[int]:
+        """One VM entry: handle everything pending; returns the vectors handled (2 = NMI).
+
+        A blocked vCPU with nothing pending stays blocked (returns ``[]``).
+        """
+        if self.run_state is RunState.BLOCKED and not self.has_events():
+            return []
+        self.accept_events()
+        if self.mp_state is not MpState.RUNNABLE and self.mp_state is not MpState.HALTED:
+            return []
+        self.mp_state = MpState.RUNNABLE
+        self.enter()
+        self.vm.current = self
+        apic = self.apic
+        apic.pv_unhalted = False
+        handle = handler or self.interrupt_handler or Vcpu.default_handler
+        done: list[int] = []
+        while apic.nmi_pending:
+            apic.nmi_pending -= 1
+            done.append(NMI_VECTOR)
+            handle(self, NMI_VECTOR)
+        while True:
+            vector = apic.ack()
+            if vector is None:
+                break
+            done.append(vector)
+            handle(self, vector)
+        return done
+
+    def default_handler(self, vector: int) -> None:
+        """What a Linux handler does at the end: record, then EOI (not for NMI)."""
+        self.handled.append(vector)
+        if vector != NMI_VECTOR:
+            self.guest_eoi()
+
+    def guest_eoi(self) -> None:
+        """The guest's EOI write, through whichever interface its APIC mode uses."""
+        if self.apic.x2apic_mode:
+            self.wrmsr(0x80B, 0)
+        else:
+            self.mmio_write(self.apic.base_address + 0xB0, 0)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Vcpu index={self.index} id={self.vcpu_id} {self.run_state.value} "
+            f"mp={self.mp_state.name} pcpu={self.pcpu} exits={self.exits}>"
+        )
+
+
+def _apic_msr(msr: int) -> bool:
+    return msr == APIC_BASE_MSR or msr == TSC_DEADLINE_MSR or 0x800 <= msr <= 0xBFF

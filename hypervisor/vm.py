@@ -1,0 +1,361 @@
+"""``Vm``: a KVM virtual machine with an in-kernel local APIC per vCPU.
+
+The host API mirrors KVM's ioctls, with their semantics and return values:
+
+===========================  ===============================================================
+``get_lapic(i)``             KVM_GET_LAPIC: the 1 KiB ``kvm_lapic_state`` (§14 fix-ups)
+``set_lapic(i, data)``       KVM_SET_LAPIC; -EINVAL raises ``lapic.StateError`` (errno 22)
+``get_msr(i, msr)``          KVM_GET_MSRS for one MSR, host-initiated; failure raises
+                             ``MsrError`` (KVM would report 0 MSRs read)
+``set_msr(i, msr, value)``   KVM_SET_MSRS for one MSR, host-initiated: True if set
+``signal_msi(lo, hi, data)`` KVM_SIGNAL_MSI: the kernel's return value (n >= 0 accepted,
+                             -1 when no APIC matched, -22 for an invalid route)
+``add_vcpu(vcpu_id)``        KVM_CREATE_VCPU (hotplug)
+===========================  ===============================================================
+
+VM-wide options are KVM's: ``x2apic_format`` (KVM_X2APIC_API_USE_32BIT_IDS),
+``broadcast_quirk`` (cleared by KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK), ``vector_hashing``
+(module parameter), ``max_vcpu_ids`` (KVM_CAP_MAX_VCPU_ID), ``enforce_pv_cpuid``
+(KVM_CAP_ENFORCE_PV_FEATURE_CPUID) with ``pv_features`` (CPUID 0x40000001 EAX bits).  Defaults
+are KVM's defaults; ``broadcast_quirk``/``vector_hashing`` default to the profile's.
+
+Whether the optimized map (fast path) is used comes from ``profile.optimized_apic_map``; the
+``sdm`` profile delivers everything by the architectural rules (the slow path).
+
+Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_SREGS.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from hypervisor import accel as accel_mod
+from hypervisor.apic_map import ApicMap, build
+from hypervisor.delivery import deliver
+from hypervisor.exits import Exit
+from hypervisor.pv_ipi import (
+    KVM_FEATURE_PV_SCHED_YIELD,
+    KVM_FEATURE_PV_SEND_IPI,
+    KVM_FEATURE_PV_UNHALT,
+    pv_send_ipi,
+)
+from hypervisor.trace import (
+    KvmApicAcceptIrq,
+    KvmApicIpi,
+    KvmEoi,
+    KvmMsiSetIrq,
+    KvmPvSendIpi,
+    Stats,
+    Tracer,
+)
+from hypervisor.vcpu import Vcpu
+from lapic.apic import ApicHook, Features, LocalApic
+from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
+from lapic.icr import DeliveryMode, Interrupt, Msi
+from lapic.profile import LowestPriorityPolicy, Profile, resolve
+from lapic.timer import Clock
+
+KVM_MAX_VCPU_IDS = 4096
+EINVAL = 22
+KVM_MSI_VALID_DEVID = 1
+
+
+class MsrError(ApicValueError):
+    """KVM_GET_MSRS/KVM_SET_MSRS could not access the MSR (the ioctl reports 0 processed)."""
+
+
+class Vm:
+    def __init__(
+        self,
+        vcpus: int = 1,
+        profile: str | Profile = "kvm",
+        *,
+        x2apic_format: bool = False,
+        broadcast_quirk: bool | None = None,
+        vector_hashing: bool | None = None,
+        vcpu_ids: Sequence[int] | None = None,
+        max_vcpu_ids: int = KVM_MAX_VCPU_IDS,
+        bsp_vcpu_id: int = 0,
+        features: Features | None = None,
+        accelerator: str = "emulated",
+        enforce_pv_cpuid: bool = False,
+        pv_features: Iterable[int] = (
+            KVM_FEATURE_PV_UNHALT,
+            KVM_FEATURE_PV_SEND_IPI,
+            KVM_FEATURE_PV_SCHED_YIELD,
+        ),
+        aps_started: bool = True,
+        exit_log: int = 4096,
+        trace: bool = False,
+    ) -> None:
+        self.profile = resolve(profile)
+        for name, flag in (
+            ("x2apic_format", x2apic_format),
+            ("enforce_pv_cpuid", enforce_pv_cpuid),
+            ("aps_started", aps_started),
+            ("trace", trace),
+        ):
+            if not isinstance(flag, bool):
+                raise ApicTypeError(f"{name} must be a bool, not {type(flag).__name__}")
+        self.x2apic_format = x2apic_format
+        self.broadcast_quirk = (
+            self.profile.broadcast_quirk if broadcast_quirk is None else bool(broadcast_quirk)
+        )
+        if vector_hashing is None:
+            vector_hashing = self.profile.lowest_priority is LowestPriorityPolicy.VECTOR_HASHING
+        self.vector_hashing = bool(vector_hashing)
+        self.max_vcpu_ids = check_int("max_vcpu_ids", max_vcpu_ids, 1, 1 << 32)
+        self.bsp_vcpu_id = bsp_vcpu_id
+        self.features = features if features is not None else Features()
+        self.enforce_pv_cpuid = enforce_pv_cpuid
+        self.pv_features = frozenset(pv_features)
+        self.aps_started = aps_started
+        self.clock = Clock()
+        self.stats = Stats()
+        self.tracer = Tracer(trace)
+        check_int("exit_log", exit_log, 0, 1 << 32)
+        self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
+        self.current: Vcpu | None = None
+        """The vCPU whose guest code is executing (set by each guest access)."""
+        self._vcpus: list[Vcpu] = []
+        self._apics: list[LocalApic] = []
+        self._map: ApicMap | None = None
+        self._map_dirty = True
+        self.inhibits = 0
+        self.accel = accel_mod.make(accelerator)
+
+        if vcpu_ids is None:
+            check_int("vcpus", vcpus, 1, max_vcpu_ids)
+            vcpu_ids = range(vcpus)
+        for vid in vcpu_ids:
+            self.add_vcpu(vid)
+        if not self._vcpus:
+            raise ApicValueError("vcpu_ids must name at least one vCPU")
+        self.accel.attach(self)
+
+    # ===================================================================================
+    # vCPUs
+    # ===================================================================================
+    def add_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU: the new vCPU's APIC is in RESET state."""
+        check_int("vcpu_id", vcpu_id, 0, self.max_vcpu_ids - 1)
+        if any(v.vcpu_id == vcpu_id for v in self._vcpus):
+            raise ApicValueError(f"vcpu_id={vcpu_id} already exists")
+        apic = LocalApic(
+            vcpu_id,
+            self.profile,
+            bsp=vcpu_id == self.bsp_vcpu_id,
+            features=self.features,
+            clock=self.clock,
+        )
+        vcpu = Vcpu(self, len(self._vcpus), apic, started=self.aps_started)
+        apic.send_hook = self._send
+        apic.map_hook = self._mark_map_dirty
+        apic.notify_hook = self._notify_hook(vcpu)
+        apic.eoi_hook = self._on_eoi
+        self._vcpus.append(vcpu)
+        self._apics.append(apic)
+        self._map_dirty = True
+        if len(self._vcpus) > 1:
+            self.accel.attach(self)
+        return vcpu
+
+    def _notify_hook(self, vcpu: Vcpu) -> ApicHook:
+        accel = self.accel
+
+        def notify(apic: LocalApic) -> None:
+            accel.notify(vcpu)
+
+        return notify
+
+    @property
+    def vcpus(self) -> Sequence[Vcpu]:
+        return self._vcpus
+
+    def vcpu(self, i: int) -> Vcpu:
+        """vCPU by index (creation order); what the guest executes on it."""
+        check_int("i", i, 0, len(self._vcpus) - 1)
+        return self._vcpus[i]
+
+    def lapic(self, i: int) -> LocalApic:
+        check_int("i", i, 0, len(self._vcpus) - 1)
+        return self._apics[i]
+
+    def index_of(self, vcpu_id: int) -> int:
+        for v in self._vcpus:
+            if v.vcpu_id == vcpu_id:
+                return v.index
+        raise ApicValueError(f"vcpu_id={vcpu_id} does not exist")
+
+    def __len__(self) -> int:
+        return len(self._vcpus)
+
+    # ===================================================================================
+    # The optimized map
+    # ===================================================================================
+    def _mark_map_dirty(self, apic: LocalApic) -> None:
+        self._map_dirty = True
+
+    @property
+    def apic_map(self) -> ApicMap | None:
+        """KVM ``kvm->arch.apic_map``, recalculated if anything it depends on changed."""
+        if self._map_dirty:
+            self._map, self.inhibits = build(self._apics, x2apic_format=self.x2apic_format)
+            self._map_dirty = False
+        return self._map
+
+    # ===================================================================================
+    # Delivery
+    # ===================================================================================
+    def _accept(self, apic: LocalApic, irq: Interrupt) -> bool:
+        ok = apic.accept_interrupt(irq)
+        if ok:
+            self.stats.irqs_accepted += 1
+        if self.tracer.on:
+            self.tracer.emit(
+                KvmApicAcceptIrq(
+                    apic.vcpu_id, int(irq.delivery_mode), int(irq.trigger), irq.vector, ok
+                )
+            )
+        return ok
+
+    def deliver(self, irq: Interrupt, source: LocalApic | None = None) -> int:
+        """KVM ``kvm_irq_delivery_to_apic``: -1 if nothing matched, else the accepted count."""
+        if not isinstance(irq, Interrupt):
+            raise ApicTypeError(f"irq must be an Interrupt, not {type(irq).__name__}")
+        apic_map = self.apic_map if self.profile.optimized_apic_map else None
+        r, fast = deliver(
+            irq,
+            source,
+            apic_map,
+            self._apics,
+            profile=self.profile,
+            broadcast_quirk=self.broadcast_quirk,
+            vector_hashing=self.vector_hashing,
+            accept=self._accept,
+            use_map=self.profile.optimized_apic_map,
+        )
+        if fast:
+            self.stats.fast_path += 1
+        else:
+            self.stats.slow_path += 1
+        return r
+
+    def _send(self, apic: LocalApic, irq: Interrupt) -> None:
+        """An ICR or SELF IPI write of ``apic`` (KVM ``kvm_apic_send_ipi``)."""
+        self.stats.ipis += 1
+        if self.tracer.on:
+            low = (
+                irq.vector
+                | int(irq.delivery_mode) << 8
+                | int(irq.dest_mode) << 11
+                | int(irq.level) << 14
+                | int(irq.trigger) << 15
+                | int(irq.shorthand) << 18
+            )
+            self.tracer.emit(KvmApicIpi(apic.vcpu_id, low, irq.dest))
+        self.deliver(irq, apic)
+
+    def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
+        if self.tracer.on:
+            self.tracer.emit(KvmEoi(apic.vcpu_id, vector))
+
+    def signal_msi(self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0) -> int:
+        """KVM_SIGNAL_MSI (``kvm_send_userspace_msi`` -> ``kvm_set_msi``)."""
+        check_int("address_lo", address_lo, 0, 0xFFFFFFFF)
+        check_int("address_hi", address_hi, 0, 0xFFFFFFFF)
+        check_int("data", data, 0, 0xFFFFFFFF)
+        check_int("flags", flags, 0, 0xFFFFFFFF)
+        if flags & ~KVM_MSI_VALID_DEVID:
+            return -EINVAL
+        if self.x2apic_format and address_hi & 0xFF:
+            return -EINVAL
+        self.stats.msis += 1
+        if self.tracer.on:
+            addr = address_lo | (address_hi << 32 if self.x2apic_format else 0)
+            self.tracer.emit(KvmMsiSetIrq(addr, data))
+        irq = Msi(address_lo, address_hi, data).decode(x2apic_format=self.x2apic_format)
+        return self.deliver(irq, None)
+
+    # -- hypercall host side (hypervisor.pv_ipi.HypercallHost) ------------------------------
+    def pv_feature(self, feature: int) -> bool:
+        return not self.enforce_pv_cpuid or feature in self.pv_features
+
+    def send_ipi_hypercall(
+        self, source: int, low: int, high: int, min_id: int, icr: int, op_64_bit: bool
+    ) -> int:
+        self.stats.pv_ipi_calls += 1
+        apic_map = self.apic_map
+        r = pv_send_ipi(apic_map, low, high, min_id, icr, op_64_bit=op_64_bit, accept=self._accept)
+        if self.tracer.on:
+            self.tracer.emit(
+                KvmPvSendIpi(self._vcpus[source].vcpu_id, low, high, min_id, icr, r)
+            )
+        return r
+
+    def kick_cpu(self, apic_id: int) -> None:
+        """KVM_HC_KICK_CPU: a remote-read-mode message to ``apic_id`` (PV unhalt)."""
+        self.deliver(Interrupt(0, DeliveryMode.REMOTE_READ, dest=apic_id), None)
+
+    # ===================================================================================
+    # Host API (ioctls)
+    # ===================================================================================
+    def get_lapic(self, i: int) -> bytes:
+        return self.lapic(i).get_state(x2apic_format=self.x2apic_format)
+
+    def set_lapic(self, i: int, data: bytes) -> None:
+        self.lapic(i).set_state(data, x2apic_format=self.x2apic_format)
+
+    def get_msr(self, i: int, msr: int) -> int:
+        apic = self.lapic(i)
+        try:
+            return apic.rdmsr(msr)
+        except (GuestFault, ApicValueError) as e:
+            raise MsrError(f"msr={msr:#x} cannot be read on vCPU {i}: {e}") from None
+
+    def set_msr(self, i: int, msr: int, value: int) -> bool:
+        apic = self.lapic(i)
+        check_int("value", value, 0, (1 << 64) - 1)
+        try:
+            apic.wrmsr(msr, value, host_initiated=True)
+        except GuestFault:
+            return False
+        except ApicValueError as e:
+            raise MsrError(f"msr={msr:#x} is not modelled: {e}") from None
+        return True
+
+    # ===================================================================================
+    # Time
+    # ===================================================================================
+    def advance(self, ns: int) -> int:
+        """Advance the VM clock; fire due APIC timers.  Returns the number that fired."""
+        self.clock.advance(ns)
+        return sum(a.poll_timer() for a in self._apics)
+
+    def dump(self) -> str:
+        lines = [
+            f"Vm {len(self._vcpus)} vCPUs [{self.profile.name}] accel={self.accel.name} "
+            f"x2apic_format={self.x2apic_format} broadcast_quirk={self.broadcast_quirk} "
+            f"vector_hashing={self.vector_hashing}",
+            f"  map: {self.apic_map!r}",
+            f"  {self.stats!r}",
+        ]
+        for v in self._vcpus:
+            lines.append(f"  {v!r}")
+            lines.extend("    " + line for line in v.apic.dump().splitlines())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"Vm(vcpus={len(self._vcpus)}, profile={self.profile!r}, "
+            f"x2apic_format={self.x2apic_format}, broadcast_quirk={self.broadcast_quirk}, "
+            f"vector_hashing={self.vector_hashing})"
+        )
+
+    @property
+    def exits(self) -> list[Exit]:
+        """The most recent exits (at most ``exit_log``), oldest first."""
+        return list(self.exit_log) if self.exit_log is not None else []
+
+
