@@ -289,4 +289,4 @@ class Vcpu:
 
 
 def _apic_msr(msr: int) -> bool:
-    return msr == APIC_BASE_MSR or msr == TSC_DEADLINE_MSR or 0x800 <= msr <= 0xBFF
+    return msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR) or 0x800 <= msr <= 0xBFF

@@ -261,7 +261,9 @@ class Vm:
         if self.tracer.on:
             self.tracer.emit(KvmEoi(apic.vcpu_id, vector))
 
-    def signal_msi(self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0) -> int:
+    def signal_msi(
+        self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
+    ) -> int:
         """KVM_SIGNAL_MSI (``kvm_send_userspace_msi`` -> ``kvm_set_msi``)."""
         check_int("address_lo", address_lo, 0, 0xFFFFFFFF)
         check_int("address_hi", address_hi, 0, 0xFFFFFFFF)

@@ -47,7 +47,8 @@ def choose_lowest_priority(
         # SDM 10.6.2.4: the focus processor (already has the vector pending or in service),
         # else the lowest priority class; the tie-break (lowest index) is the model's choice.
         for apic in candidates:
-            if not apic.svr & SVR_FOCUS_DISABLE and (irq.vector in apic.irr or irq.vector in apic.isr):
+            focus_checking = not apic.svr & SVR_FOCUS_DISABLE
+            if focus_checking and (irq.vector in apic.irr or irq.vector in apic.isr):
                 return apic
         return min(candidates, key=lambda a: a.tpr & 0xF0)
     if vector_hashing:
