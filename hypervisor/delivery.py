@@ -31,14 +31,14 @@ from collections.abc import Callable, Sequence
 from hypervisor.apic_map import ApicMap, LogicalMode
 from lapic.apic import LocalApic
 from lapic.icr import X2APIC_BROADCAST, XAPIC_BROADCAST, DestMode, Interrupt, Shorthand
-from lapic.profile import Profile
+from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.slowpath import deliver_slow
 
 AcceptFn = Callable[[LocalApic, Interrupt], bool]
 
 
 def is_broadcast_dest(
-    irq: Interrupt, source: LocalApic | None, apic_map: ApicMap, *, broadcast_quirk: bool
+    irq: Interrupt, source: LocalApic | None, apic_map: ApicMap, broadcast_quirk: bool
 ) -> bool:
     """KVM ``kvm_apic_is_broadcast_dest`` (FAST-4)."""
     dest = irq.dest
@@ -54,7 +54,6 @@ def map_destinations(
     irq: Interrupt,
     source: LocalApic | None,
     apic_map: ApicMap | None,
-    *,
     broadcast_quirk: bool,
     vector_hashing: bool,
 ) -> list[LocalApic] | None:
@@ -64,9 +63,7 @@ def map_destinations(
         return [source]
     if shorthand is not Shorthand.NONE:
         return None
-    if apic_map is None or is_broadcast_dest(
-        irq, source, apic_map, broadcast_quirk=broadcast_quirk
-    ):
+    if apic_map is None or is_broadcast_dest(irq, source, apic_map, broadcast_quirk):
         return None
     if irq.dest_mode is DestMode.PHYSICAL:
         if irq.dest > apic_map.max_apic_id:
@@ -115,14 +112,15 @@ def deliver(
     source: LocalApic | None,
     apic_map: ApicMap | None,
     apics: Sequence[LocalApic],
-    *,
     profile: Profile,
     broadcast_quirk: bool,
-    vector_hashing: bool,
+    policy: LowestPriorityPolicy,
     accept: AcceptFn,
     use_map: bool = True,
 ) -> tuple[int, bool]:
-    """KVM ``kvm_irq_delivery_to_apic``: returns ``(result, fast_path_used)``."""
+    """KVM ``kvm_irq_delivery_to_apic``: returns ``(result, fast_path_used)``.
+
+    Arguments are positional on purpose: this runs once per interrupt."""
     if irq.shorthand is Shorthand.SELF:
         # __kvm_irq_delivery_to_apic_fast handles SELF before looking at the map.
         if source is None:
@@ -130,7 +128,7 @@ def deliver(
         return int(accept(source, irq)), True
     if use_map:
         targets = map_destinations(
-            irq, source, apic_map, broadcast_quirk=broadcast_quirk, vector_hashing=vector_hashing
+            irq, source, apic_map, broadcast_quirk, policy is LowestPriorityPolicy.VECTOR_HASHING
         )
         if targets is not None:
             r = 0
@@ -143,7 +141,7 @@ def deliver(
         source,
         profile=profile,
         broadcast_quirk=broadcast_quirk,
-        vector_hashing=vector_hashing,
+        policy=policy,
         accept=accept,
     )
     return r, False

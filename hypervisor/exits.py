@@ -37,6 +37,7 @@ class ExitReason(IntEnum):
         return f"ExitReason.{self.name}"
 
     __str__ = __repr__
+    __hash__ = int.__hash__  # Enum hashes by name in Python code; exits are counted per reason
 
 
 class Exit(NamedTuple):

@@ -96,9 +96,14 @@ class Vcpu:
         return self.vm.accel.rdmsr(self, msr)
 
     def wrmsr(self, msr: int, value: int) -> None:
-        check_int("msr", msr, 0, 0xFFFFFFFF)
-        check_int("value", value, 0, (1 << 64) - 1)
-        self._executing()
+        if type(msr) is not int or type(value) is not int or msr >> 32 or value >> 64 or (
+            msr < 0 or value < 0
+        ):
+            check_int("msr", msr, 0, 0xFFFFFFFF)
+            check_int("value", value, 0, (1 << 64) - 1)
+        if self.run_state is not RunState.IN_GUEST:
+            self._executing()
+        self.vm.current = self
         self.vm.accel.wrmsr(self, msr, value)
 
     def hypercall(
@@ -179,7 +184,7 @@ class Vcpu:
         raise gp(f"RDMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
 
     def emulate_wrmsr(self, msr: int, value: int) -> None:
-        if _apic_msr(msr):
+        if 0x800 <= msr <= 0xBFF or msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR):
             self.apic.wrmsr(msr, value)
             return
         raise gp(f"WRMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
@@ -213,8 +218,9 @@ class Vcpu:
             return True
         return apic.pending_interrupt() is not None
 
-    def kick(self) -> None:
-        """KVM ``kvm_vcpu_kick`` after an event became pending for this vCPU."""
+    def kick(self, apic: LocalApic | None = None) -> None:
+        """KVM ``kvm_vcpu_kick`` after an event became pending for this vCPU (``apic`` is the
+        notifying APIC when called as its ``notify_hook``; it is always this vCPU's)."""
         state = self.run_state
         if state is RunState.BLOCKED:
             if self.has_events():

@@ -50,10 +50,11 @@ from hypervisor.trace import (
     Tracer,
 )
 from hypervisor.vcpu import Vcpu
-from lapic.apic import ApicHook, Features, LocalApic
+from lapic.apic import Features, LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
 from lapic.icr import DeliveryMode, Interrupt, Msi
 from lapic.profile import LowestPriorityPolicy, Profile, resolve
+from lapic.slowpath import resolve_policy
 from lapic.timer import Clock
 
 KVM_MAX_VCPU_IDS = 4096
@@ -102,9 +103,9 @@ class Vm:
         self.broadcast_quirk = (
             self.profile.broadcast_quirk if broadcast_quirk is None else bool(broadcast_quirk)
         )
-        if vector_hashing is None:
-            vector_hashing = self.profile.lowest_priority is LowestPriorityPolicy.VECTOR_HASHING
-        self.vector_hashing = bool(vector_hashing)
+        self.lowest_priority = resolve_policy(self.profile, vector_hashing)
+        """The lowest-priority policy (KVM: the ``vector_hashing`` module parameter)."""
+        self.vector_hashing = self.lowest_priority is LowestPriorityPolicy.VECTOR_HASHING
         self.max_vcpu_ids = check_int("max_vcpu_ids", max_vcpu_ids, 1, 1 << 32)
         self.bsp_vcpu_id = bsp_vcpu_id
         self.features = features if features is not None else Features()
@@ -124,6 +125,7 @@ class Vm:
         self._map_dirty = True
         self.inhibits = 0
         self.accel = accel_mod.make(accelerator)
+        self._use_map = self.profile.optimized_apic_map
 
         if vcpu_ids is None:
             check_int("vcpus", vcpus, 1, max_vcpu_ids)
@@ -152,7 +154,7 @@ class Vm:
         vcpu = Vcpu(self, len(self._vcpus), apic, started=self.aps_started)
         apic.send_hook = self._send
         apic.map_hook = self._mark_map_dirty
-        apic.notify_hook = self._notify_hook(vcpu)
+        apic.notify_hook = self.accel.notifier(vcpu)
         apic.eoi_hook = self._on_eoi
         self._vcpus.append(vcpu)
         self._apics.append(apic)
@@ -160,14 +162,6 @@ class Vm:
         if len(self._vcpus) > 1:
             self.accel.attach(self)
         return vcpu
-
-    def _notify_hook(self, vcpu: Vcpu) -> ApicHook:
-        accel = self.accel
-
-        def notify(apic: LocalApic) -> None:
-            accel.notify(vcpu)
-
-        return notify
 
     @property
     def vcpus(self) -> Sequence[Vcpu]:
@@ -209,7 +203,8 @@ class Vm:
     # Delivery
     # ===================================================================================
     def _accept(self, apic: LocalApic, irq: Interrupt) -> bool:
-        ok = apic.accept_interrupt(irq)
+        """The acceptance stage as KVM runs it (``kvm_apic_set_irq``), counted and traced."""
+        ok = apic._accept(irq[0], irq[1], irq[4], irq[3])
         if ok:
             self.stats.irqs_accepted += 1
         if self.tracer.on:
@@ -224,17 +219,22 @@ class Vm:
         """KVM ``kvm_irq_delivery_to_apic``: -1 if nothing matched, else the accepted count."""
         if not isinstance(irq, Interrupt):
             raise ApicTypeError(f"irq must be an Interrupt, not {type(irq).__name__}")
-        apic_map = self.apic_map if self.profile.optimized_apic_map else None
+        if source is not None and not isinstance(source, LocalApic):
+            raise ApicTypeError(f"source must be a LocalApic, not {type(source).__name__}")
+        return self._deliver(irq, source)
+
+    def _deliver(self, irq: Interrupt, source: LocalApic | None) -> int:
+        use_map = self._use_map
         r, fast = deliver(
             irq,
             source,
-            apic_map,
+            self.apic_map if use_map else None,
             self._apics,
-            profile=self.profile,
-            broadcast_quirk=self.broadcast_quirk,
-            vector_hashing=self.vector_hashing,
-            accept=self._accept,
-            use_map=self.profile.optimized_apic_map,
+            self.profile,
+            self.broadcast_quirk,
+            self.lowest_priority,
+            self._accept,
+            use_map,
         )
         if fast:
             self.stats.fast_path += 1
@@ -255,7 +255,7 @@ class Vm:
                 | int(irq.shorthand) << 18
             )
             self.tracer.emit(KvmApicIpi(apic.vcpu_id, low, irq.dest))
-        self.deliver(irq, apic)
+        self._deliver(irq, apic)
 
     def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
         if self.tracer.on:
@@ -278,7 +278,7 @@ class Vm:
             addr = address_lo | (address_hi << 32 if self.x2apic_format else 0)
             self.tracer.emit(KvmMsiSetIrq(addr, data))
         irq = Msi(address_lo, address_hi, data).decode(x2apic_format=self.x2apic_format)
-        return self.deliver(irq, None)
+        return self._deliver(irq, None)
 
     # -- hypercall host side (hypervisor.pv_ipi.HypercallHost) ------------------------------
     def pv_feature(self, feature: int) -> bool:

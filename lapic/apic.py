@@ -94,6 +94,8 @@ from lapic.registers import (
 from lapic.timer import ApicTimer, Clock
 from lapic.vectors import SPAN_BYTES, VectorBitmap, VectorSet
 
+_new_tuple = tuple.__new__
+
 if sys.byteorder != "little":  # pragma: no cover - x86 models run on little-endian hosts
     raise ImportError("lapic needs a little-endian host (the register page is x86 layout)")
 
@@ -135,6 +137,7 @@ EoiHook = Callable[["LocalApic", int, bool, bool], None]
 ApicHook = Callable[["LocalApic"], None]
 
 _LVT_ORDER = ("LVTT", "LVTTHMR", "LVTPC", "LVT0", "LVT1", "LVTERR", "LVTCMCI")
+_MODE_BITS = APIC_BASE_EN | APIC_BASE_EXTD
 _ICR_OFF = 0x300
 _ICR2_OFF = 0x310
 _U64_MAX = (1 << 64) - 1
@@ -192,6 +195,9 @@ class LocalApic:
         self.pv_unhalted = False
         self._esr_pending = 0
         self._in_error = False
+        self._sender_checks = (
+            not self.profile.accept_illegal_vectors or not self.profile.x2apic_lowest_priority_ipi
+        )
         self.lvt_count = 7 if features.cmci else 6
         self._timer_mode_mask = LVT_TIMER_MODE if features.tsc_deadline else TIMER_PERIODIC
         self.timer = ApicTimer(
@@ -390,7 +396,7 @@ class LocalApic:
         if msr == APIC_BASE_MSR:
             return self.apic_base
         if msr == TSC_DEADLINE_MSR:
-            if not self.features.tsc_deadline:
+            if not self.features.tsc_deadline and self.profile.tsc_deadline_msr_needs_cpuid:
                 raise gp("IA32_TSC_DEADLINE without CPUID.01H:ECX.TSC_DEADLINE")
             return self.timer.read_deadline() if self.hw_enabled else 0
         if X2APIC_MSR_FIRST <= msr <= 0xBFF:
@@ -406,13 +412,26 @@ class LocalApic:
 
     def wrmsr(self, msr: int, value: int, host_initiated: bool = False) -> None:
         """WRMSR; a #GP raises :class:`GuestFault` (vector 13) and changes nothing."""
-        check_int("msr", msr, 0, 0xFFFFFFFF)
-        check_int("value", value, 0, _U64_MAX)
+        if (
+            type(msr) is not int
+            or type(value) is not int
+            or not 0 <= msr <= 0xFFFFFFFF
+            or not 0 <= value <= _U64_MAX
+        ):
+            check_int("msr", msr, 0, 0xFFFFFFFF)
+            check_int("value", value, 0, _U64_MAX)
+        if (
+            msr == 0x830
+            and self.apic_base & _MODE_BITS == _MODE_BITS
+            and not value & X2APIC_ICR_RESERVED
+        ):
+            self._write_icr(value, True)  # the hot path: a valid x2APIC ICR write
+            return
         if msr == APIC_BASE_MSR:
             self.set_apic_base(value, host_initiated=host_initiated)
             return
         if msr == TSC_DEADLINE_MSR:
-            if not self.features.tsc_deadline:
+            if not self.features.tsc_deadline and self.profile.tsc_deadline_msr_needs_cpuid:
                 raise gp("IA32_TSC_DEADLINE without CPUID.01H:ECX.TSC_DEADLINE")
             if self.hw_enabled:
                 self.timer.write_deadline(value)
@@ -793,20 +812,25 @@ class LocalApic:
     def _send(self, low: int, dest: int) -> None:
         """Decode an ICR write (KVM ``kvm_icr_to_lapic_irq``) and hand it on."""
         mode = (low >> 8) & 7
-        if not self.profile.accept_illegal_vectors and mode <= 1 and (low & 0xFF) < 16:
-            self._log_error(ESR_SEND_ILLEGAL_VECTOR)
-            return
-        if mode == 1 and self.x2apic_mode and not self.profile.x2apic_lowest_priority_ipi:
-            self._log_error(ESR_REDIRECTABLE_IPI)
-            return
-        irq = Interrupt(
-            low & 0xFF,
-            _DM[mode],
-            _DST[(low >> 11) & 1],
-            _LVL[(low >> 14) & 1],
-            _TRG[(low >> 15) & 1],
-            _SH[(low >> 18) & 3],
-            dest,
+        if self._sender_checks:
+            if not self.profile.accept_illegal_vectors and mode <= 1 and (low & 0xFF) < 16:
+                self._log_error(ESR_SEND_ILLEGAL_VECTOR)
+                return
+            if mode == 1 and self.x2apic_mode and not self.profile.x2apic_lowest_priority_ipi:
+                self._log_error(ESR_REDIRECTABLE_IPI)
+                return
+        irq: Interrupt = _new_tuple(  # Interrupt(...) without NamedTuple.__new__'s overhead
+            Interrupt,
+            (
+                low & 0xFF,
+                _DM[mode],
+                _DST[(low >> 11) & 1],
+                _LVL[(low >> 14) & 1],
+                _TRG[(low >> 15) & 1],
+                _SH[(low >> 18) & 3],
+                dest,
+                False,
+            ),
         )
         hook = self.send_hook
         if hook is not None:
@@ -836,9 +860,9 @@ class LocalApic:
 
     def accept_interrupt(self, irq: Interrupt) -> bool:
         """``accept`` for a decoded message (delivery stages call this)."""
-        return self._accept(irq.vector, int(irq.delivery_mode), int(irq.trigger), bool(irq.level))
+        return self._accept(irq[0], irq[1], irq[4], irq[3])
 
-    def _accept(self, vector: int, mode: int, trigger: int, level: bool) -> bool:
+    def _accept(self, vector: int, mode: int, trigger: int, level: int) -> bool:
         if not self.apic_base & APIC_BASE_EN:
             return False
         if mode <= 1:  # FIXED, LOWEST

@@ -6,14 +6,17 @@ oracle the hypervisor's faster paths (optimized map, PV IPI, accelerators) are c
 Implements:
 
 * KVM's slow path ``kvm_irq_delivery_to_apic`` past its fast-path attempt (``lapic.c`` 6.18;
-  reference ``kvm_lapic.md`` §10.3, §11), statement for statement:
+  reference ``kvm_lapic.md`` §10.3, §11), through ``lapic.slowpath.deliver_slow``, the one
+  implementation of the architectural delivery stage (the hypervisor's fallback runs it too;
+  its optimized map is the independent path that is checked against it):
 
   - SLOW-1: a *physical* message to destination 0xFF that is lowest priority (delivery mode
     LOWEST or the MSI redirection hint, KVM ``kvm_lowest_prio_delivery``) has its delivery mode
     rewritten to FIXED.  The redirection hint is *not* cleared, so a hinted message is still
-    arbitrated to one target (now accepted as FIXED, which leaves ``arb_prio`` alone); only a
-    LOWEST message without the hint becomes a broadcast.  This is what the code does; the
-    reference's "all matched get it" holds only for the unhinted case.
+    arbitrated to one target (now accepted as FIXED, which leaves ``arb_prio`` alone), and a
+    hinted message of any other mode (NMI, INIT, ExtINT...) becomes FIXED as well; only a LOWEST
+    message without the hint becomes a broadcast.  This is what the code does; the reference's
+    "all matched get it" holds only for the unhinted case.
   - SLOW-2: the APICs are visited in index order; only hardware-enabled ones are candidates
     (``kvm_apic_present``); matching is ``lapic.destination.matches`` (``kvm_apic_match_dest``,
     MATCH-1..7).  A non-lowest-priority message is offered to every match (``__apic_accept_irq``
@@ -64,12 +67,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from lapic import destination
 from lapic.apic import LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, check_int
-from lapic.icr import XAPIC_BROADCAST, DeliveryMode, DestMode, Interrupt, Msi, _validate
+from lapic.icr import Interrupt, Msi, _validate
 from lapic.profile import LowestPriorityPolicy, Profile, resolve
-from lapic.registers import SVR_FOCUS_DISABLE
+from lapic.slowpath import deliver_slow, resolve_policy
 from lapic.timer import Clock
 
 KVM_MAX_VCPUS = 4096
@@ -116,22 +118,7 @@ class ApicBus:
         )
         """MATCH-1 in force on this bus."""
 
-        policy = prof.lowest_priority
-        if vector_hashing is not None:
-            if not isinstance(vector_hashing, bool):
-                raise ApicTypeError(
-                    f"vector_hashing must be a bool or None, not {type(vector_hashing).__name__}"
-                )
-            if policy is LowestPriorityPolicy.LOWEST_TPR:
-                raise ApicValueError(
-                    f"vector_hashing={vector_hashing} has no meaning under profile "
-                    f"{prof.name!r} (lowest_priority=LOWEST_TPR); set Profile.lowest_priority"
-                )
-            policy = (
-                LowestPriorityPolicy.VECTOR_HASHING
-                if vector_hashing
-                else LowestPriorityPolicy.ARB_COUNTER
-            )
+        policy = resolve_policy(prof, vector_hashing)
         self.lowest_priority: LowestPriorityPolicy = policy
         """The arbitration policy in force on this bus."""
 
@@ -175,51 +162,14 @@ class ApicBus:
         if source is not None and id(source) not in self._members:
             raise ApicValueError(f"source={source!r} is not an APIC of this bus")
 
-        # SLOW-1: only the delivery mode changes; a redirection hint stays lowest priority.
-        if (
-            irq.dest_mode is DestMode.PHYSICAL
-            and irq.dest == XAPIC_BROADCAST
-            and irq.lowest_priority
-        ):
-            irq = irq._replace(delivery_mode=DeliveryMode.FIXED)
-        lowest_priority = irq.lowest_priority
-
-        r = -1
-        candidates: list[LocalApic] = []
-        for apic in self._apics:
-            if not apic.hw_enabled:
-                continue
-            if not destination.matches(
-                irq,
-                apic,
-                source,
-                is_ipi=source is not None,
-                profile=self.profile,
-                broadcast_quirk=self.broadcast_quirk,
-            ):
-                continue
-            if not lowest_priority:
-                if r < 0:
-                    r = 0
-                r += apic.accept_interrupt(irq)
-            elif apic.sw_enabled:
-                candidates.append(apic)
-
-        if candidates:
-            r = int(self._arbitrate(irq.vector, candidates).accept_interrupt(irq))
-        return r
-
-    def _arbitrate(self, vector: int, candidates: list[LocalApic]) -> LocalApic:
-        """Pick the one target of a lowest-priority message (candidates in index order)."""
-        policy = self.lowest_priority
-        if policy is LowestPriorityPolicy.VECTOR_HASHING:
-            return candidates[vector % len(candidates)]
-        if policy is LowestPriorityPolicy.ARB_COUNTER:
-            return min(candidates, key=lambda a: a.arb_prio)  # min keeps the first of ties
-        for apic in candidates:  # LOWEST_TPR: the focus processor first
-            if not apic.svr & SVR_FOCUS_DISABLE and (vector in apic.irr or vector in apic.isr):
-                return apic
-        return min(candidates, key=lambda a: a.tpr & 0xF0)
+        return deliver_slow(
+            self._apics,
+            irq,
+            source,
+            profile=self.profile,
+            broadcast_quirk=self.broadcast_quirk,
+            policy=self.lowest_priority,
+        )
 
     def signal_msi(
         self,

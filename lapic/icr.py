@@ -174,6 +174,8 @@ class Msi(NamedTuple):
         x2apic_format: bool = False,
     ) -> Msi:
         """Build the MSI that decodes to ``interrupt`` (shorthands cannot be expressed)."""
+        if not isinstance(interrupt, Interrupt):
+            raise ApicTypeError(f"interrupt must be an Interrupt, not {type(interrupt).__name__}")
         if interrupt.shorthand is not Shorthand.NONE:
             raise ApicValueError("interrupt.shorthand must be Shorthand.NONE for an MSI")
         limit = 0xFFFFFFFF if x2apic_format else 0xFF
@@ -192,6 +194,9 @@ class Msi(NamedTuple):
     def decode(self, *, x2apic_format: bool = False) -> Interrupt:
         """KVM ``kvm_msi_to_lapic_irq``: level is always asserted; no shorthand."""
         lo, hi, data = self
+        check_int("address_lo", lo, 0, 0xFFFFFFFF)
+        check_int("address_hi", hi, 0, 0xFFFFFFFF)
+        check_int("data", data, 0, 0xFFFFFFFF)
         dest = (lo >> 12) & 0xFF
         if x2apic_format:
             dest |= hi & 0xFFFFFF00

@@ -36,8 +36,9 @@ class LowestPriorityPolicy(Enum):
     """KVM with ``vector_hashing=0``: smallest ``apic_arb_prio``, ties to the first (LP-3)."""
     LOWEST_TPR = "lowest_tpr"
     """SDM 10.6.2.4: focus processor first (vector in its IRR/ISR, focus checking on); else
-    the lowest processor priority class; ties to the lowest APIC index.  The SDM leaves the
-    tie-break to the chipset; the lowest index is this model's documented choice."""
+    the lowest TPR priority class (TPR[7:4], what P4/Xeon chipsets arbitrate on); ties to the
+    lowest APIC index.  The SDM leaves the tie-break to the chipset; the lowest index is this
+    model's documented choice."""
 
     def __repr__(self) -> str:
         return f"LowestPriorityPolicy.{self.name}"
@@ -135,6 +136,11 @@ class Profile:
     10.6.1: it only synchronises arbitration IDs, which P4/Xeon no longer support; the sdm
     preset also treats it as not accepted (no observable state changes either way)."""
 
+    tsc_deadline_msr_needs_cpuid: bool = False
+    """KVM's ``kvm_set_msr_common``/``kvm_get_msr_common`` handle IA32_TSC_DEADLINE (0x6E0)
+    without looking at the guest's CPUID (writes outside deadline mode are ignored, reads
+    give 0).  SDM: the MSR exists only with CPUID.01H:ECX[24]; without it, access #GPs."""
+
     lint0_reenabled_quirk: bool = True
     """KVM_X86_QUIRK_LINT0_REENABLED (default on): after RESET the BSP's LVT LINT0 is 0x700
     (ExtINT, unmasked).  SDM 10.4.7.1: every LVT is masked after RESET."""
@@ -230,6 +236,7 @@ SDM = Profile(
     lowest_priority=LowestPriorityPolicy.LOWEST_TPR,
     x2apic_lowest_priority_ipi=False,
     optimized_apic_map=False,
+    tsc_deadline_msr_needs_cpuid=True,
     lint0_reenabled_quirk=False,
     mmio_hole_quirk=False,
     set_state_svr_before_fixup=False,

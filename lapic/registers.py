@@ -147,7 +147,7 @@ REGISTERS: tuple[Register, ...] = (
     _reg("PPR", 0x0A0, 0, 0, R, R, 0, "Processor Priority"),
     _reg("EOI", 0x0B0, 0, 0, W, W, 0, "End Of Interrupt"),
     _reg("RRD", 0x0C0, 0, 0, NO, NO, 0, "Remote Read", has_msr=False),
-    _reg("LDR", 0x0D0, 0, None, RW, R, 0xFF000000, "Logical Destination"),
+    _reg("LDR", 0x0D0, 0, 0, RW, R, 0xFF000000, "Logical Destination (x2APIC: derived, kept)"),
     _reg("DFR", 0x0E0, DFR_FLAT, DFR_FLAT, RW, NO, 0xF0000000, "Destination Format",
          has_msr=False),
     _reg("SVR", 0x0F0, 0xFF, 0xFF, RW, RW, 0x3FF, "Spurious Interrupt Vector"),

@@ -6,8 +6,11 @@ message's destination with its own IDs, and a lowest-priority message goes to ex
 the APICs that matched.  ``lapic.bus.ApicBus`` and the hypervisor's fallback both run this one
 function; the hypervisor's optimized map is checked against it.
 
-* SLOW-1: a physical message to 0xFF whose delivery mode is LOWEST is rewritten to FIXED (the
-  MSI redirection hint, if set, keeps it lowest-priority, as in KVM).
+* SLOW-1: a physical message to 0xFF that is lowest priority (mode LOWEST or the MSI
+  redirection hint) has its delivery mode rewritten to FIXED.  The hint is not cleared, so a
+  hinted message is still arbitrated to one target (now accepted as FIXED, which leaves
+  ``arb_prio`` alone) and a hinted message of any mode becomes FIXED; only an unhinted LOWEST
+  message becomes a broadcast.  This is what KVM's code does.
 * SLOW-2: APICs are visited in index order; only hardware-enabled ones are considered.  For a
   non-lowest-priority message the result starts at -1 and becomes the number of APICs that
   accepted once any APIC matched.
@@ -24,7 +27,8 @@ from collections.abc import Callable, Sequence
 
 from lapic.apic import LocalApic
 from lapic.destination import match_dest
-from lapic.icr import DeliveryMode, DestMode, Interrupt
+from lapic.faults import ApicTypeError, ApicValueError
+from lapic.icr import XAPIC_BROADCAST, DeliveryMode, DestMode, Interrupt
 from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.registers import SVR_FOCUS_DISABLE
 
@@ -35,31 +39,45 @@ def _accept(apic: LocalApic, irq: Interrupt) -> bool:
     return apic.accept_interrupt(irq)
 
 
-def choose_lowest_priority(
-    candidates: Sequence[LocalApic],
-    irq: Interrupt,
-    *,
-    profile: Profile,
-    vector_hashing: bool,
-) -> LocalApic:
-    """Pick the one target of a lowest-priority message among ``candidates`` (non-empty)."""
-    if profile.lowest_priority is LowestPriorityPolicy.LOWEST_TPR:
-        # SDM 10.6.2.4: the focus processor (already has the vector pending or in service),
-        # else the lowest priority class; the tie-break (lowest index) is the model's choice.
-        for apic in candidates:
-            focus_checking = not apic.svr & SVR_FOCUS_DISABLE
-            if focus_checking and (irq.vector in apic.irr or irq.vector in apic.isr):
-                return apic
-        return min(candidates, key=lambda a: a.tpr & 0xF0)
+def resolve_policy(profile: Profile, vector_hashing: bool | None) -> LowestPriorityPolicy:
+    """The lowest-priority policy in force: KVM's ``vector_hashing`` module parameter picks
+    between VECTOR_HASHING and ARB_COUNTER; it has no meaning under LOWEST_TPR (SDM), where
+    passing a bool is refused rather than ignored."""
+    policy = profile.lowest_priority
+    if vector_hashing is None:
+        return policy
+    if not isinstance(vector_hashing, bool):
+        raise ApicTypeError(
+            f"vector_hashing must be a bool or None, not {type(vector_hashing).__name__}"
+        )
+    if policy is LowestPriorityPolicy.LOWEST_TPR:
+        raise ApicValueError(
+            f"vector_hashing={vector_hashing} has no meaning under profile {profile.name!r} "
+            "(lowest_priority=LOWEST_TPR); set Profile.lowest_priority instead"
+        )
     if vector_hashing:
+        return LowestPriorityPolicy.VECTOR_HASHING
+    return LowestPriorityPolicy.ARB_COUNTER
+
+
+def choose_lowest_priority(
+    candidates: Sequence[LocalApic], vector: int, policy: LowestPriorityPolicy
+) -> LocalApic:
+    """Pick the one target of a lowest-priority message among ``candidates`` (non-empty, in
+    index order)."""
+    if policy is LowestPriorityPolicy.VECTOR_HASHING:
         # KVM kvm_vector_to_index: the (vector % n)-th candidate in index order (LP-2).
-        return candidates[irq.vector % len(candidates)]
-    # KVM without vector hashing: smallest apic_arb_prio, ties to the first (LP-3).
-    lowest = candidates[0]
-    for apic in candidates[1:]:
-        if apic.arb_prio < lowest.arb_prio:
-            lowest = apic
-    return lowest
+        return candidates[vector % len(candidates)]
+    if policy is LowestPriorityPolicy.ARB_COUNTER:
+        # KVM kvm_apic_compare_prio: smallest apic_arb_prio; min() keeps the first of ties.
+        return min(candidates, key=lambda a: a.arb_prio)
+    # SDM 10.6.2.4: the focus processor (vector already in IRR or ISR, focus checking on),
+    # else the lowest TPR[7:4]; ties to the lowest index (the model's choice).
+    for apic in candidates:
+        focus_checking = not apic.svr & SVR_FOCUS_DISABLE
+        if focus_checking and (vector in apic.irr or vector in apic.isr):
+            return apic
+    return min(candidates, key=lambda a: a.tpr & 0xF0)
 
 
 def deliver_slow(
@@ -69,15 +87,12 @@ def deliver_slow(
     *,
     profile: Profile,
     broadcast_quirk: bool,
-    vector_hashing: bool,
+    policy: LowestPriorityPolicy,
     accept: AcceptFn = _accept,
 ) -> int:
     """Deliver ``irq`` (from ``source``, None for an MSI/IOAPIC message) to ``apics``."""
-    if (
-        irq.dest_mode is DestMode.PHYSICAL
-        and irq.dest == 0xFF
-        and irq.delivery_mode is DeliveryMode.LOWEST
-    ):
+    # SLOW-1: only the delivery mode changes; a redirection hint keeps it lowest priority.
+    if irq.dest_mode is DestMode.PHYSICAL and irq.dest == XAPIC_BROADCAST and irq.lowest_priority:
         irq = irq._replace(delivery_mode=DeliveryMode.FIXED)
     lowest_priority = irq.lowest_priority
     shorthand, dest, dest_mode = irq.shorthand, irq.dest, irq.dest_mode
@@ -98,8 +113,5 @@ def deliver_slow(
         elif apic.sw_enabled:
             candidates.append(apic)
     if candidates:
-        chosen = choose_lowest_priority(
-            candidates, irq, profile=profile, vector_hashing=vector_hashing
-        )
-        r = int(accept(chosen, irq))
+        r = int(accept(choose_lowest_priority(candidates, irq.vector, policy), irq))
     return r

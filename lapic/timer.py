@@ -19,9 +19,11 @@ KVM's ``advance_periodic_target_expiration`` does, one interrupt is delivered an
 expiry is one period after "now".  ``expirations`` counts delivered timer interrupts.
 
 Choices settled here:
-* A TMCCT read at the very instant of the TMICT write returns TMICT.  KVM computes
+* A TMCCT read at the very instant of the TMICT write returns the full period in ticks: TMICT,
+  or more when KVM raised a periodic period to ``min_periodic_ns``.  KVM computes
   ``remaining mod period``, which would give 0 at remaining == period, but on a real host time
-  always moves between the two accesses; the SDM says the count starts at TMICT.
+  always moves between the two accesses (KVM then reads one tick less); the SDM says the count
+  starts at TMICT.
 * TSC = ``now_ns * tsc_khz / 1e6`` (default 1 GHz: one tick per nanosecond), integer division.
 
 Not modelled: the "lapic_timer_advance" early-injection tuning, preemption-timer offload, and

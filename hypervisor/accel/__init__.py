@@ -11,11 +11,13 @@ a posted-interrupt notification, a wake-up).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from hypervisor.vcpu import Vcpu
     from hypervisor.vm import Vm
+    from lapic.apic import LocalApic
 
 
 class Accelerator(Protocol):
@@ -33,8 +35,9 @@ class Accelerator(Protocol):
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None: ...
 
-    def notify(self, vcpu: Vcpu) -> None:
-        """Something became pending in ``vcpu``'s APIC."""
+    def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
+        """The hook the VM installs as ``vcpu.apic.notify_hook``: called whenever something
+        became pending in that APIC (an accepted interrupt, NMI, INIT, SIPI...)."""
         ...
 
     def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None: ...

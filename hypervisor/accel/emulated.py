@@ -16,6 +16,7 @@ costs three (ICR read for the idle wait, ICR2 write, ICR write).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hypervisor.exits import ExitReason
@@ -23,6 +24,7 @@ from hypervisor.exits import ExitReason
 if TYPE_CHECKING:
     from hypervisor.vcpu import Vcpu
     from hypervisor.vm import Vm
+    from lapic.apic import LocalApic
 
 
 class Emulated:
@@ -47,8 +49,8 @@ class Emulated:
         vcpu.record_exit(ExitReason.MSR_WRITE, msr, value)
         vcpu.emulate_wrmsr(msr, value)
 
-    def notify(self, vcpu: Vcpu) -> None:
-        vcpu.kick()
+    def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
+        return vcpu.kick
 
     def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None:
         return None

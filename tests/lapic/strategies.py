@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import pytest
 from hypothesis import strategies as st
@@ -169,6 +170,15 @@ def snapshot(apic: LocalApic) -> Snapshot:
         apic.pv_unhalted,
         apic.arb_prio,
     )
+
+
+def hex_id(value: object) -> str | None:
+    """pytest ``ids=``: enums by name, ints (offsets, MSRs, values) in hex, others by default."""
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, int) and not isinstance(value, bool):
+        return hex(value)
+    return None
 
 
 def assert_gp(apic: LocalApic, access: Callable[[], object]) -> GuestFault:

@@ -232,6 +232,14 @@ def test_hotplug_hack_matches_xapic_target_by_x2apic_id_above_0xff__MATCH_4_DIFF
     assert match_physical(0x105, small, SDM)
 
 
+def test_mda_above_0xff_compares_the_x2apic_id_not_the_low_byte__DIFF_D7() -> None:
+    # specs DIFF-D7 example: vcpu_id 0x23, xAPIC ID 0x23, physical MDA 0x123.
+    t = xapic(0x23, vcpu_id=0x23)
+    assert not match_physical(0x123, t, KVM)
+    assert match_physical(0x123, t, SDM)
+    assert KVM.xapic_matches_x2apic_id and not SDM.xapic_matches_x2apic_id
+
+
 def test_hotplug_hack_needs_an_unencodable_id__MATCH_4() -> None:
     # MDA 0x23 <= 0xFF compares the (rewritten) xAPIC ID, never the vCPU id.
     assert not match_physical(0x23, xapic(0x07, vcpu_id=0x23), KVM)

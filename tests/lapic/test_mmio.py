@@ -9,10 +9,20 @@ observable even where a register happens to hold that value, most tests use prof
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lapic import ApicMode, ApicValueError, Features, LocalApic, Profile
-from lapic.registers import APIC_BASE_MSR, REGISTER_BY_NAME
-from tests.lapic.strategies import PROFILE_NAMES, make_apic, snapshot
+from lapic.registers import APIC_BASE_MSR, REGISTER_BY_NAME, REGISTER_BY_OFFSET, Access
+from tests.lapic.strategies import (
+    PROFILE_NAMES,
+    ApicConfig,
+    apic_configs,
+    hex_id,
+    make_apic,
+    snapshot,
+    xapic_offsets,
+)
 
 SENTINEL = 0xA5A5A5A5
 
@@ -31,14 +41,14 @@ def assert_not_serviced(apic: LocalApic, offset: int, size: int = 4) -> None:
 # --- MMIO-1: the window ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("offset", [0x000, 0x030, 0x3F0, 0x400, 0xFF0, 0xFFF])
+@pytest.mark.parametrize("offset", [0x000, 0x030, 0x3F0, 0x400, 0xFF0, 0xFFF], ids=hex_id)
 def test_every_offset_of_the_4k_page_is_accepted__MMIO_1(offset: int) -> None:
     apic = make_apic(sentinel_profile("kvm"))
     apic.mmio_read(offset, 1)
     apic.mmio_write(offset & ~3, 0)
 
 
-@pytest.mark.parametrize("offset", [-1, 0x1000, 0x1030])
+@pytest.mark.parametrize("offset", [-1, 0x1000, 0x1030], ids=hex_id)
 def test_offsets_outside_the_4k_page_are_refused_as_caller_errors__MMIO_1(offset: int) -> None:
     apic = make_apic()
     with pytest.raises(ApicValueError):
@@ -60,7 +70,7 @@ def test_the_window_follows_the_page_not_the_base_address__MMIO_1() -> None:
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("mode", [ApicMode.X2APIC, ApicMode.DISABLED])
+@pytest.mark.parametrize("mode", [ApicMode.X2APIC, ApicMode.DISABLED], ids=hex_id)
 @pytest.mark.parametrize(
     ("offset", "size", "ones"),
     [
@@ -71,6 +81,7 @@ def test_the_window_follows_the_page_not_the_base_address__MMIO_1() -> None:
         (0x0B0, 4, 0xFFFFFFFF),  # EOI: not readable even in xAPIC mode
         (0xFFF, 1, 0xFF),  # beyond the registers
     ],
+    ids=hex_id,
 )
 def test_reads_in_the_hole_return_all_ones_with_the_quirk__MMIO_2(
     profile: str, mode: ApicMode, offset: int, size: int, ones: int
@@ -82,8 +93,10 @@ def test_reads_in_the_hole_return_all_ones_with_the_quirk__MMIO_2(
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("mode", [ApicMode.X2APIC, ApicMode.DISABLED])
-@pytest.mark.parametrize(("offset", "size"), [(0x030, 4), (0x020, 1), (0x0F0, 4), (0x080, 8)])
+@pytest.mark.parametrize("mode", [ApicMode.X2APIC, ApicMode.DISABLED], ids=hex_id)
+@pytest.mark.parametrize(
+    ("offset", "size"), [(0x030, 4), (0x020, 1), (0x0F0, 4), (0x080, 8)], ids=hex_id
+)
 def test_reads_in_the_hole_are_not_serviced_without_the_quirk__MMIO_2(
     profile: str, mode: ApicMode, offset: int, size: int
 ) -> None:
@@ -91,7 +104,7 @@ def test_reads_in_the_hole_are_not_serviced_without_the_quirk__MMIO_2(
     assert_not_serviced(apic, offset, size)
 
 
-@pytest.mark.parametrize("mode", [ApicMode.X2APIC, ApicMode.DISABLED])
+@pytest.mark.parametrize("mode", [ApicMode.X2APIC, ApicMode.DISABLED], ids=hex_id)
 def test_presets_differ_on_the_mmio_hole__MMIO_2(mode: ApicMode) -> None:
     """kvm: KVM_X86_QUIRK_LAPIC_MMIO_HOLE is on by default; sdm: the page is not decoded."""
     kvm = make_apic(sentinel_profile("kvm"), mode=mode)
@@ -102,7 +115,9 @@ def test_presets_differ_on_the_mmio_hole__MMIO_2(mode: ApicMode) -> None:
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 @pytest.mark.parametrize("quirk", [True, False])
-@pytest.mark.parametrize(("offset", "value"), [(0x080, 0x30), (0x0F0, 0x0), (0x350, 0x700)])
+@pytest.mark.parametrize(
+    ("offset", "value"), [(0x080, 0x30), (0x0F0, 0x0), (0x350, 0x700)], ids=hex_id
+)
 def test_writes_in_x2apic_mode_are_dropped__MMIO_2(
     profile: str, quirk: bool, offset: int, value: int
 ) -> None:
@@ -150,6 +165,7 @@ def test_a_tpr_written_while_disabled_is_not_seen_after_reenabling__MMIO_2() -> 
         (0x0D2, 2, 0xFFFF),  # would reach LDR bits 31:16
         (0x0F0, 1, 0x00),  # a byte write that would software-disable
     ],
+    ids=hex_id,
 )
 def test_writes_that_are_not_4_bytes_at_a_16_byte_boundary_are_ignored__MMIO_3(
     profile: str, offset: int, size: int, value: int
@@ -207,6 +223,7 @@ def test_partial_reads_return_the_addressed_bytes__MMIO_4(profile: str) -> None:
         (0x02F, 1),
         (0x350, 8),
     ],
+    ids=hex_id,
 )
 def test_reads_crossing_the_4_byte_register_are_not_serviced__MMIO_4(
     profile: str, offset: int, size: int
@@ -235,6 +252,7 @@ def test_reads_crossing_the_4_byte_register_are_not_serviced__MMIO_4(
         0x800,
         0xFF0,  # beyond 0x3F0
     ],
+    ids=hex_id,
 )
 def test_reads_of_non_readable_offsets_are_not_serviced__MMIO_4(profile: str, offset: int) -> None:
     apic = make_apic(sentinel_profile(profile))
@@ -259,7 +277,7 @@ def test_unserviced_reads_return_the_profiles_value_under_the_default_profile__M
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 @pytest.mark.parametrize(
-    "name", ["LVR", "PPR", "APR", "RRD", "ISR0", "TMR3", "IRR7", "TMCCT", "SELF_IPI"]
+    "name", ["LVR", "PPR", "APR", "RRD", "ISR0", "TMR3", "IRR7", "TMCCT", "SELF_IPI"], ids=hex_id
 )
 def test_writes_to_read_only_registers_are_ignored__MMIO_5(profile: str, name: str) -> None:
     apic = make_apic(profile)
@@ -289,9 +307,40 @@ def test_self_ipi_write_in_xapic_mode_sends_nothing__MMIO_5(profile: str) -> Non
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("offset", [0x000, 0x010, 0x040, 0x2E0, 0x2F0, 0x3A0, 0x400, 0xFF0])
+@pytest.mark.parametrize(
+    "offset", [0x000, 0x010, 0x040, 0x2E0, 0x2F0, 0x3A0, 0x400, 0xFF0], ids=hex_id
+)
 def test_writes_to_unknown_offsets_are_ignored__MMIO_5(profile: str, offset: int) -> None:
     apic = make_apic(profile)
     before = snapshot(apic)
     apic.mmio_write(offset, 0xFFFFFFFF)
+    assert snapshot(apic) == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    config=apic_configs(),
+    offset=xapic_offsets(),
+    align=st.integers(0, 15),
+    size=st.sampled_from([1, 2, 4, 8]),
+)
+def test_any_read_is_a_slice_of_the_register_or_not_serviced__MMIO_4(
+    config: ApicConfig, offset: int, align: int, size: int
+) -> None:
+    """Bytes ``[a, a+len)`` of a readable register when ``a + len <= 4``; else not serviced."""
+    apic = make_apic(
+        sentinel_profile(config.profile),
+        vcpu_id=config.vcpu_id,
+        features=config.features,
+        bsp=config.bsp,
+    )
+    reg = REGISTER_BY_OFFSET[offset]
+    readable = Access.R in reg.xapic and (reg.feature is None or config.features.cmci)
+    before = snapshot(apic)
+    value = apic.mmio_read(offset + align, size)
+    if readable and align + size <= 4:
+        whole = apic.register(reg.name) & 0xFFFFFFFF
+        assert value == (whole >> (8 * align)) & ((1 << (8 * size)) - 1)
+    else:
+        assert value == apic.profile.unserviced_read_value
     assert snapshot(apic) == before

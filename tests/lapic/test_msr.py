@@ -5,11 +5,26 @@ Every #GP is checked with :func:`assert_gp`: vector 13 and an unchanged state im
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from lapic import ApicMode, Features, Profile, Trigger
-from lapic.registers import REGISTER_BY_NAME
-from tests.lapic.strategies import PROFILE_NAMES, assert_gp, make_apic, snapshot
+from lapic.registers import REGISTER_BY_MSR, REGISTER_BY_NAME, Access, Register
+from tests.lapic.strategies import (
+    PROFILE_NAMES,
+    ApicConfig,
+    apic_configs,
+    assert_gp,
+    hex_id,
+    make_apic,
+    register_values,
+    snapshot,
+    writable_registers,
+    x2apic_msrs,
+)
 
 NON_READABLE = [
     0x800,
@@ -56,12 +71,12 @@ WRITABLE = [0x808, 0x80B, 0x80F, 0x828, 0x830, *range(0x832, 0x839), 0x83E, 0x83
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("mode", [ApicMode.XAPIC, ApicMode.DISABLED])
+@pytest.mark.parametrize("mode", [ApicMode.XAPIC, ApicMode.DISABLED], ids=hex_id)
 def test_every_x2apic_msr_faults_outside_x2apic_mode__MSR_1(profile: str, mode: ApicMode) -> None:
     apic = make_apic(profile, mode=mode, features=Features(cmci=True))
     for msr in range(0x800, 0x900):
-        assert_gp(apic, lambda msr=msr: apic.rdmsr(msr))
-        assert_gp(apic, lambda msr=msr: apic.wrmsr(msr, 0))
+        assert_gp(apic, partial(apic.rdmsr, msr))
+        assert_gp(apic, partial(apic.wrmsr, msr, 0))
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
@@ -111,6 +126,7 @@ def test_msr_index_maps_to_register_offset_for_reads__MSR_2(profile: str) -> Non
         (0x838, "TMICT", 0x12345678),
         (0x83E, "TDCR", 0x0000000B),
     ],
+    ids=hex_id,
 )
 def test_msr_index_maps_to_register_offset_for_writes__MSR_2(
     profile: str, msr: int, name: str, value: int
@@ -143,8 +159,8 @@ def test_tpr_write_with_bit_32_faults_and_leaves_tpr__MSR_3(profile: str) -> Non
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("msr", [m for m in [*WRITABLE, 0x82F] if m != 0x830], ids=hex)
-@pytest.mark.parametrize("high", [1 << 32, 1 << 63, 0xFFFFFFFF << 32])
+@pytest.mark.parametrize("msr", [m for m in [*WRITABLE, 0x82F] if m != 0x830], ids=hex_id)
+@pytest.mark.parametrize("high", [1 << 32, 1 << 63, 0xFFFFFFFF << 32], ids=hex_id)
 def test_x2apic_write_with_high_bits_faults__MSR_3(profile: str, msr: int, high: int) -> None:
     apic = make_apic(profile, mode=ApicMode.X2APIC, features=Features(cmci=True))
     assert_gp(apic, lambda: apic.wrmsr(msr, high))
@@ -162,14 +178,14 @@ def test_icr_is_the_one_register_whose_high_bits_are_accepted__MSR_3(profile: st
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("msr", [*NON_READABLE, 0x82F], ids=hex)
+@pytest.mark.parametrize("msr", [*NON_READABLE, 0x82F], ids=hex_id)
 def test_rdmsr_of_a_non_readable_register_faults__MSR_4(profile: str, msr: int) -> None:
     apic = make_apic(profile, mode=ApicMode.X2APIC)
     assert_gp(apic, lambda: apic.rdmsr(msr))
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("msr", NON_READABLE, ids=hex)
+@pytest.mark.parametrize("msr", NON_READABLE, ids=hex_id)
 def test_rdmsr_of_a_non_readable_register_faults_with_cmci__MSR_4(profile: str, msr: int) -> None:
     apic = make_apic(profile, mode=ApicMode.X2APIC, features=Features(cmci=True))
     assert_gp(apic, lambda: apic.rdmsr(msr))
@@ -182,8 +198,8 @@ def test_every_msr_from_0x840_to_0x8ff_faults_on_read_and_write__MSR_4__MSR_5(
 ) -> None:
     apic = make_apic(profile, mode=ApicMode.X2APIC, features=Features(cmci=cmci))
     for msr in RESERVED_TAIL:
-        assert_gp(apic, lambda msr=msr: apic.rdmsr(msr))
-        assert_gp(apic, lambda msr=msr: apic.wrmsr(msr, 0))
+        assert_gp(apic, partial(apic.rdmsr, msr))
+        assert_gp(apic, partial(apic.wrmsr, msr, 0))
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
@@ -208,14 +224,14 @@ def test_every_other_x2apic_msr_is_readable__MSR_4(profile: str) -> None:
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("msr", [*NON_WRITABLE, 0x82F], ids=hex)
+@pytest.mark.parametrize("msr", [*NON_WRITABLE, 0x82F], ids=hex_id)
 def test_wrmsr_of_a_non_writable_register_faults__MSR_5(profile: str, msr: int) -> None:
     apic = make_apic(profile, mode=ApicMode.X2APIC)
     assert_gp(apic, lambda: apic.wrmsr(msr, 0))
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-@pytest.mark.parametrize("msr", NON_WRITABLE, ids=hex)
+@pytest.mark.parametrize("msr", NON_WRITABLE, ids=hex_id)
 def test_wrmsr_of_a_non_writable_register_faults_with_cmci__MSR_5(profile: str, msr: int) -> None:
     apic = make_apic(profile, mode=ApicMode.X2APIC, features=Features(cmci=True))
     assert_gp(apic, lambda: apic.wrmsr(msr, 0))
@@ -239,7 +255,7 @@ def test_exactly_the_writable_msrs_accept_a_zero_write__MSR_5(profile: str, cmci
         if msr in writable:
             apic.wrmsr(msr, 0)
         else:
-            assert_gp(apic, lambda msr=msr, apic=apic: apic.wrmsr(msr, 0))
+            assert_gp(apic, partial(apic.wrmsr, msr, 0))
 
 
 # --- MSR-6 / DIFF-D3 --------------------------------------------------------------------
@@ -270,6 +286,7 @@ def test_kvm_accepts_a_non_zero_eoi_and_performs_it__MSR_6() -> None:
         (0x835, 0xFFFFFFFF, 0x1F7FF),  # LINT0 & LINT_MASK
         (0x837, 0xFFFFFFFF, 0x110FF),  # LVT Error & LVT_MASK
     ],
+    ids=hex_id,
 )
 def test_kvm_masks_other_reserved_bits_silently__MSR_6(msr: int, value: int, stored: int) -> None:
     apic = make_apic("kvm", mode=ApicMode.X2APIC)
@@ -289,6 +306,7 @@ def test_kvm_masks_other_reserved_bits_silently__MSR_6(msr: int, value: int, sto
         (0x837, 0x00000700),  # LVT Error has no delivery mode field
         (0x832, 0x00080000),  # LVT Timer bit 19
     ],
+    ids=hex_id,
 )
 def test_sdm_faults_on_reserved_bits__MSR_6__DIFF_D3(msr: int, value: int) -> None:
     apic = make_apic("sdm", mode=ApicMode.X2APIC)
@@ -298,7 +316,9 @@ def test_sdm_faults_on_reserved_bits__MSR_6__DIFF_D3(msr: int, value: int) -> No
     assert apic.isr == {0x31}
 
 
-@pytest.mark.parametrize(("msr", "value"), [(0x808, 0x10), (0x80B, 0), (0x80F, 0x3FF), (0x83E, 0xB)])
+@pytest.mark.parametrize(
+    ("msr", "value"), [(0x808, 0x10), (0x80B, 0), (0x80F, 0x3FF), (0x83E, 0xB)], ids=hex_id
+)
 def test_sdm_accepts_writes_without_reserved_bits__MSR_6__DIFF_D3(msr: int, value: int) -> None:
     apic = make_apic("sdm", mode=ApicMode.X2APIC)
     apic.wrmsr(msr, value)
@@ -307,7 +327,9 @@ def test_sdm_accepts_writes_without_reserved_bits__MSR_6__DIFF_D3(msr: int, valu
 
 
 @pytest.mark.parametrize(("base", "strict"), [("kvm", True), ("sdm", False)])
-def test_reserved_bit_checks_follow_the_profile_knob__MSR_6__DIFF_D3(base: str, strict: bool) -> None:
+def test_reserved_bit_checks_follow_the_profile_knob__MSR_6__DIFF_D3(
+    base: str, strict: bool
+) -> None:
     apic = make_apic(Profile.custom(base, x2apic_strict_reserved_bits=strict), mode=ApicMode.X2APIC)
     if strict:
         assert_gp(apic, lambda: apic.wrmsr(0x808, 0x110))
@@ -327,6 +349,7 @@ def test_reserved_bit_checks_follow_the_profile_knob__MSR_6__DIFF_D3(base: str, 
         (0x830, 0x00000000_002040F1),  # bit 13
         (0x830, 0x00000000_001040F1),  # bit 20
     ],
+    ids=hex_id,
 )
 def test_checked_reserved_bits_fault_under_both_profiles__MSR_6(
     profile: str, msr: int, value: int
@@ -347,3 +370,33 @@ def test_a_refused_wrmsr_leaves_pending_state_unchanged__MSR_6(profile: str) -> 
     assert snapshot(apic) == before
     assert apic.irr == {0x31}
     assert apic.isr == {0x41}
+
+
+@settings(max_examples=300, deadline=None)
+@given(config=apic_configs(x2apic=True), msr=x2apic_msrs(include_unmapped=True))
+def test_any_x2apic_rdmsr_reads_the_table_register_or_faults__MSR_2__MSR_4(
+    config: ApicConfig, msr: int
+) -> None:
+    apic = config.build(ApicMode.X2APIC, sw_enabled=True)
+    reg = REGISTER_BY_MSR.get(msr)
+    if reg is not None and Access.R in reg.x2apic and (reg.feature is None or config.features.cmci):
+        assert msr == 0x800 + (reg.offset >> 4)
+        assert apic.rdmsr(msr) == apic.register(reg.name)
+    else:
+        assert_gp(apic, partial(apic.rdmsr, msr))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    config=apic_configs(x2apic=True),
+    reg=writable_registers(ApicMode.X2APIC),
+    value=register_values(),
+    high=st.integers(1, 0xFFFFFFFF),
+)
+def test_any_x2apic_write_with_high_bits_faults_except_icr__MSR_3(
+    config: ApicConfig, reg: Register, value: int, high: int
+) -> None:
+    assume(reg.name != "ICR")
+    assert reg.msr is not None
+    apic = config.build(ApicMode.X2APIC, sw_enabled=True)
+    assert_gp(apic, partial(apic.wrmsr, reg.msr, (high << 32) | value))

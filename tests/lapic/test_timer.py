@@ -446,16 +446,28 @@ def test_tsc_deadline_msr_ignored_outside_deadline_mode__TIMER_4(mode: int) -> N
     assert not apic.irr
 
 
-def test_tsc_deadline_msr_gp_without_the_cpuid_feature__TIMER_4() -> None:
-    """TIMER-4: without CPUID.01H:ECX.TSC_DEADLINE, WRMSR 0x6E0 raises #GP (vector 13)."""
-    apic = make_apic(features=Features(tsc_deadline=False))
+def test_tsc_deadline_msr_gp_without_the_cpuid_feature_only_under_sdm__TIMER_4() -> None:
+    """TIMER-4: without CPUID.01H:ECX.TSC_DEADLINE, the sdm profile #GPs on WRMSR/RDMSR 0x6E0
+    (the MSR does not exist); KVM does not check CPUID there: the write is ignored (LVTT
+    cannot even select deadline mode) and the read gives 0."""
+    apic = make_apic("sdm", features=Features(tsc_deadline=False))
     kicks = Kicks(apic)
     apic.mmio_write(LVTT, TSC_DEADLINE_MODE | VEC)
     with pytest.raises(GuestFault) as info:
         apic.wrmsr(TSC_DEADLINE, 1_000)
     assert info.value.vector == 13
+    with pytest.raises(GuestFault):
+        apic.rdmsr(TSC_DEADLINE)
     apic.advance(10_000)
     assert kicks.count == 0
+
+    kvm = make_apic("kvm", features=Features(tsc_deadline=False))
+    kvm_kicks = Kicks(kvm)
+    kvm.mmio_write(LVTT, TSC_DEADLINE_MODE | VEC)
+    kvm.wrmsr(TSC_DEADLINE, 1_000)
+    assert kvm.rdmsr(TSC_DEADLINE) == 0
+    kvm.advance(10_000)
+    assert kvm_kicks.count == 0
 
 
 @pytest.mark.parametrize(
@@ -710,13 +722,14 @@ def test_tmcct_at_the_instant_of_the_tmict_write_is_tmict__REG_TMR_1(
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_tmcct_at_the_instant_of_a_clamped_periodic_tmict_write__REG_TMR_1(profile: str) -> None:
-    """REG-TMR-1 / TIMER-3: the documented same-instant choice ("returns TMICT") holds also
-    when kvm raised the periodic period to 200 us: TMICT 1000 at divide 1 reads 1000 at the
-    write instant, and (remaining mod period) // divide one ns later."""
+    """REG-TMR-1 / TIMER-3: the documented same-instant choice reads the full period in ticks,
+    which is TMICT unless kvm raised the periodic period to 200 us: TMICT 1000 at divide 1
+    reads 1000 (sdm) or 200000 (kvm) at the write instant, and (remaining mod period) //
+    divide one ns later."""
     period = max(1000, MIN_PERIOD[profile])
     apic = make_apic(profile)
     arm(apic, lvtt=PERIODIC | VEC, tdcr=0xB, tmict=1000)
-    assert tmcct(apic) == 1000
+    assert tmcct(apic) == period
     apic.advance(1)
     assert tmcct(apic) == period - 1
 
