@@ -119,7 +119,8 @@ class GuestCpu:
 
     def _interrupt(self, vcpu: Vcpu, vector: int) -> None:
         self.handled.append(vector)
-        self.eoi()
+        if vector != NMI_VECTOR:
+            self.eoi()
 
     # ===================================================================================
     # IPIs (apic->send_IPI_*)
@@ -159,8 +160,7 @@ class GuestCpu:
         driver.enable(self)
         driver.init_apic_ldr(self)
         self.write_apic(APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR)
-        self.write_apic(APIC_TASKPRI, 0)
-        if self.x2apic:
+                if self.x2apic:
             return self.read_apic(APIC_ID), self.read_apic(APIC_LDR)
         return self.read_apic(APIC_ID) >> 24, self.read_apic(APIC_LDR) >> 24
 
