@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", type=Path, metavar="FILE", help="scenario files or dirs")
     r.add_argument("--quiet", "-q", action="store_true", help="print only the verdicts")
     r.add_argument(
-        "--backend", default="model", choices=scenario.BACKENDS,
+        "--backend",
+        default="model",
+        choices=scenario.BACKENDS,
         help="run the scenarios that list this backend (only 'model' is implemented)",
     )
     return p

@@ -72,11 +72,15 @@ def measure(driver: str, base: str | None, *, vcpus: int, vector: int) -> Measur
         guest.cpu(i).run()
     counts = [guest.cpu(i).handled.count(vector) - before[i] for i in range(vcpus)]
     problems: list[str] = []
+    if guest.driver.name != driver:
+        problems.append(f"the guest installed {guest.driver.name!r}, not {driver!r}")
     wrong = [i for i in range(1, vcpus) if counts[i] != 1]
     if wrong:
         shown = ", ".join(f"vCPU {i} x{counts[i]}" for i in wrong[:5])
         more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
-        problems.append(f"{len(wrong)} vCPUs did not handle {vector:#x} exactly once: {shown}{more}")
+        problems.append(
+            f"{len(wrong)} vCPUs did not handle {vector:#x} exactly once: {shown}{more}"
+        )
     if counts[0]:
         problems.append(f"the sender (vCPU 0) handled {vector:#x} {counts[0]} times")
     return Measurement(
@@ -116,8 +120,10 @@ def render(results: list[Measurement], *, vcpus: int, vector: int) -> str:
     lines.append("")
     for m in results:
         verdict = "PASS" if m.passed else "FAIL"
-        detail = "; ".join(m.problems) if m.problems else (
-            f"every other vCPU handled {vector:#x} once, vCPU 0 did not"
+        detail = (
+            "; ".join(m.problems)
+            if m.problems
+            else (f"every other vCPU handled {vector:#x} once, vCPU 0 did not")
         )
         lines.append(f"{verdict} {m.label}: {detail}")
     return "\n".join(lines) + "\n"

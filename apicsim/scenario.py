@@ -91,11 +91,15 @@ guest boots; counters are measured per step, so set-up never shows in ``exits``.
 Errors: a malformed file raises :class:`ScenarioError` naming the file, the line and the field
 before anything runs.  A failed expectation is reported as a :class:`Failure` naming the file,
 the TOML line, the step number and the field; the run stops after the first failing step.
+A set-up the model refuses (a guest that cannot boot on this VM) is reported at ``[vm]`` or
+``[guest]``.  :func:`run_file` returns 0 (passed, or skipped: the file does not list the
+backend), 1 (an expectation failed) or 2 (malformed, unreadable, or the set-up failed).
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -387,12 +391,31 @@ ACTIONS: dict[str, dict[str, _Field]] = {
 }
 GUEST_ACTIONS = frozenset({"send_ipi", "set_tpr", "eoi"})
 RESULT_ACTIONS = frozenset(
-    {"rdmsr", "mmio_read", "hypercall", "msi", "set_msr", "get_lapic", "set_lapic", "run",
-     "advance"}
+    {
+        "rdmsr",
+        "mmio_read",
+        "hypercall",
+        "msi",
+        "set_msr",
+        "get_lapic",
+        "set_lapic",
+        "run",
+        "advance",
+    }
 )
 VALUE_ACTIONS = frozenset({"rdmsr", "mmio_read", "get_lapic"})
 EXPECT_KEYS = (
-    "result", "fault", "value", "exits", "stats", "irr", "isr", "tmr", "handled", "regs", "vcpu"
+    "result",
+    "fault",
+    "value",
+    "exits",
+    "stats",
+    "irr",
+    "isr",
+    "tmr",
+    "handled",
+    "regs",
+    "vcpu",
 )
 
 
@@ -445,9 +468,7 @@ class _Parser:
         allowed = tuple(allowed)
         for key in raw:
             if key not in allowed:
-                raise self.fail(
-                    section, key, f"unknown key (allowed: {', '.join(allowed)})", step
-                )
+                raise self.fail(section, key, f"unknown key (allowed: {', '.join(allowed)})", step)
 
     # -- top level ----------------------------------------------------------------------
     def parse(self, data: Mapping[str, Any]) -> Scenario:
@@ -474,11 +495,16 @@ class _Parser:
             raise self.fail("", "step", "must be an array of tables: write [[step]]")
         if not raw_steps:
             raise ScenarioError(self.path, None, "", "no [[step]] in the file")
-        steps = tuple(
-            self.parse_step(i, s, vm, guest) for i, s in enumerate(raw_steps, start=1)
-        )
+        steps = tuple(self.parse_step(i, s, vm, guest) for i, s in enumerate(raw_steps, start=1))
         return Scenario(
-            self.path, name, description, tuple(rules), tuple(backends), vm, guest, steps,
+            self.path,
+            name,
+            description,
+            tuple(rules),
+            tuple(backends),
+            vm,
+            guest,
+            steps,
             self.loc,
         )
 
@@ -515,9 +541,20 @@ class _Parser:
     # -- [vm] -----------------------------------------------------------------------------
     def parse_vm(self, raw: Mapping[str, Any]) -> VmSpec:
         keys = (
-            "vcpus", "vcpu_ids", "profile", "profile_changes", "x2apic_format",
-            "broadcast_quirk", "vector_hashing", "max_vcpu_ids", "enforce_pv_cpuid",
-            "pv_features", "aps_started", "features", "mode", "svr",
+            "vcpus",
+            "vcpu_ids",
+            "profile",
+            "profile_changes",
+            "x2apic_format",
+            "broadcast_quirk",
+            "vector_hashing",
+            "max_vcpu_ids",
+            "enforce_pv_cpuid",
+            "pv_features",
+            "aps_started",
+            "features",
+            "mode",
+            "svr",
         )
         self.check_table(raw, keys, "vm")
         kw: dict[str, Any] = {}
@@ -540,19 +577,20 @@ class _Parser:
         integer("vcpus", 1, 4096)
         if "vcpu_ids" in raw:
             ids = raw["vcpu_ids"]
-            if (
-                not isinstance(ids, list)
-                or not ids
-                or any(self._int(v, 0, U32 - 1) for v in ids)
-            ):
+            if not isinstance(ids, list) or not ids or any(self._int(v, 0, U32 - 1) for v in ids):
                 raise self.fail("vm", "vcpu_ids", f"must be a non-empty array of ids, got {ids!r}")
             if len(set(ids)) != len(ids):
                 raise self.fail("vm", "vcpu_ids", "ids must be distinct")
             kw["vcpu_ids"] = tuple(ids)
         integer("max_vcpu_ids", 1, 1 << 32)
         integer("svr", 0, U32)
-        for key in ("x2apic_format", "broadcast_quirk", "vector_hashing", "enforce_pv_cpuid",
-                    "aps_started"):
+        for key in (
+            "x2apic_format",
+            "broadcast_quirk",
+            "vector_hashing",
+            "enforce_pv_cpuid",
+            "aps_started",
+        ):
             boolean(key)
         if "pv_features" in raw:
             pv = raw["pv_features"]
@@ -561,11 +599,12 @@ class _Parser:
             kw["pv_features"] = tuple(pv)
         if "mode" in raw:
             if raw["mode"] not in ("xapic", "x2apic"):
-                raise self.fail("vm", "mode", f"must be \"xapic\" or \"x2apic\", got {raw['mode']!r}")
+                got = raw["mode"]
+                raise self.fail("vm", "mode", f'must be "xapic" or "x2apic", got {got!r}')
             kw["mode"] = raw["mode"]
         base = raw.get("profile", "kvm")
         if base not in ("kvm", "sdm"):
-            raise self.fail("vm", "profile", f"must be \"kvm\" or \"sdm\", got {base!r}")
+            raise self.fail("vm", "profile", f'must be "kvm" or "sdm", got {base!r}')
         profile = Profile.preset(base)
         if "profile_changes" in raw:
             changes = raw["profile_changes"]
@@ -680,9 +719,13 @@ class _Parser:
         if f.kind == "choice":
             if isinstance(value, str) and value in f.choices:
                 return value if f.hi < 0 else f.choices.index(value)
-            if f.hi >= 0 and isinstance(value, int) and not isinstance(value, bool):
-                if 0 <= value <= f.hi:
-                    return value
+            if (
+                f.hi >= 0
+                and isinstance(value, int)
+                and not isinstance(value, bool)
+                and 0 <= value <= f.hi
+            ):
+                return value
             raw_ok = f" or an integer 0..{f.hi}" if f.hi >= 0 else ""
             raise self.fail(
                 "", key, f"must be one of {', '.join(f.choices)}{raw_ok}, got {value!r}", n
@@ -690,16 +733,14 @@ class _Parser:
         if f.kind == "cpus":
             if value == "all":
                 return list(range(count))
-            if (
-                not isinstance(value, list)
-                or any(self._int(v, 0, count - 1) for v in value)
-            ):
-                raise self.fail("", key, f"must be \"all\" or an array of vCPU indexes, got "
-                                f"{value!r}", n)
+            if not isinstance(value, list) or any(self._int(v, 0, count - 1) for v in value):
+                raise self.fail(
+                    "", key, f'must be "all" or an array of vCPU indexes, got {value!r}', n
+                )
             return list(value)
         if f.kind == "writes":
             if not isinstance(value, dict) or not value:
-                raise self.fail("", key, "must be a table { \"0x20\" = value, ... }", n)
+                raise self.fail("", key, 'must be a table { "0x20" = value, ... }', n)
             out: dict[int, int] = {}
             for k, v in value.items():
                 try:
@@ -733,9 +774,7 @@ class _Parser:
             if action not in RESULT_ACTIONS:
                 raise self.fail_expect(n, "result", f"action {action!r} has no result")
             value = raw["result"]
-            want: type = (
-                list if action == "run" else bool if action == "set_msr" else int
-            )
+            want: type = list if action == "run" else bool if action == "set_msr" else int
             ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
             if ok and want is list:
                 ok = not any(self._int(v, 0, 255) for v in value)
@@ -804,13 +843,15 @@ class _Parser:
         check: Callable[[Any], str | None],
     ) -> dict[int, Any]:
         """``{vcpu index: expected}`` from a per-vCPU table or a value for the step's vCPU."""
-        per_vcpu_form = isinstance(value, dict) and all(VCPU_SPEC.match(k) for k in value) and (
-            bool(value) or key != "regs"
+        per_vcpu_form = (
+            isinstance(value, dict)
+            and all(VCPU_SPEC.match(k) for k in value)
+            and (bool(value) or key != "regs")
         )
         if not per_vcpu_form:
             if not isinstance(default_vcpu, int):
                 raise self.fail_expect(
-                    n, key, "the step has no vcpu: write { \"1\" = ... } or add expect.vcpu"
+                    n, key, 'the step has no vcpu: write { "1" = ... } or add expect.vcpu'
                 )
             err = check(value)
             if err:
@@ -949,10 +990,14 @@ def _counters(stats: Stats) -> dict[str, int]:
 class Runner:
     """Executes one parsed scenario on the model backend."""
 
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(
+        self, scenario: Scenario, vm: Vm | None = None, guest: Guest | None = None
+    ) -> None:
         self.sc = scenario
-        self.vm = build_vm(scenario.vm)
-        self.guest = boot_guest(self.vm, scenario.guest) if scenario.guest else None
+        self.vm = build_vm(scenario.vm) if vm is None else vm
+        if guest is None and scenario.guest is not None:
+            guest = boot_guest(self.vm, scenario.guest)
+        self.guest = guest
 
     def handled(self, i: int) -> list[int]:
         if self.guest is not None:
@@ -982,8 +1027,12 @@ class Runner:
                 return v, v
             if a == "icr":
                 low = (
-                    p["vector"] | p["mode"] << 8 | p["dest_mode"] << 11 | p["level"] << 14
-                    | p["trigger"] << 15 | p["shorthand"] << 18
+                    p["vector"]
+                    | p["mode"] << 8
+                    | p["dest_mode"] << 11
+                    | p["level"] << 14
+                    | p["trigger"] << 15
+                    | p["shorthand"] << 18
                 )
                 if vcpu.apic.x2apic_mode:
                     vcpu.wrmsr(0x830, p["dest"] << 32 | low)
@@ -997,7 +1046,12 @@ class Runner:
                     vcpu.mmio_write(base + 0x300, low)
                 return _NO_RESULT, None
             r = vcpu.hypercall(
-                p["nr"], p["a0"], p["a1"], p["a2"], p["a3"], long_mode=p["long_mode"],
+                p["nr"],
+                p["a0"],
+                p["a1"],
+                p["a2"],
+                p["a3"],
+                long_mode=p["long_mode"],
                 cpl=p["cpl"],
             )
             return r, None
@@ -1106,15 +1160,18 @@ class Runner:
             for i, want in e.get(key, {}).items():
                 got_set = getattr(self.vm.lapic(i), key)
                 if set(got_set) != set(want):
+                    got_text, want_text = _vset(got_set), _vset(sorted(want))
                     bad(
                         f"expect.{key}",
-                        f"vCPU {i} {key.upper()} is {_vset(got_set)}, expected {_vset(sorted(want))}",
+                        f"vCPU {i} {key.upper()} is {got_text}, expected {want_text}",
                     )
         for i, want in e.get("handled", {}).items():
             got_list = self.handled(i)
             if got_list != list(want):
-                bad("expect.handled", f"vCPU {i} handled {_vlist(got_list)}, expected "
-                    f"{_vlist(want)}")
+                bad(
+                    "expect.handled",
+                    f"vCPU {i} handled {_vlist(got_list)}, expected {_vlist(want)}",
+                )
         for i, regs in e.get("regs", {}).items():
             apic = self.vm.lapic(i)
             for name, want in regs.items():
@@ -1147,7 +1204,7 @@ def _fault_name(vector: int) -> str:
 
 
 def _result_matches(step: Step, want: Any, got: Any) -> bool:
-    if isinstance(want, bool) or isinstance(want, list):
+    if isinstance(want, (bool, list)):
         return bool(want == got)
     if not isinstance(got, int) or isinstance(got, bool):
         return False
@@ -1155,7 +1212,7 @@ def _result_matches(step: Step, want: Any, got: Any) -> bool:
         return True
     if step.action == "hypercall" and want < 0:
         mask = U64 if step.params["long_mode"] else U32
-        return (want & mask) == got
+        return bool((want & mask) == got)
     return False
 
 
@@ -1196,16 +1253,17 @@ def describe(step: Step) -> str:
         return f"{a} cpu{p['vcpu']} {where}{val}{size}"
     if a == "icr":
         icr = Icr.decode(
-            p["vector"] | p["mode"] << 8 | p["dest_mode"] << 11 | p["level"] << 14
-            | p["trigger"] << 15 | p["shorthand"] << 18,
+            p["vector"]
+            | p["mode"] << 8
+            | p["dest_mode"] << 11
+            | p["level"] << 14
+            | p["trigger"] << 15
+            | p["shorthand"] << 18,
             x2apic=True,
         )
         sh = "" if not p["shorthand"] else f" {SHORTHANDS[p['shorthand']]}"
         dm = "log" if p["dest_mode"] else "phys"
-        return (
-            f"icr cpu{p['vcpu']} -> {p['dest']:#x} {dm} {MODES[p['mode']]} "
-            f"{icr.vector:#04x}{sh}"
-        )
+        return f"icr cpu{p['vcpu']} -> {p['dest']:#x} {dm} {MODES[p['mode']]} {icr.vector:#04x}{sh}"
     if a == "hypercall":
         args = ",".join(f"{p[k]:#x}" for k in ("a0", "a1", "a2", "a3"))
         mode = "" if p["long_mode"] else " 32-bit"
@@ -1243,7 +1301,10 @@ def _header(sc: Scenario, vm: Vm, out: TextIO) -> None:
     if sc.guest is not None:
         guest = f", guest {sc.guest.driver}" + (f" on {sc.guest.base}" if sc.guest.base else "")
     out.write(f"== {sc.name}  ({sc.path})\n")
-    out.write(f"   {sc.description.strip()}\n")
+    desc = textwrap.fill(
+        " ".join(sc.description.split()), width=100, initial_indent="   ", subsequent_indent="   "
+    )
+    out.write(desc + "\n")
     out.write(
         f"   rules: {', '.join(sc.rules)}; backends: {', '.join(sc.backends)}; "
         f"vm: {len(vm)} vCPUs, profile {sc.vm.profile.name}{guest}\n"
@@ -1277,12 +1338,17 @@ def run_file(
     if backend not in sc.backends:
         out.write(f"SKIP {sc.name} ({sc.path}): not a {backend!r} scenario\n")
         return 0
+    section = "vm"
     try:
-        runner = Runner(sc)
-    except (ApicValueError, ApicTypeError) as e:
+        vm = build_vm(sc.vm)
+        section = "guest"
+        guest = boot_guest(vm, sc.guest) if sc.guest is not None else None
+    except (ApicValueError, ApicTypeError, GuestFault) as e:
         out.flush()
-        err.write(f"ERROR {sc.path}:{sc.locator.section_line('vm') or 1}: [vm]: {e}\n")
+        line = sc.locator.section_line(section) or 1
+        err.write(f"ERROR {sc.path}:{line}: [{section}]: the set-up failed: {e}\n")
         return 2
+    runner = Runner(sc, vm, guest)
     report = runner.run(out, verbose=verbose)
     if report.failures:
         out.flush()

@@ -160,7 +160,8 @@ class GuestCpu:
         driver.enable(self)
         driver.init_apic_ldr(self)
         self.write_apic(APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR)
-                if self.x2apic:
+        self.write_apic(APIC_TASKPRI, 0)
+        if self.x2apic:
             return self.read_apic(APIC_ID), self.read_apic(APIC_LDR)
         return self.read_apic(APIC_ID) >> 24, self.read_apic(APIC_LDR) >> 24
 

@@ -38,13 +38,9 @@ drivers first enable x2APIC mode (``__x2apic_enable``: RDMSR IA32_APIC_BASE, and
 EXTD|EN only if EXTD was clear); xAPIC drivers then program DFR/LDR (``init_apic_ldr``); the
 caller (``guest.cpu``) then writes SVR and TPR and reads back the APIC ID and LDR.
 
-Choices settled here (the project's brief, which differs from Linux in two small points):
-
-* ``send_IPI_self`` on x2APIC drivers is the ICR shorthand (one WRMSR 0x830 with 0x40000).
-  Linux's ``x2apic_send_IPI_self`` writes the SELF IPI MSR 0x83F instead; both are one
-  MSR_WRITE exit delivering the same fixed interrupt, only the MSR index differs.
-* physflat writes DFR = flat and LDR = 0 at boot.  Linux's physflat has no ``init_apic_ldr``
-  (DFR/LDR keep their reset values, which are exactly these), so Linux takes two exits fewer.
+Two Linux details kept on purpose: ``send_IPI_self`` on the x2APIC drivers writes the SELF
+IPI MSR 0x83F (``x2apic_send_IPI_self``: ``apic_write(APIC_SELF_IPI, vector)``), not the ICR;
+physflat has no ``init_apic_ldr``, so DFR/LDR keep their RESET values.
 
 Not modelled: TPR via CR8, ``apic_use_ipi_shorthand`` (whether Linux prefers shorthands or
 ``send_IPI_mask_allbutself(cpu_online_mask)``: the caller picks the function), CPU hotplug and
@@ -219,9 +215,8 @@ class PhysFlat(XapicDriver):
     dest_mode_logical = False
 
     def init_apic_ldr(self, cpu: GuestCpu) -> None:
-        """DFR flat and LDR 0 (this project's choice; Linux's physflat leaves them at reset)."""
-        cpu.write_apic(APIC_DFR, APIC_DFR_FLAT)
-        cpu.write_apic(APIC_LDR, 0)
+        """Linux's physflat has no ``init_apic_ldr``: DFR/LDR keep their RESET values."""
+        return None
 
     def send_IPI(self, cpu: GuestCpu, target: int, vector: int) -> None:
         """``default_send_IPI_single_phys``."""
@@ -259,6 +254,10 @@ class X2apicDriver(Driver):
     def send_shorthand(self, cpu: GuestCpu, shortcut: int, vector: int) -> None:
         """``__x2apic_send_IPI_shorthand``: one ICR write, destination 0."""
         self.icr_write(cpu, prepare_icr(shortcut, vector, 0), 0)
+
+    def send_IPI_self(self, cpu: GuestCpu, vector: int) -> None:
+        """``x2apic_send_IPI_self``: WRMSR to the SELF IPI register (MSR 0x83F)."""
+        cpu.vcpu.wrmsr(X2APIC_MSR_BASE + (APIC_SELF_IPI >> 4), vector)
 
 
 class X2apicPhys(X2apicDriver):

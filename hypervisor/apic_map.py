@@ -84,7 +84,8 @@ class ApicMap:
 
 
 class Inhibits(IntEnum):
-    """APICv inhibit reasons derived from the map (``APICV_INHIBIT_REASON_*``)."""
+    """APICv inhibit reasons (``APICV_INHIBIT_REASON_*``).  The first three are recomputed with
+    every map; APIC_BASE_MODIFIED is set by an APIC_BASE write and never cleared (``Vm``)."""
 
     PHYSICAL_ID_ALIASED = 1
     LOGICAL_ID_ALIASED = 2
@@ -93,7 +94,8 @@ class Inhibits(IntEnum):
 
 
 def build(apics: Sequence[LocalApic], *, x2apic_format: bool) -> tuple[ApicMap | None, int]:
-    """Build the map for ``apics`` in vCPU-index order; returns ``(map or None, inhibits)``."""
+    """Build the map for ``apics`` in vCPU-index order; returns ``(map or None, inhibits)``
+    with the inhibits KVM derives while building it."""
     present = [a for a in apics if a.hw_enabled]
     max_id = 255
     for a in present:
@@ -102,13 +104,11 @@ def build(apics: Sequence[LocalApic], *, x2apic_format: bool) -> tuple[ApicMap |
     new: ApicMap | None = ApicMap(max_id)
     inhibits = 0
     for a in present:
-        if a.base_address != APIC_DEFAULT_BASE:
-            inhibits |= Inhibits.APIC_BASE_MODIFIED
-        x2 = a.x2apic_mode
-        if not x2 and a.physical_id != (a.vcpu_id & 0xFF):
-            inhibits |= Inhibits.APIC_ID_MODIFIED
-    for a in present:
         assert new is not None
+        # kvm_recalculate_phys_map checks for a modified xAPIC ID before the alias check and
+        # the loop stops at the first alias: later vCPUs are never looked at.
+        if not a.x2apic_mode and a.physical_id != (a.vcpu_id & 0xFF):
+            inhibits |= Inhibits.APIC_ID_MODIFIED
         if not _add_physical(new, a, x2apic_format):
             new = None
             break

@@ -147,6 +147,11 @@ class Vcpu:
         if state is not RunState.IN_GUEST:
             if state is RunState.BLOCKED:
                 raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
+            if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+                raise ApicValueError(
+                    f"vcpu {self.index} is {self.mp_state.name}: it executes nothing until "
+                    "INIT/SIPI start it (or Vm(aps_started=True))"
+                )
             self.enter()
         self.vm.current = self
 

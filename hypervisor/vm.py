@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from hypervisor import accel as accel_mod
-from hypervisor.apic_map import ApicMap, build
+from hypervisor.apic_map import ApicMap, Inhibits, build
 from hypervisor.delivery import deliver
 from hypervisor.exits import Exit
 from hypervisor.pv_ipi import (
@@ -55,6 +55,7 @@ from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
 from lapic.icr import DeliveryMode, Interrupt, Msi
 from lapic.profile import LowestPriorityPolicy, Profile, resolve
 from lapic.slowpath import resolve_policy
+from lapic.registers import APIC_DEFAULT_BASE
 from lapic.timer import Clock
 
 KVM_MAX_VCPU_IDS = 4096
@@ -123,7 +124,8 @@ class Vm:
         self._apics: list[LocalApic] = []
         self._map: ApicMap | None = None
         self._map_dirty = True
-        self.inhibits = 0
+        self._map_inhibits = 0
+        self._sticky_inhibits = 0
         self.accel = accel_mod.make(accelerator)
         self._use_map = self.profile.optimized_apic_map
 
@@ -190,14 +192,23 @@ class Vm:
     # ===================================================================================
     def _mark_map_dirty(self, apic: LocalApic) -> None:
         self._map_dirty = True
+        if apic.hw_enabled and apic.base_address != APIC_DEFAULT_BASE:
+            # __kvm_apic_set_base: set on the write itself, never cleared.
+            self._sticky_inhibits |= Inhibits.APIC_BASE_MODIFIED
 
     @property
     def apic_map(self) -> ApicMap | None:
         """KVM ``kvm->arch.apic_map``, recalculated if anything it depends on changed."""
         if self._map_dirty:
-            self._map, self.inhibits = build(self._apics, x2apic_format=self.x2apic_format)
+            self._map, self._map_inhibits = build(self._apics, x2apic_format=self.x2apic_format)
             self._map_dirty = False
         return self._map
+
+    @property
+    def inhibits(self) -> int:
+        """APICv inhibit reasons in force (``hypervisor.apic_map.Inhibits`` bits)."""
+        _ = self.apic_map
+        return self._map_inhibits | self._sticky_inhibits
 
     # ===================================================================================
     # Delivery

@@ -123,7 +123,8 @@ class Features:
     """MCG_CAP.MCG_CMCI_P: a 7th LVT (CMCI, offset 0x2F0); LVR max-LVT 6 instead of 5."""
     directed_eoi: bool = False
     """LVR bit 24 (EOI-broadcast suppression).  KVM advertises it only with a split irqchip
-    and x2APIC in CPUID (REG-LVR-1); the default models KVM's in-kernel IOAPIC."""
+    and x2APIC in CPUID (REG-LVR-1); the default models KVM's in-kernel IOAPIC.  Setting it is
+    the caller's statement that those conditions hold: it is not cross-checked with ``x2apic``."""
     smm: bool = True
     """SMM emulation available: SMIs are accepted."""
     maxphyaddr: int = 48
@@ -360,13 +361,13 @@ class LocalApic:
         if not self.hw_enabled or self.x2apic_mode:
             if self.profile.mmio_hole_quirk:
                 return (1 << (8 * size)) - 1
-            return self.profile.unserviced_read_value
+            return self.profile.unserviced_read_value & ((1 << (8 * size)) - 1)
         align = offset & 0xF
         reg = REGISTER_BY_OFFSET.get(offset & 0xFF0)
         if align + size > 4 or reg is None or not self._readable(reg, False):
             if reg is None and self.profile.esr_latching:
                 self._log_error(ESR_ILLEGAL_REGISTER)
-            return self.profile.unserviced_read_value
+            return self.profile.unserviced_read_value & ((1 << (8 * size)) - 1)
         value = self._read(reg)
         return (value >> (8 * align)) & ((1 << (8 * size)) - 1)
 
@@ -466,7 +467,12 @@ class LocalApic:
         if name == "SVR":
             return 0xFFFFFFFF & ~self._svr_mask()
         if reg.is_lvt:
-            return 0xFFFFFFFF & ~self._lvt_mask(reg, architectural=True)
+            # Reserved = outside every field; the read-only status bits are fields, not
+            # reserved (a WRMSR setting them is ignored, not faulted).
+            mask = reg.write_mask
+            if reg.name == "LVTT":
+                mask = (mask & ~LVT_TIMER_MODE) | self._timer_mode_mask
+            return 0xFFFFFFFF & ~mask
         if name in ("TPR", "TDCR"):
             return 0xFFFFFFFF & ~reg.write_mask
         return 0
@@ -510,8 +516,7 @@ class LocalApic:
                 self._set_x2apic_id()
             elif value & APIC_BASE_EN:
                 self._set_xapic_id(self.vcpu_id & 0xFF)
-        if changed & (APIC_BASE_EN | APIC_BASE_EXTD):
-            self._map_changed()
+        self._map_changed()  # KVM recalculates the map after every APIC_BASE change
 
     def _set_xapic_id(self, xapic_id: int) -> None:
         self._w[0x20 >> 2] = xapic_id << 24
@@ -611,7 +616,10 @@ class LocalApic:
         return int(self._w[reg.offset >> 2])
 
     def _apr(self) -> int:
-        """SDM 10.6.2.4 (P6 family) arbitration priority."""
+        """SDM 10.6.2.4 (P6 family) arbitration priority.  The SDM's figure writes the else
+        branch as ``max(TPR[7:4] AND ISRV[7:4], IRRV[7:4])``; the model reads it as the
+        highest of the three priority classes (a bitwise AND of two classes has no meaning
+        as a priority), the reading the surrounding text describes."""
         tpr = int(self._w[0x80 >> 2])
         irrv = max(self._irr.highest(), 0)
         isrv = max(self._isr.highest(), 0)
@@ -706,11 +714,11 @@ class LocalApic:
         self.timer.set_divide(value & 0xB, int(self._w[0x380 >> 2]))
         self.timer.poll()
 
-    def _lvt_mask(self, reg: Register, *, architectural: bool = False) -> int:
+    def _lvt_mask(self, reg: Register) -> int:
         mask = reg.write_mask
         if reg.name == "LVTT":
             mask = (mask & ~LVT_TIMER_MODE) | self._timer_mode_mask
-        if architectural or not self.profile.lvt_status_writable:
+        if not self.profile.lvt_status_writable:
             mask &= ~LVT_DELIVERY_STATUS
             if reg.name in ("LVT0", "LVT1"):
                 mask &= ~LVT_REMOTE_IRR

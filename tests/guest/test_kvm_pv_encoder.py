@@ -73,6 +73,14 @@ def test_the_shift_left_case_measures_from_max_not_from_min__PVG_3() -> None:
     ]
 
 
+def test_the_shift_left_case_uses_the_highest_id_seen_not_the_last__PVG_3() -> None:
+    """100, 227, 150, 95: max stays 227, and 227 - 95 = 132 >= 128 forces a flush."""
+    assert pv_send_ipi_hypercalls([100, 227, 150, 95], FIXED_F1) == [
+        (1 | 1 << 50, 1 << 63, 100, FIXED_F1),
+        (1, 0, 95, FIXED_F1),
+    ]
+
+
 def test_an_id_equal_to_min_flushes_as_the_c_conditions_do__PVG_3() -> None:
     """Neither ``apic_id < min`` nor ``apic_id > min`` holds for a repeat of ``min``."""
     assert pv_send_ipi_hypercalls([3, 3], FIXED_F1) == [(1, 0, 3, FIXED_F1), (1, 0, 3, FIXED_F1)]

@@ -380,7 +380,7 @@ def test_a_lowest_priority_msi_dropped_by_the_fast_path_reports_0__BUG_28() -> N
 # =============================================================================================
 # FAST-9 / BUG-11: the hotplug hack
 # =============================================================================================
-def test_an_xapic_vcpu_above_0xff_is_unreachable_by_its_x2apic_id_on_the_fast_path__FAST_9() -> None:
+def test_an_xapic_vcpu_above_0xff_is_missed_by_its_x2apic_id_on_the_fast_path__FAST_9() -> None:
     """FAST-9: no x2apic_format, vCPU 0x123 in xAPIC mode (xAPIC ID 0x23): fixed physical
     IPI to 0x123 -> not delivered (0), though MATCH-4's hotplug hack would match it on the
     slow path; to 0x23 -> delivered."""

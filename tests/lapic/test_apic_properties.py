@@ -526,14 +526,19 @@ class ApicMachine(RuleBasedStateMachine):
         config=configs,
         sw_enable=st.booleans(),
         hooked=st.booleans(),
+        start_x2apic=st.booleans(),
     )
-    def build(self, config: Config, sw_enable: bool, hooked: bool) -> None:
+    def build(
+        self, config: Config, sw_enable: bool, hooked: bool, start_x2apic: bool = False
+    ) -> None:
         self.apic = config.build()
         self.hooked = hooked
         if hooked:
             self.apic.send_hook = lambda a, irq: self.sent.append(irq)
         if sw_enable:
             self.apic.mmio_write(SVR, 0x1FF)
+        if start_x2apic and config.features.x2apic:
+            self.apic.wrmsr(0x1B, 0xFEE00C00)
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -648,6 +653,14 @@ class ApicMachine(RuleBasedStateMachine):
     @rule(base=st.sampled_from(APIC_BASES), host=st.booleans())
     def set_apic_base(self, base: int, host: bool) -> None:
         guest(self.apic, lambda: self.apic.wrmsr(0x1B, base, host_initiated=host))
+
+    @rule()
+    def enter_x2apic_mode(self) -> None:
+        """BASE-4: xAPIC -> x2APIC is legal when CPUID has x2APIC; from disabled it #GPs."""
+        faulted = guest(self.apic, lambda: self.apic.wrmsr(0x1B, 0xFEE00C00))
+        if self.apic.features.x2apic and self.apic.hw_enabled:
+            assert not faulted
+            assert self.x2
 
     @rule(op=guest_ops)
     def any_guest_access(self, op: Op) -> None:

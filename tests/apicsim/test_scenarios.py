@@ -1,0 +1,527 @@
+"""``apicsim run``: the shipped scenarios pass, and broken files fail loudly and precisely.
+
+The scenario format is documented in ``apicsim/scenario.py`` and ``specs/scenarios/README.md``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from apicsim import scenario
+from apicsim.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ROOT / "specs" / "scenarios"
+SHIPPED = sorted(SCENARIOS.glob("*.toml"))
+
+HEADER = """\
+name = "t"
+description = "A test scenario."
+rules = ["ICR-2"]
+backends = ["model"]
+"""
+
+
+def write(tmp_path: Path, body: str, name: str = "t.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(HEADER + textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    """1-based line of the first line of ``path`` that contains ``text``."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if text in line:
+            return number
+    raise AssertionError(f"{text!r} is not in {path}")
+
+
+# =========================================================================================
+# The shipped scenarios
+# =========================================================================================
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_scenario_passes(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"PASS {scenario.load(path).name}" in out
+
+
+def test_at_least_fifteen_scenarios_are_shipped() -> None:
+    assert len(SHIPPED) >= 15
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_scenario_runs_on_the_model_and_names_its_rules(path: Path) -> None:
+    sc = scenario.load(path)
+    assert "model" in sc.backends
+    assert sc.rules
+    assert all(step.expect for step in sc.steps[-1:]), "the last step should check something"
+
+
+def test_model_only_scenarios_say_so_in_their_description() -> None:
+    for path in SHIPPED:
+        sc = scenario.load(path)
+        if "kvm" not in sc.backends:
+            assert "model-only" in sc.description.lower(), path.name
+
+
+def test_scenario_names_are_unique() -> None:
+    names = [scenario.load(p).name for p in SHIPPED]
+    assert len(names) == len(set(names))
+
+
+def test_the_required_topics_each_have_a_scenario() -> None:
+    rules = {r for p in SHIPPED for r in scenario.load(p).rules}
+    for rule in (
+        "ICR-2", "ICR-3", "ICR-5", "MATCH-1", "LP-2", "BASE-4", "BASE-6", "STATE-3", "PVH-1",
+        "PVH-4", "PVH-6", "FAST-8", "MAP-2", "BUG-15", "PRIO-5", "PRIO-3", "TIMER-2", "DIFF-D1",
+    ):  # fmt: skip
+        assert rule in rules, rule
+
+
+def test_a_directory_runs_every_scenario_in_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--quiet", str(SCENARIOS)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(SHIPPED)} scenario files: all passed" in out
+    assert "step" not in out.split("PASS", 1)[0], "--quiet prints no step table"
+
+
+def test_python_dash_m_apicsim_runs_a_scenario() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "apicsim", "run", "-q", str(SCENARIOS / "x2apic_self_ipi.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "PASS x2apic-self-ipi" in proc.stdout
+
+
+# =========================================================================================
+# Malformed files: exit 2, with the file, the line and the field
+# =========================================================================================
+def test_an_unknown_step_key_names_its_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+
+        [[step]]
+        action = "icr"
+        vcpu = 0
+        vectr = 0xF1
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, 'vectr')}:" in err
+    assert "step 1" in err
+    assert "'vectr'" in err
+    assert "unknown key" in err
+
+
+def test_a_wrong_type_in_the_vm_section_names_its_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = "2"
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, 'vcpus =')}:" in err
+    assert "[vm] field 'vcpus'" in err
+    assert "must be an integer" in err
+
+
+def test_a_missing_step_field_names_the_step_line_and_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "run"
+        vcpu = 0
+
+        [[step]]
+        action = "wrmsr"
+        vcpu = 0
+        msr = 0x830
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    second_step = [i for i, t in enumerate(path.read_text().splitlines(), 1) if t == "[[step]]"][1]
+    assert f"{path}:{second_step}:" in err
+    assert "step 2 (wrmsr)" in err
+    assert "missing required field 'value'" in err
+
+
+def test_a_bad_expectation_value_names_its_line_in_a_sub_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "rdmsr"
+        vcpu = 0
+        msr = 0x1B
+        [step.expect]
+        value = 0x1B
+        irr = [0x300]
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, 'irr =')}:" in err
+    assert "'expect.irr'" in err
+
+
+def test_a_vcpu_index_that_does_not_exist_is_malformed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+
+        [[step]]
+        action = "run"
+        vcpu = 2
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, 'vcpu = 2')}:" in err
+    assert "does not exist" in err
+
+
+def test_a_guest_action_without_a_guest_section_is_malformed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "send_ipi"
+        cpu = 0
+        kind = "self"
+        vector = 0xF1
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    assert "needs a [guest] section" in capsys.readouterr().err
+
+
+def test_a_toml_syntax_error_names_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "[vm\nvcpus = 2\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, '[vm')}:" in err
+    assert "TOML syntax error" in err
+
+
+def test_a_missing_header_field_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('name = "t"\nrules = []\nbackends = ["model"]\n[[step]]\naction = "run"\n'
+                    "vcpu = 0\n")  # fmt: skip
+    assert main(["run", str(path)]) == 2
+    assert "missing required field 'description'" in capsys.readouterr().err
+
+
+def test_a_file_that_does_not_exist_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(tmp_path / "absent.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+# =========================================================================================
+# Failing expectations: exit 1, with the file, the step, the line and the field
+# =========================================================================================
+def test_a_failing_expectation_names_the_file_step_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        svr = 0x1FF
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+
+        [[step]]
+        action = "icr"
+        vcpu = 0
+        dest = 1
+        vector = 0x40
+        expect = { exits = 2, irr = { "1" = [0x41] } }
+        """,
+    )
+    assert main(["run", str(path)]) == 1
+    captured = capsys.readouterr()
+    line = line_of(path, "expect = {")
+    assert f"FAIL {path}:{line}: step 2 (icr): expect.irr:" in captured.err
+    assert "vCPU 1 IRR is {0x40}, expected {0x41}" in captured.err
+    assert "FAIL t" in captured.out
+
+
+def test_the_run_stops_after_the_first_failing_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "rdmsr"
+        vcpu = 0
+        msr = 0x1B
+        expect = { value = 0 }
+
+        [[step]]
+        action = "rdmsr"
+        vcpu = 0
+        msr = 0x1B
+        expect = { value = 1 }
+        """,
+    )
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "step 1 (rdmsr): expect.value: read 0xfee00900, expected 0" in err
+    assert "step 2" not in err
+
+
+def test_an_unexpected_fault_fails_the_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "wrmsr"
+        vcpu = 0
+        msr = 0x1B
+        value = 0xFEE00A00
+        """,
+    )
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, '[[step]]')}: step 1 (wrmsr): action: unexpected" in err
+    assert "#GP" in err
+
+
+def test_an_expected_fault_that_does_not_happen_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "wrmsr"
+        vcpu = 0
+        msr = 0x1B
+        value = 0xFEE00900
+        expect = { fault = 13 }
+        """,
+    )
+    assert main(["run", str(path)]) == 1
+    assert "expect.fault: no fault was raised, expected #GP" in capsys.readouterr().err
+
+
+def test_a_negative_hypercall_result_matches_rax_in_both_modes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+
+        [[step]]
+        action = "hypercall"
+        vcpu = 0
+        nr = 10
+        a3 = 0x8F1
+        expect = { result = -22 }
+
+        [[step]]
+        action = "hypercall"
+        vcpu = 0
+        nr = 10
+        a3 = 0x8F1
+        long_mode = false
+        expect = { result = -22 }
+
+        [[step]]
+        action = "hypercall"
+        vcpu = 0
+        nr = 10
+        a3 = 0x8F1
+        long_mode = false
+        expect = { result = 0xFFFFFFEA }
+        """,
+    )
+    assert main(["run", "-q", str(path)]) == 0
+
+
+def test_a_stats_expectation_checks_the_delta_of_the_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        mode = "x2apic"
+        svr = 0x1FF
+
+        [[step]]
+        action = "icr"
+        vcpu = 0
+        dest = 1
+        vector = 0xF1
+        expect = { stats = { MSR_WRITE = 1, ipis = 1, irqs_accepted = 2 } }
+        """,
+    )
+    assert main(["run", "-q", str(path)]) == 1
+    assert "expect.stats.irqs_accepted: changed by 1, expected 2" in capsys.readouterr().err
+
+
+def test_a_scenario_without_the_model_backend_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text(
+        HEADER.replace('["model"]', '["kvm"]') + '[[step]]\naction = "run"\nvcpu = 0\n',
+        encoding="utf-8",
+    )
+    assert main(["run", str(path)]) == 0
+    assert "SKIP t" in capsys.readouterr().out
+
+
+# =========================================================================================
+# Output and parsing details
+# =========================================================================================
+def test_the_step_table_shows_the_result_and_the_vcpus_whose_irr_changed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["run", str(SCENARIOS / "xapic_unicast_mmio.toml")]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "+0x300 = 0x50f1" in line)
+    assert "cpu3 IRR={0xf1}" in row
+    read = next(line for line in out.splitlines() if "mmio_read cpu0 +0x300" in line)
+    assert "0x40f1" in read
+
+
+def test_the_locator_finds_keys_in_inline_tables_and_sub_tables() -> None:
+    text = textwrap.dedent(
+        """\
+        name = "x"
+        [vm]
+        vcpus = 2
+        features = { x2apic = false }
+        [[step]]
+        action = "rdmsr"
+        value = 1
+        expect = { value = 2, irr = [] }
+        [[step]]
+        action = "run"
+        [step.expect]
+        irr = []
+        """
+    )
+    loc = scenario.Locator(text)
+    assert loc.step_line(1) == 5
+    assert loc.step_line(2) == 9
+    assert loc.find("vcpus", "vm") == 3
+    assert loc.find("x2apic", "vm.features") == 4
+    assert loc.find("value", step=1) == 7
+    assert loc.find("value", step=1, after="expect") == 8
+    assert loc.find("irr", step=2, after="expect") == 12
+
+
+def test_set_lapic_reports_einval_as_minus_22(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        x2apic_format = true
+        mode = "x2apic"
+
+        [[step]]
+        action = "set_lapic"
+        vcpu = 1
+        writes = { "0x20" = 7 }
+        expect = { result = -22 }
+        """,
+    )
+    assert main(["run", "-q", str(path)]) == 0
+
+
+def test_a_guest_that_cannot_boot_is_reported_at_the_guest_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 9
+
+        [guest]
+        driver = "flat"
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, '[guest]')}: [guest]: the set-up failed" in err
+
+
+def test_a_vm_set_up_that_faults_is_reported_at_the_vm_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        mode = "x2apic"
+        features = { x2apic = false }
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, '[vm]')}: [vm]: the set-up failed" in err
