@@ -193,7 +193,8 @@ def expected_pv_ipi(
 
 WORDS = st.one_of(
     st.integers(0, 0xFF),
-    st.integers(0, 0xFF),
+    st.integers(0, 0xFFFF),
+    st.just(0xFFFF),
     st.integers(0, U64),
     st.sampled_from([0, 1, U32, U64, 1 << 63, (1 << 32) | 1]),
 )
