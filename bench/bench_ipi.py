@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from guest import Guest  # noqa: E402
-from hypervisor import Vm  # noqa: E402
-from lapic import DeliveryMode  # noqa: E402
+from guest import Guest
+from hypervisor import Vm
+from lapic import DeliveryMode
 
 VECTOR = 0xF0
 

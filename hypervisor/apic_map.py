@@ -26,7 +26,7 @@ from enum import IntEnum
 
 from lapic.apic import LocalApic
 from lapic.destination import x2apic_ldr
-from lapic.registers import APIC_DEFAULT_BASE, DFR_FLAT
+from lapic.registers import DFR_FLAT
 
 
 class LogicalMode(IntEnum):

@@ -54,8 +54,8 @@ from lapic.apic import Features, LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
 from lapic.icr import DeliveryMode, Interrupt, Msi
 from lapic.profile import LowestPriorityPolicy, Profile, resolve
-from lapic.slowpath import resolve_policy
 from lapic.registers import APIC_DEFAULT_BASE
+from lapic.slowpath import resolve_policy
 from lapic.timer import Clock
 
 KVM_MAX_VCPU_IDS = 4096
