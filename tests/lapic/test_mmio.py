@@ -2,8 +2,8 @@
 
 A not-serviced read returns ``profile.unserviced_read_value`` cut to the access size, which
 is UNVERIFIED (§18.1): tests only compare against the profile's field, never a literal.  To
-make "not serviced" observable even where a register happens to hold that value, most tests use profiles whose
-``unserviced_read_value`` is a sentinel no register of a fresh APIC holds.
+make "not serviced" observable even where a register happens to hold that value, most tests
+use profiles whose ``unserviced_read_value`` is a sentinel no register of a fresh APIC holds.
 """
 
 from __future__ import annotations
