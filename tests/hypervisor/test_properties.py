@@ -192,14 +192,14 @@ def expected_pv_ipi(
 
 
 WORDS = st.one_of(
-    st.integers(0, 0xFF),
-    st.integers(0, 0xFFFF),
+    st.integers(1, 0xFF),
+    st.integers(1, 0xFFFF),
     st.just(0xFFFF),
     st.integers(0, U64),
     st.sampled_from([0, 1, U32, U64, 1 << 63, (1 << 32) | 1]),
 )
 MINS = st.one_of(
-    st.integers(0, 8),
+    st.just(0),
     st.integers(0, 8),
     st.integers(0, 300),
     st.integers(U32 - 130, U32),
@@ -218,7 +218,7 @@ ICRS = st.one_of(VALID_ICRS, VALID_ICRS, VALID_ICRS, st.integers(0, U32), st.int
 
 @given(
     topologies(),
-    st.booleans(),
+    st.integers(0, 3).map(lambda n: n == 0),
     WORDS,
     WORDS,
     MINS,
