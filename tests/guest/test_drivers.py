@@ -147,6 +147,7 @@ def test_a_guest_refuses_a_hardware_disabled_apic() -> None:
 # Exits per mask send
 # ---------------------------------------------------------------------------------------
 def test_x2apic_phys_mask_send_is_one_icr_write_per_destination() -> None:
+    """DRV-1."""
     vm, g = boot("x2apic_phys", vcpu_ids=[0, 1, 17, 300])
     exits = exits_of(vm, lambda: g.cpu(0).send_IPI_mask([3, 1, 2], V))
     assert exits == [
@@ -157,6 +158,7 @@ def test_x2apic_phys_mask_send_is_one_icr_write_per_destination() -> None:
 
 
 def test_x2apic_cluster_mask_send_is_one_logical_icr_write_per_cluster() -> None:
+    """DRV-2."""
     ids = [0, 1, 2, 17, 33, 34, 35]
     vm, g = boot("x2apic_cluster", vcpu_ids=ids)
     exits = exits_of(vm, lambda: g.cpu(0).send_IPI_mask([1, 2, 3, 4, 6], V))
@@ -176,6 +178,7 @@ def test_x2apic_cluster_allbutself_drops_a_cluster_that_held_only_the_sender() -
 
 
 def test_flat_mask_send_is_one_logical_ipi_whatever_the_mask() -> None:
+    """DRV-3."""
     vm, g = boot("flat", 8)
     exits = exits_of(vm, lambda: g.cpu(0).send_IPI_mask([1, 2, 5, 7], V))
     assert exits == xapic_ipi(0, 0b10100110, 0x800 | V)
@@ -191,6 +194,7 @@ def test_flat_sends_even_an_empty_mask_with_destination_0() -> None:
 
 
 def test_physflat_mask_send_is_three_exits_per_destination() -> None:
+    """DRV-3."""
     vm, g = boot("physflat")
     exits = exits_of(vm, lambda: g.cpu(0).send_IPI_mask([3, 1], V))
     assert exits == xapic_ipi(0, 1, V) + xapic_ipi(0, 3, V)
@@ -254,7 +258,7 @@ def test_x2apic_shorthand_is_one_icr_write(driver: str, kind: str, bits: int) ->
 
 @pytest.mark.parametrize("driver", ["x2apic_phys", "x2apic_cluster"])
 def test_x2apic_send_ipi_self_writes_the_self_ipi_msr(driver: str) -> None:
-    """Linux ``x2apic_send_IPI_self``: one WRMSR 0x83F with the vector; the vector arrives."""
+    """DRV-4: Linux ``x2apic_send_IPI_self``: one WRMSR 0x83F with the vector; it arrives."""
     vm, g = boot(driver)
     exits = exits_of(vm, lambda: g.cpu(2).send_IPI_self(V))
     assert exits == [Exit(2, WR, 0x83F, V)]

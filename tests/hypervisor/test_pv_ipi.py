@@ -271,3 +271,12 @@ def test_kick_cpu_sets_pv_unhalted_on_a_running_target__HC_1() -> None:
     vm = xapic_vm(3)
     assert vm.vcpu(0).hypercall(KVM_HC_KICK_CPU, 0, 2) == 0
     assert [vm.lapic(i).pv_unhalted for i in range(3)] == [False, False, True]
+
+
+def test_a_kick_that_arrives_before_hlt_is_not_lost__WAKE_1() -> None:
+    """WAKE-1 / HC-1: the PV spinlock race: vCPU0 kicks vCPU1 just before vCPU1 executes HLT.
+    The pending PV unhalt makes the HLT return at once (KVM ``kvm_arch_vcpu_runnable``)."""
+    vm = xapic_vm(2)
+    assert vm.vcpu(0).hypercall(KVM_HC_KICK_CPU, 0, 1) == 0
+    assert vm.vcpu(1).halt() is False
+    assert vm.vcpu(1).mp_state is MpState.RUNNABLE
