@@ -7,9 +7,10 @@ names and fields follow ``arch/x86/kvm/trace.h``:
 =====================  ===============================================================
 ``KvmExit``            ``kvm_exit``: vCPU, exit reason, qualification
 ``KvmApicIpi``         ``kvm_apic_ipi``: ICR low dword, destination id
-``KvmApicAcceptIrq``   ``kvm_apic_accept_irq``: target vCPU, delivery mode, trigger, vector,
-                       and whether it was accepted (KVM traces before deciding; the model
-                       records the outcome too)
+``KvmApicAcceptIrq``   ``kvm_apic_accept_irq``: target vCPU, delivery mode (register bits
+                       10:8 in place, 0x000..0x700, as KVM records it), trigger (1 = level),
+                       vector, and whether it was accepted (KVM traces before deciding; the
+                       model records the outcome too)
 ``KvmEoi``             ``kvm_eoi``: vCPU, vector
 ``KvmHypercall``       ``kvm_hypercall``: nr, a0..a3
 ``KvmMsiSetIrq``       ``kvm_msi_set_irq``: address, data

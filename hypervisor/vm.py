@@ -221,7 +221,7 @@ class Vm:
         if self.tracer.on:
             self.tracer.emit(
                 KvmApicAcceptIrq(
-                    apic.vcpu_id, int(irq.delivery_mode), int(irq.trigger), irq.vector, ok
+                    apic.vcpu_id, int(irq.delivery_mode) << 8, int(irq.trigger), irq.vector, ok
                 )
             )
         return ok

@@ -53,7 +53,7 @@ def lowest(vector: int, dest: int, mode: DestMode = LOGICAL) -> Interrupt:
     return Interrupt(vector, LOWEST, mode, dest=dest)
 
 
-def msi(dest: int, data: int, *, logical: bool = False, redir_hint: bool = False) -> int:
+def msi(dest: int, *, logical: bool = False, redir_hint: bool = False) -> int:
     """MSI address_lo for an 8-bit destination."""
     return APIC_PAGE | (dest & 0xFF) << 12 | int(redir_hint) << 3 | int(logical) << 2
 
@@ -169,7 +169,7 @@ def test_a_device_0xff_is_a_broadcast_to_x2apic_targets_with_the_quirk__FAST_4()
     """FAST-4 + MATCH-1: an MSI to 0xFF (no source) goes to the slow path, where the quirk
     rewrites the MDA to 0xFFFFFFFF for x2APIC targets -> all 3 receive."""
     vm = x2apic_vm([0, 1, 2])
-    assert vm.signal_msi(msi(0xFF, 0), 0, 0x5B) == 3
+    assert vm.signal_msi(msi(0xFF), 0, 0x5B) == 3
     assert holders(vm, 0x5B) == [0, 1, 2]
 
 
@@ -177,9 +177,9 @@ def test_without_the_quirk_0xff_is_cluster_0_in_an_x2apic_logical_map__FAST_4() 
     """FAST-4 (quirk disabled): dest 0xFF with map mode X2APIC is not a broadcast: physical ->
     phys_map[255] (empty, result 0); logical -> cluster 0, CPUs 0-7 (api.rst)."""
     vm = x2apic_vm([0, 1, 2], broadcast_quirk=False)
-    assert vm.signal_msi(msi(0xFF, 0), 0, 0x5C) == 0
+    assert vm.signal_msi(msi(0xFF), 0, 0x5C) == 0
     assert holders(vm, 0x5C) == []
-    assert vm.signal_msi(msi(0xFF, 0, logical=True), 0, 0x5D) == 3
+    assert vm.signal_msi(msi(0xFF, logical=True), 0, 0x5D) == 3
     assert holders(vm, 0x5D) == [0, 1, 2]
 
 
@@ -187,13 +187,13 @@ def test_without_the_quirk_0xff_is_still_a_broadcast_for_an_xapic_map__FAST_4() 
     """FAST-4 (quirk disabled): dest 0xFF and map mode != X2APIC -> slow path broadcast."""
     vm = xapic_vm(3, broadcast_quirk=False)
     before = paths(vm)
-    assert vm.signal_msi(msi(0xFF, 0), 0, 0x5E) == 3
+    assert vm.signal_msi(msi(0xFF), 0, 0x5E) == 3
     assert paths(vm) == (before[0], before[1] + 1)
 
 
 def test_without_the_quirk_0xffffffff_is_a_broadcast__FAST_4() -> None:
     vm = x2apic_vm([0, 1, 2], x2apic_format=True, broadcast_quirk=False)
-    assert vm.signal_msi(msi(0xFF, 0), 0xFFFFFF00, 0x5F) == 3
+    assert vm.signal_msi(msi(0xFF), 0xFFFFFF00, 0x5F) == 3
 
 
 def test_0xff_from_an_x2apic_sender_misses_xapic_mode_vcpus__FAST_4() -> None:
@@ -216,7 +216,7 @@ def test_a_32_bit_msi_to_0xffffffff_is_dropped_while_the_quirk_is_on__FAST_4() -
     0xFFFFFFFF.  The quirk off makes it a broadcast (3)."""
     vm = x2apic_vm([0, 1, 2], x2apic_format=True)
     assert slow_path_targets(vm, fixed(0x61, 0xFFFFFFFF), None) == [0, 1, 2]
-    assert vm.signal_msi(msi(0xFF, 0), 0xFFFFFF00, 0x61) == 0
+    assert vm.signal_msi(msi(0xFF), 0xFFFFFF00, 0x61) == 0
     assert holders(vm, 0x61) == []
 
 
@@ -270,6 +270,17 @@ def test_flat_logical_delivery_follows_the_mask__FAST_7() -> None:
     assert holders(vm, 0x66) == [0, 1]
     assert vm.deliver(fixed(0x67, 0x04, LOGICAL)) == 0
     assert holders(vm, 0x67) == []
+
+
+def test_every_bit_of_the_flat_mask_has_its_slot__FAST_7() -> None:
+    """FAST-6/7 FLAT: eight vCPUs with logical IDs 1 << i; dest 0x81 -> v0 and v7; each
+    single bit reaches exactly its vCPU."""
+    vm = logical_vm([1 << i for i in range(8)])
+    assert vm.deliver(fixed(0x7B, 0x81, LOGICAL)) == 2
+    assert holders(vm, 0x7B) == [0, 7]
+    for i in range(8):
+        assert vm.deliver(fixed(0x80 + i, 1 << i, LOGICAL)) == 1
+        assert holders(vm, 0x80 + i) == [i]
 
 
 def test_cluster_logical_delivery_uses_one_cluster__FAST_6() -> None:
@@ -363,17 +374,17 @@ def test_no_target_is_0_on_the_fast_path_and_minus_1_on_the_slow_path__FAST_8() 
     -1 (also through KVM_SIGNAL_MSI)."""
     vm = xapic_vm(4)
     assert vm.deliver(fixed(0x73, 0x10)) == 0
-    assert vm.signal_msi(msi(0x10, 0), 0, 0x73) == 0
+    assert vm.signal_msi(msi(0x10), 0, 0x73) == 0
     vm = aliased_vm()
     assert vm.deliver(fixed(0x73, 0x10)) == -1
-    assert vm.signal_msi(msi(0x10, 0), 0, 0x73) == -1
+    assert vm.signal_msi(msi(0x10), 0, 0x73) == -1
 
 
 def test_a_lowest_priority_msi_dropped_by_the_fast_path_reports_0__BUG_28() -> None:
     """BUG-28 ("kvm/x86 : set meaningful return value"): the fast path's vector-hashing drop
     (LP-2, dest 0x07, vector 0x32 picks the empty bit 2) returns 0, not -1 ("MSI lost")."""
     vm = logical_vm([0x01, 0x02])
-    assert vm.signal_msi(msi(0x07, 0, logical=True), 0, 0x132) == 0
+    assert vm.signal_msi(msi(0x07, logical=True), 0, 0x132) == 0
     assert holders(vm, 0x32) == []
 
 
@@ -433,7 +444,7 @@ def test_a_redirection_hint_keeps_a_physical_broadcast_lowest_priority__SLOW_1()
     makes it lowest priority (``kvm_lowest_prio_delivery``), so one vCPU gets it: vector 0x41
     (65 % 3 = 2) -> vCPU index 2, result 1."""
     vm = xapic_vm(3)
-    assert vm.signal_msi(msi(0xFF, 0, redir_hint=True), 0, 0x41) == 1
+    assert vm.signal_msi(msi(0xFF, redir_hint=True), 0, 0x41) == 1
     assert holders(vm, 0x41) == [2]
 
 
@@ -466,7 +477,7 @@ def test_an_msi_redirection_hint_is_arbitrated_like_lowest_priority__LP_1() -> N
     """LP-1: MSI with delivery mode FIXED and the redirection hint -> one target by vector
     hashing: flat dest 0x03, vector 0x31 (49 % 2 = 1) -> v1 only."""
     vm = logical_vm([0x01, 0x02])
-    assert vm.signal_msi(msi(0x03, 0, logical=True, redir_hint=True), 0, 0x31) == 1
+    assert vm.signal_msi(msi(0x03, logical=True, redir_hint=True), 0, 0x31) == 1
     assert holders(vm, 0x31) == [1]
 
 

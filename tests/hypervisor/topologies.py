@@ -227,9 +227,11 @@ def topologies(draw: st.DrawFn, *, min_vcpus: int = 2, max_vcpus: int = 8) -> To
     x2apic_ids = {i for i, m in enumerate(modes) if m == X2APIC}
     xapic_like = [i for i, m in enumerate(modes) if m != X2APIC]
     free = [v for v in range(256) if v not in x2apic_ids]
+    edges = [v for v in (*range(28, 36), *range(60, 68), *range(250, 256)) if v in free]
     ids = draw(
         st.lists(
-            st.one_of(st.sampled_from(free[:16]), st.sampled_from(free)),
+            # small IDs, any ID, and IDs at the PV IPI window edges (32, 64) and the top
+            st.one_of(st.sampled_from(free[:16]), st.sampled_from(free), st.sampled_from(edges)),
             min_size=len(xapic_like),
             max_size=len(xapic_like),
             unique=True,
