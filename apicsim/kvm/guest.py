@@ -144,9 +144,9 @@ def build(mem: memoryview) -> Stubs:
     mem[GDT + TSS_SELECTOR : GDT + TSS_SELECTOR + 16] = _tss_descriptor(TSS, TSS_LIMIT)
     # Handlers and IDT.
     for v in range(256):
-        code = Asm().mov_al_imm8(v).out_al(FAULT_PORT).jmp_self().align(HANDLER_STRIDE)
+        handler = Asm().mov_al_imm8(v).out_al(FAULT_PORT).jmp_self().align(HANDLER_STRIDE)
         at = HANDLERS + v * HANDLER_STRIDE
-        mem[at : at + HANDLER_STRIDE] = code.bytes()
+        mem[at : at + HANDLER_STRIDE] = handler.bytes()
     nmi = Asm().inc_gs_qword(0).iretq().bytes()
     mem[NMI_HANDLER : NMI_HANDLER + len(nmi)] = nmi
     for v in range(256):
@@ -176,6 +176,6 @@ def build(mem: memoryview) -> Stubs:
     vmcall = STUBS + len(asm)
     asm.vmcall()
     finish()
-    code = asm.bytes()
-    mem[STUBS : STUBS + len(code)] = code
+    stubs = asm.bytes()
+    mem[STUBS : STUBS + len(stubs)] = stubs
     return Stubs(load, store, rdmsr, wrmsr, vmcall)

@@ -197,6 +197,22 @@ class KvmMpState(ctypes.Structure):
     _fields_ = (("mp_state", u32),)
 
 
+class KvmVcpuEvents(ctypes.Structure):
+    """``struct kvm_vcpu_events`` (64 bytes); only the NMI fields are named."""
+
+    _fields_ = (
+        ("exception", u8 * 8),
+        ("interrupt", u8 * 4),
+        ("nmi_injected", u8),
+        ("nmi_pending", u8),
+        ("nmi_masked", u8),
+        ("nmi_pad", u8),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("rest", u8 * 40),
+    )
+
+
 # -- struct kvm_run: the fields read here, by offset -----------------------------------------
 RUN_EXIT_REASON = 8  # __u32, after request_interrupt_window, immediate_exit, padding1[6]
 RUN_UNION = 32  # after exit_reason, ready_for_interrupt_injection, if_flag, flags, cr8, apic_base
@@ -280,7 +296,9 @@ KVM_GET_LAPIC = ior(0x8E, ctypes.sizeof(KvmLapicState))
 KVM_SET_LAPIC = iow(0x8F, ctypes.sizeof(KvmLapicState))
 KVM_SET_CPUID2 = iow(0x90, ctypes.sizeof(KvmCpuid2))
 KVM_GET_MP_STATE = ior(0x98, ctypes.sizeof(KvmMpState))
+KVM_SET_MP_STATE = iow(0x99, ctypes.sizeof(KvmMpState))
 KVM_NMI = io(0x9A)
+KVM_GET_VCPU_EVENTS = ior(0x9F, ctypes.sizeof(KvmVcpuEvents))
 
 
 # -- the call ------------------------------------------------------------------------------------
@@ -288,6 +306,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
+
 
 def raw_ioctl(fd: int, request: int, arg: ctypes.Structure | int = 0) -> tuple[int, int]:
     """``ioctl(fd, request, arg)``: ``(return value, errno)``; errno is 0 on success.

@@ -19,16 +19,18 @@ the guest's NMI handler (``nmi_count``).  Every KVM_RUN is bounded by ``timeout`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import signal
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import FrameType, TracebackType
+from typing import Any
 
 from apicsim.kvm import guest
 from apicsim.kvm import ioctl as k
@@ -36,17 +38,24 @@ from apicsim.kvm.view import LapicView
 from hypervisor.vm import MsrError
 from lapic.apic import Features, StateError
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
-from lapic.registers import APIC_BASE_MSR
+from lapic.registers import APIC_BASE_ADDR_MASK, APIC_BASE_MSR
 
 KVM_DEVICE = "/dev/kvm"
 DEFAULT_TIMEOUT = 2.0
 """Seconds one guest access may take before it is abandoned (``TimeoutError``)."""
+HYPERCALL_PROBE_TIMEOUT = 0.25
+"""Seconds the first VMCALL of a VM may take before hypercalls are declared unavailable."""
 DEFAULT_CAPACITY = 1024
 """vCPU pages reserved in guest RAM (4 KiB each): how many vCPUs a VM can ever have."""
-EINVAL = 22
-EPERM = 1
+EINTR = 4
 KVM_MP_STATE_RUNNABLE = 0
-KVM_MSI_VALID_DEVID = 1
+MP_STATE_NAMES = {
+    0: "RUNNABLE",
+    1: "UNINITIALIZED",
+    2: "INIT_RECEIVED",
+    3: "HALTED",
+    4: "SIPI_RECEIVED",
+}
 
 _CPUID_X2APIC = 1 << 21  # CPUID.01H:ECX
 _CPUID_TSC_DEADLINE = 1 << 24  # CPUID.01H:ECX
@@ -132,7 +141,11 @@ def kvm_available() -> tuple[bool, str]:
 # Bounded KVM_RUN
 # ===========================================================================================
 class _Alarm:
-    """A SIGALRM timer around one KVM_RUN: the ioctl returns EINTR when it fires."""
+    """A SIGALRM interval timer around one KVM_RUN: the ioctl returns EINTR when it fires.
+
+    Python's handler is installed without SA_RESTART, and the ioctl is called through ctypes
+    (no retry on EINTR).  Signals can only be handled in the main thread: elsewhere no timer
+    is armed and a run is unbounded."""
 
     fired = False
 
@@ -143,7 +156,7 @@ class _Alarm:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.armed = threading.current_thread() is threading.main_thread() and seconds > 0
-        self._old_handler: object = None
+        self._old_handler: Callable[[int, FrameType | None], Any] | int | None = None
         self._old_timer = (0.0, 0.0)
 
     def __enter__(self) -> _Alarm:
@@ -156,7 +169,8 @@ class _Alarm:
     def __exit__(self, *exc: object) -> None:
         if self.armed:
             signal.setitimer(signal.ITIMER_REAL, *self._old_timer)
-            signal.signal(signal.SIGALRM, self._old_handler)  # type: ignore[arg-type]
+            old = self._old_handler
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if old is None else old)
 
 
 # ===========================================================================================
@@ -184,7 +198,7 @@ class KvmVcpu:
         if stub is None:
             raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
         self._check_apic_page(gpa)
-        regs = self._execute(stub, f"read{size * 8} [{gpa:#x}]", rdi=gpa)
+        regs = self.execute(stub, f"read{size * 8} [{gpa:#x}]", rdi=gpa)
         return int(regs.rax) & ((1 << (8 * size)) - 1)
 
     def mmio_write(self, gpa: int, value: int, size: int = 4) -> None:
@@ -194,17 +208,17 @@ class KvmVcpu:
             raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
         check_int("value", value, 0, (1 << (8 * size)) - 1)
         self._check_apic_page(gpa)
-        self._execute(stub, f"write{size * 8} [{gpa:#x}] <- {value:#x}", rdi=gpa, rax=value)
+        self.execute(stub, f"write{size * 8} [{gpa:#x}] <- {value:#x}", rdi=gpa, rax=value)
 
     def rdmsr(self, msr: int) -> int:
         check_int("msr", msr, 0, 0xFFFFFFFF)
-        regs = self._execute(self.vm.stubs.rdmsr, f"RDMSR {msr:#x}", rcx=msr)
+        regs = self.execute(self.vm.stubs.rdmsr, f"RDMSR {msr:#x}", rcx=msr)
         return (int(regs.rdx) & 0xFFFFFFFF) << 32 | (int(regs.rax) & 0xFFFFFFFF)
 
     def wrmsr(self, msr: int, value: int) -> None:
         check_int("msr", msr, 0, 0xFFFFFFFF)
         check_int("value", value, 0, (1 << 64) - 1)
-        self._execute(
+        self.execute(
             self.vm.stubs.wrmsr,
             f"WRMSR {msr:#x} <- {value:#x}",
             rcx=msr,
@@ -225,25 +239,48 @@ class KvmVcpu:
     ) -> int:
         """VMCALL with RAX=nr, RBX=a0, RCX=a1, RDX=a2, RSI=a3; returns RAX afterwards.
 
-        Raises ``NotImplementedError`` where the guest's VMCALL faults with #UD (as under this
-        host's PVM backend), since then no hypercall reaches KVM.
+        Raises ``NotImplementedError`` where the guest's VMCALL cannot reach KVM: it faults
+        with #UD, or it never completes (this host's PVM backend re-enters the guest at the
+        VMCALL until a signal).  The first VMCALL of a VM is given ``HYPERCALL_PROBE_TIMEOUT``
+        seconds; after a failure every call raises at once (``vm.hypercall_unavailable``).
         """
         for name, v in (("nr", nr), ("a0", a0), ("a1", a1), ("a2", a2), ("a3", a3)):
             check_int(name, v, 0, (1 << 64) - 1)
         if not long_mode or cpl != 0:
             raise NotImplementedError("the KVM backend's guest runs in 64-bit mode at CPL 0 only")
+        vm = self.vm
+        if vm.hypercall_unavailable is not None:
+            raise NotImplementedError(vm.hypercall_unavailable)
+        what = f"VMCALL {nr}"
         try:
-            regs = self._execute(
-                self.vm.stubs.vmcall, f"VMCALL {nr}", rax=nr, rbx=a0, rcx=a1, rdx=a2, rsi=a3
-            )
+            regs = self.execute(
+                vm.stubs.vmcall, what, rax=nr, rbx=a0, rcx=a1, rdx=a2, rsi=a3,
+                timeout=min(vm.timeout, HYPERCALL_PROBE_TIMEOUT),
+            )  # fmt: skip
         except GuestFault as fault:
-            if fault.vector == 6:
-                raise NotImplementedError(
-                    "VMCALL raises #UD in this host's guest (KVM's hypercall is not reachable; "
-                    f"{fault.reason})"
-                ) from None
-            raise
+            if fault.vector != 6:
+                raise
+            vm.hypercall_unavailable = (
+                f"the guest's VMCALL raises #UD on this host, so no hypercall reaches KVM "
+                f"({fault.reason})"
+            )
+            raise NotImplementedError(vm.hypercall_unavailable) from None
+        except TimeoutError:
+            vm.hypercall_unavailable = (
+                "the guest's VMCALL never completes on this host: KVM_RUN keeps re-entering the "
+                "guest at the VMCALL (RIP does not move) until a signal interrupts it, so no "
+                "hypercall reaches KVM"
+            )
+            raise NotImplementedError(vm.hypercall_unavailable) from None
         return int(regs.rax)
+
+    @property
+    def nmi_pending(self) -> int:
+        """NMIs KVM holds for this vCPU, not yet handled by the guest (KVM_GET_VCPU_EVENTS:
+        ``nmi.pending`` plus ``nmi.injected``)."""
+        ev = k.KvmVcpuEvents()
+        k.ioctl(self.fd, k.KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
+        return int(ev.nmi_pending) + int(ev.nmi_injected)
 
     @property
     def nmi_count(self) -> int:
@@ -252,13 +289,27 @@ class KvmVcpu:
 
     # -- running the guest --------------------------------------------------------------------
     def _check_apic_page(self, gpa: int) -> None:
-        base = self.vm.get_msr(self.index, APIC_BASE_MSR) & ~0xFFF & ((1 << 52) - 1)
+        # KVM's MMIO window is APIC_BASE & MSR_IA32_APICBASE_BASE (0xFFFFF000): 32 bits only.
+        base = self.vm.get_msr(self.index, APIC_BASE_MSR) & APIC_BASE_ADDR_MASK
         if not base <= gpa < base + 0x1000:
             raise ApicValueError(
                 f"gpa={gpa:#x} is outside the APIC page at {base:#x}; no other device is modelled"
             )
+        if gpa < self.vm.ram_size:
+            raise ApicValueError(
+                f"gpa={gpa:#x} is in the KVM backend's guest RAM (below {self.vm.ram_size:#x}): "
+                "a memory slot there shadows the APIC window, so the access would not reach it"
+            )
 
-    def _execute(self, entry: int, what: str, **operands: int) -> k.KvmRegs:
+    def execute(
+        self, entry: int, what: str, *, timeout: float | None = None, **operands: int
+    ) -> k.KvmRegs:
+        """Run guest code at ``entry`` with ``operands`` (``rax=``, ``rcx=``, ...) in registers,
+        RSP at the top of this vCPU's page and RFLAGS = 0x2, until it reports on
+        ``guest.DONE_PORT`` (returns the registers then) or an exception handler reports on
+        ``guest.FAULT_PORT`` (raises ``GuestFault``).  ``what`` names the access in messages;
+        ``timeout`` (default ``vm.timeout``) bounds each KVM_RUN (``TimeoutError``)."""
+        self._ready()
         regs = k.KvmRegs()
         for name, value in operands.items():
             setattr(regs, name, value)
@@ -267,7 +318,7 @@ class KvmVcpu:
         regs.rflags = guest.RFLAGS_FIXED
         k.ioctl(self.fd, k.KVM_SET_REGS, regs, "KVM_SET_REGS")
         while True:
-            reason = self._enter(what)
+            reason = self._enter(what, self.vm.timeout if timeout is None else timeout)
             if reason == k.KVM_EXIT_IO:
                 port = self._u16(k.RUN_IO_PORT)
                 data_at = self._u64(k.RUN_IO_DATA_OFFSET)
@@ -285,17 +336,36 @@ class KvmVcpu:
                 continue
             raise KvmError(f"{what}: {self._describe_exit(reason)}")
 
-    def _enter(self, what: str) -> int:
-        timeout = self.vm.timeout
+    def _ready(self) -> None:
+        """Refuse to run a vCPU that would not execute, and return one that INIT (+SIPI) put
+        back in real mode to the backend's 64-bit set-up.
+
+        KVM_GET_MP_STATE first runs ``kvm_apic_accept_events``: a pending INIT resets the vCPU
+        (an AP then waits for SIPI), a pending SIPI makes it runnable again.
+        """
+        mp = k.KvmMpState()
+        k.ioctl(self.fd, k.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
+        state = int(mp.mp_state)
+        if state != KVM_MP_STATE_RUNNABLE:
+            name = MP_STATE_NAMES.get(state, str(state))
+            raise ApicValueError(
+                f"vcpu {self.index} is {name}: it executes nothing until INIT/SIPI start it"
+            )
+        sregs = k.KvmSregs()
+        k.ioctl(self.fd, k.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        if not sregs.cr0 & guest.CR0_PE:
+            self.vm.set_long_mode(self, sregs)
+
+    def _enter(self, what: str, timeout: float) -> int:
         with _Alarm(timeout) as alarm:
             r, err = k.raw_ioctl(self.fd, k.KVM_RUN)
         self.exits += 1
         if r < 0:
-            if err == 4 and (alarm.fired or not alarm.armed):  # EINTR
+            if err != EINTR:
+                raise KvmError(f"{what}: KVM_RUN failed: {os.strerror(err)}")
+            if alarm.fired:
                 raise TimeoutError(f"{what}: the guest did not finish within {timeout} s")
-            if err == 4:
-                return k.KVM_EXIT_INTR
-            raise KvmError(f"{what}: KVM_RUN failed: {os.strerror(err)}")
+            return k.KVM_EXIT_INTR  # another signal: the caller runs the vCPU again
         return self._u32(k.RUN_EXIT_REASON)
 
     def _user_mmio(self) -> None:
@@ -372,10 +442,15 @@ class KvmVm:
         self.x2apic_format = x2apic_format
         self.broadcast_quirk = broadcast_quirk
         self.timeout = float(timeout)
+        self.ram_size = 0
+        self.vector_hashing = host_vector_hashing()
+        """KVM's ``vector_hashing`` module parameter on this host (None if unreadable)."""
+        self.hypercall_unavailable: str | None = None
+        """Why ``KvmVcpu.hypercall`` cannot work here, once the first VMCALL has shown it."""
         self._vcpus: list[KvmVcpu] = []
         self._kvm = -1
         self.fd = -1
-        self.memory: mmap.mmap | None = None  # type: ignore[assignment]
+        self._memory: mmap.mmap | None = None
         try:
             self._kvm = _open_kvm()
             version = k.ioctl(self._kvm, k.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
@@ -397,12 +472,15 @@ class KvmVm:
                 self._kvm, k.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
             )
             self._cpuid = self._supported_cpuid()
-            self.features = _features_of(self._cpuid)
+            self.features = _features_of(
+                self._cpuid, k.raw_ioctl(self._kvm, k.KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM)[0] > 0
+            )
             self.fd = k.ioctl(self._kvm, k.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             k.ioctl(self.fd, k.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
-            self.x2apic_api_flags = (
-                k.KVM_X2APIC_API_USE_32BIT_IDS if x2apic_format else 0
-            ) | (0 if broadcast_quirk else k.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK)
+            flags = k.KVM_X2APIC_API_USE_32BIT_IDS if x2apic_format else 0
+            if not broadcast_quirk:
+                flags |= k.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK
+            self.x2apic_api_flags = flags
             if self.limits.x2apic_api:
                 cap = k.KvmEnableCap(cap=k.KVM_CAP_X2APIC_API)
                 cap.args[0] = self.x2apic_api_flags
@@ -410,7 +488,8 @@ class KvmVm:
             elif self.x2apic_api_flags:
                 raise KvmError("KVM_CAP_X2APIC_API is not offered by this host")
             size = guest.memory_size(self.capacity)
-            self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.ram_size = size
+            self._memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.stubs = guest.build(memoryview(self.memory))
             addr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
             region = k.KvmUserspaceMemoryRegion(
@@ -424,6 +503,13 @@ class KvmVm:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def memory(self) -> mmap.mmap:
+        """Guest RAM (GPA 0 up to ``ram_size``), shared with KVM."""
+        if self._memory is None:
+            raise KvmError("this KvmVm is closed")
+        return self._memory
 
     # -- vCPUs ---------------------------------------------------------------------------------
     def add_vcpu(self, vcpu_id: int) -> KvmVcpu:
@@ -452,7 +538,9 @@ class KvmVm:
         vcpu = KvmVcpu(self, index, vcpu_id, fd, run)
         self._vcpus.append(vcpu)
         self._set_cpuid(vcpu)
-        self._set_long_mode(vcpu)
+        sregs = k.KvmSregs()
+        k.ioctl(vcpu.fd, k.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")  # keeps apic_base, cr8, ...
+        self.set_long_mode(vcpu, sregs)
         mp = k.KvmMpState(mp_state=KVM_MP_STATE_RUNNABLE)
         k.ioctl(fd, k.KVM_SET_MP_STATE, mp, "KVM_SET_MP_STATE")
         return vcpu
@@ -473,9 +561,9 @@ class KvmVm:
                 e.edx = vcpu.vcpu_id
         k.ioctl(vcpu.fd, k.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
-    def _set_long_mode(self, vcpu: KvmVcpu) -> None:
-        s = k.KvmSregs()
-        k.ioctl(vcpu.fd, k.KVM_GET_SREGS, s, "KVM_GET_SREGS")  # keeps apic_base, cr8, ...
+    def set_long_mode(self, vcpu: KvmVcpu, s: k.KvmSregs) -> None:
+        """KVM_SET_SREGS: ``s`` (as KVM_GET_SREGS returned it, so APIC_BASE and CR8 = TPR >> 4
+        are written back unchanged) with the backend's flat 64-bit mode."""
         code = k.KvmSegment(
             base=0, limit=0xFFFFFFFF, selector=guest.CODE_SELECTOR, type=11, present=1,
             dpl=0, db=0, s=1, l=1, g=1,
@@ -585,9 +673,9 @@ class KvmVm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None  # type: ignore[assignment]
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
         if self._kvm >= 0:
             os.close(self._kvm)
             self._kvm = -1
@@ -604,10 +692,8 @@ class KvmVm:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         return (
@@ -616,18 +702,53 @@ class KvmVm:
         )
 
 
-def _features_of(cpuid: k.KvmCpuid2Buffer) -> Features:
-    """The ``lapic.Features`` the guest CPUID set by this backend advertises."""
+_INTEL_COMPATIBLE_VENDORS = (b"GenuineIntel", b"CentaurHauls", b"  Shanghai  ")
+KVM_CAP_X86_SMM = 117
+
+
+def _features_of(cpuid: k.KvmCpuid2Buffer, smm: bool) -> Features:
+    """The ``lapic.Features`` that the guest CPUID set by this backend advertises."""
     leaf1_ecx = 0
-    maxphyaddr = 36  # SDM: without CPUID.80000008H the physical address width is 36
+    vendor = b""
+    maxphyaddr = 36  # SDM: without CPUID.80000008H the physical-address width is 36
     for j in range(cpuid.nent):
         e = cpuid.entries[j]
-        if e.function == 1:
+        if e.function == 0:
+            vendor = struct.pack("<III", e.ebx, e.edx, e.ecx)
+        elif e.function == 1:
             leaf1_ecx = int(e.ecx)
         elif e.function == 0x80000008:
             maxphyaddr = int(e.eax) & 0xFF
     return Features(
         x2apic=bool(leaf1_ecx & _CPUID_X2APIC),
         tsc_deadline=bool(leaf1_ecx & _CPUID_TSC_DEADLINE),
+        smm=smm,
         maxphyaddr=maxphyaddr,
+        intel_compatible=vendor in _INTEL_COMPATIBLE_VENDORS,
     )
+
+
+VECTOR_HASHING_PARAMETER = "/sys/module/kvm/parameters/vector_hashing"
+
+
+def host_vector_hashing() -> bool | None:
+    """KVM's ``vector_hashing`` module parameter (lowest-priority arbitration, LP-2), or None
+    when it cannot be read: pass it to ``hypervisor.Vm(vector_hashing=...)``."""
+    try:
+        with open(VECTOR_HASHING_PARAMETER, encoding="ascii") as f:
+            return f.read().strip() in ("Y", "1")
+    except OSError:
+        return None
+
+
+def guest_features() -> Features:
+    """What a KvmVm's guest CPUID advertises on this host, as ``lapic.Features``: pass it to
+    ``hypervisor.Vm(features=...)`` so the model runs the same virtual CPU."""
+    fd = _open_kvm()
+    try:
+        buf = k.KvmCpuid2Buffer(nent=k.CPUID_MAX_ENTRIES)
+        k.ioctl(fd, k.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+        smm = k.raw_ioctl(fd, k.KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM)[0] > 0
+        return _features_of(buf, smm)
+    finally:
+        os.close(fd)
