@@ -143,10 +143,15 @@ class Vcpu:
         return True
 
     def _executing(self) -> None:
+        """The vCPU is about to execute a guest instruction: (re-)enter the guest first.  As
+        KVM does at every entry (KVMB-9), a pending INIT/SIPI is processed before anything
+        executes; a vCPU left waiting for SIPI executes nothing."""
         state = self.run_state
         if state is not RunState.IN_GUEST:
             if state is RunState.BLOCKED:
                 raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
+            if self.apic.init_pending or self.apic.sipi_pending:
+                self.accept_events()
             if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
                 raise ApicValueError(
                     f"vcpu {self.index} is {self.mp_state.name}: it executes nothing until "
@@ -214,6 +219,11 @@ class Vcpu:
             self.run_state = RunState.PREEMPTED
             self.vm.accel.vcpu_put(self)
 
+    @property
+    def nmi_pending(self) -> int:
+        """NMIs accepted and not yet injected (KVM ``nmi_queued`` + ``nmi_pending``)."""
+        return self.apic.nmi_pending
+
     def has_events(self) -> bool:
         """KVM ``kvm_vcpu_has_events`` for the sources modelled here."""
         apic = self.apic
@@ -227,6 +237,14 @@ class Vcpu:
         """KVM ``kvm_vcpu_kick`` after an event became pending for this vCPU (``apic`` is the
         notifying APIC when called as its ``notify_hook``; it is always this vCPU's)."""
         state = self.run_state
+        if self.apic.init_pending and state is RunState.IN_GUEST:
+            # KVM_REQ_EVENT + kick: the vCPU leaves the guest and processes the INIT on its
+            # next entry (KVMB-9), even when it sent the INIT to itself.
+            self.run_state = RunState.PREEMPTED
+            self.vm.accel.vcpu_put(self)
+            if self.vm.current is not self:
+                self.vm.stats.kicks += 1
+            return
         if state is RunState.BLOCKED:
             if self.has_events():
                 self.vm.stats.wakeups += 1

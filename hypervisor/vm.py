@@ -158,9 +158,15 @@ class Vm:
         apic.map_hook = self._mark_map_dirty
         apic.notify_hook = self.accel.notifier(vcpu)
         apic.eoi_hook = self._on_eoi
+        if self.profile.map_excludes_new_vcpu:
+            # KVMB-8: KVM rebuilds the map during KVM_CREATE_VCPU before the vCPU is online
+            # and marks it clean, so the new vCPU is not in it until the map is dirtied.
+            self._map, self._map_inhibits = build(self._apics, x2apic_format=self.x2apic_format)
+            self._map_dirty = False
+        else:
+            self._map_dirty = True
         self._vcpus.append(vcpu)
         self._apics.append(apic)
-        self._map_dirty = True
         if len(self._vcpus) > 1:
             self.accel.attach(self)
         return vcpu

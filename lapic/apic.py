@@ -196,6 +196,8 @@ class LocalApic:
         self.pv_unhalted = False
         self._esr_pending = 0
         self._in_error = False
+        self._mmio_data = 0
+        """The data of the last serviced MMIO read (KVM's emulator buffer, KVMB-4)."""
         self._sender_checks = (
             not self.profile.accept_illegal_vectors or not self.profile.x2apic_lowest_priority_ipi
         )
@@ -358,18 +360,27 @@ class LocalApic:
         check_int("offset", offset, 0, APIC_PAGE_SIZE - 1)
         if size not in (1, 2, 4, 8):
             raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
+        mask = (1 << (8 * size)) - 1
         if not self.hw_enabled or self.x2apic_mode:
             if self.profile.mmio_hole_quirk:
-                return (1 << (8 * size)) - 1
-            return self.profile.unserviced_read_value & ((1 << (8 * size)) - 1)
+                self._mmio_data = mask
+                return mask
+            return self._unserviced(mask)
         align = offset & 0xF
         reg = REGISTER_BY_OFFSET.get(offset & 0xFF0)
         if align + size > 4 or reg is None or not self._readable(reg, False):
             if reg is None and self.profile.esr_latching:
                 self._log_error(ESR_ILLEGAL_REGISTER)
-            return self.profile.unserviced_read_value & ((1 << (8 * size)) - 1)
-        value = self._read(reg)
-        return (value >> (8 * align)) & ((1 << (8 * size)) - 1)
+            return self._unserviced(mask)
+        value = (self._read(reg) >> (8 * align)) & mask
+        self._mmio_data = value
+        return value
+
+    def _unserviced(self, mask: int) -> int:
+        """A read nobody services (MMIO-4, KVMB-4)."""
+        if self.profile.unserviced_read_repeats_last:
+            return self._mmio_data & mask
+        return self.profile.unserviced_read_value & mask
 
     def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
         """A guest write at ``offset`` (MMIO-2/3/5): only aligned 4-byte writes do anything."""

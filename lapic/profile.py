@@ -152,9 +152,22 @@ class Profile:
     ``unserviced_read_value``."""
 
     unserviced_read_value: int = 0
-    """UNVERIFIED (reference §18.1): what a guest sees for an MMIO read KVM does not service
-    (unaligned, non-readable register): KVM leaves the buffer untouched.  A parameter, not a
-    fact; tests never pin it."""
+    """What a not-serviced MMIO read (unaligned, non-readable register) returns when
+    ``unserviced_read_repeats_last`` is off.  The reference marks KVM's value UNVERIFIED
+    (§18.1); the measurement is KVMB-4 below.  A parameter, not a fact."""
+
+    unserviced_read_repeats_last: bool = True
+    """KVMB-4 (measured on Linux 6.18 through ``apicsim.kvm``): KVM leaves the guest's data
+    buffer untouched for an MMIO read it does not service, so the guest sees the bytes of its
+    previous MMIO read of the APIC page (0 on a fresh vCPU).  False: ``unserviced_read_value``
+    instead (the sdm preset: the SDM does not define these reads)."""
+
+    map_excludes_new_vcpu: bool = True
+    """KVMB-8 (measured on Linux 6.18): KVM rebuilds its optimized APIC map while creating a
+    vCPU, before that vCPU is online, and marks the map clean; the vCPU created last is
+    missing from the map (fast path) until something dirties it (an ID/LDR/DFR write, a
+    software-enable or APIC_BASE mode change, KVM_SET_LAPIC, another vCPU).  Read by the
+    hypervisor layer; only matters with ``optimized_apic_map``."""
 
     set_state_svr_before_fixup: bool = True
     """KVM ``kvm_apic_set_state`` applies SVR before the x2APIC ID check, so a KVM_SET_LAPIC
@@ -240,6 +253,8 @@ SDM = Profile(
     lint0_reenabled_quirk=False,
     mmio_hole_quirk=False,
     set_state_svr_before_fixup=False,
+    unserviced_read_repeats_last=False,
+    map_excludes_new_vcpu=False,
     min_periodic_ns=0,
 )
 PRESETS: dict[str, Profile] = {"kvm": KVM, "sdm": SDM}

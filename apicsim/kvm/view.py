@@ -75,6 +75,11 @@ class GuestCpu(Protocol):
 
     def wrmsr(self, msr: int, value: int) -> None: ...
 
+    @property
+    def nmi_pending(self) -> int:
+        """NMIs accepted and not yet injected."""
+        ...
+
 
 class AnyVm(HostApi, Protocol):
     """The host API shared by ``hypervisor.Vm`` and ``KvmVm``: one test body runs on both."""
@@ -82,6 +87,10 @@ class AnyVm(HostApi, Protocol):
     def __len__(self) -> int: ...
 
     def vcpu(self, i: int) -> GuestCpu: ...
+
+    def add_vcpu(self, vcpu_id: int) -> object:
+        """KVM_CREATE_VCPU (hotplug)."""
+        ...
 
     def set_lapic(self, i: int, data: bytes) -> None: ...
 

@@ -60,6 +60,7 @@ def test_the_map_grows_to_the_largest_x2apic_id__MAP_1() -> None:
 def test_only_hardware_enabled_apics_size_the_map__MAP_1() -> None:
     """MAP-1: the maximum is over vCPUs whose APIC is present (IA32_APIC_BASE.EN)."""
     vm = Vm(vcpu_ids=[0, 299])
+    vm.set_lapic(1, vm.get_lapic(1))  # KVMB-8: as a VMM does after creating its vCPUs
     apic_map = vm.apic_map
     assert apic_map is not None and apic_map.max_apic_id == 299
     host_apic_base(vm, 1, "disabled")
@@ -126,12 +127,14 @@ def test_an_xapic_vcpu_above_0xff_is_mapped_by_both_ids_only_under_x2apic_format
     """MAP-3: x2apic_format maps an xAPIC-mode vCPU 0x123 at 0x123 and at its xAPIC ID 0x23;
     the default (MAP-2) maps it at 0x23 only."""
     vm = Vm(vcpu_ids=[0, 0x123], x2apic_format=True)
+    vm.set_lapic(1, vm.get_lapic(1))  # KVMB-8: as a VMM does after creating its vCPUs
     apic_map = vm.apic_map
     assert apic_map is not None
     assert apic_map.phys_map[0x123] is vm.lapic(1)
     assert apic_map.phys_map[0x23] is vm.lapic(1)
 
     vm = Vm(vcpu_ids=[0, 0x123])
+    vm.set_lapic(1, vm.get_lapic(1))
     apic_map = vm.apic_map
     assert apic_map is not None
     assert apic_map.phys_map[0x123] is None

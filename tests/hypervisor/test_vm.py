@@ -246,6 +246,7 @@ def test_init_and_sipi_through_the_pv_ipi_hypercall__PVH_14() -> None:
     """PVH-14: icr=0x69A to APIC 1 leaves SIPI 0x9A pending (returns 1); after an INIT the AP
     starts at 0x9A000."""
     vm = Vm(2, aps_started=False)
+    vm.set_lapic(1, vm.get_lapic(1))  # KVMB-8: as a VMM does after creating its vCPUs
     assert vm.vcpu(1).mp_state is MpState.UNINITIALIZED
     assert vm.vcpu(0).hypercall(KVM_HC_SEND_IPI, 0b10, 0, 0, 0x500) == 1
     assert vm.vcpu(0).hypercall(KVM_HC_SEND_IPI, 0b10, 0, 0, 0x69A) == 1

@@ -512,6 +512,26 @@ def sdm_refuses_to_send(profile: Profile, low: int, x2: bool) -> bool:
     return x2 and mode == 1 and not profile.x2apic_lowest_priority_ipi
 
 
+def expected_acceptance(
+    apic: LocalApic, vector: int, mode: DeliveryMode, trigger: Trigger, level: bool
+) -> bool:
+    """Reference §8 (``__apic_accept_irq``) with the profile's knobs."""
+    if not apic.hw_enabled:
+        return False  # model choice: no KVM caller offers a message to an absent APIC
+    deassert = trigger is Trigger.LEVEL and not level
+    if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
+        if deassert or not apic.sw_enabled:
+            return False
+        return vector >= 16 or apic.profile.accept_illegal_vectors
+    if mode is DeliveryMode.REMOTE_READ:
+        return apic.profile.remote_read_is_pv_kick
+    if mode is DeliveryMode.SMI:
+        return apic.features.smm
+    if mode is DeliveryMode.INIT:
+        return not deassert or apic.profile.init_deassert_accepted
+    return mode in (DeliveryMode.NMI, DeliveryMode.STARTUP)
+
+
 class ApicMachine(RuleBasedStateMachine):
     """Random guest and host operations on one APIC; invariants after every step."""
 
@@ -519,6 +539,7 @@ class ApicMachine(RuleBasedStateMachine):
         super().__init__()
         self.apic = LocalApic()
         self.sent: list[Interrupt] = []
+        self.eois: list[tuple[int, bool, bool]] = []
         self.hooked = False
 
     # -- set-up ------------------------------------------------------------------------
@@ -533,6 +554,9 @@ class ApicMachine(RuleBasedStateMachine):
     ) -> None:
         self.apic = config.build()
         self.hooked = hooked
+        self.apic.eoi_hook = lambda a, v, level, suppressed: self.eois.append(
+            (v, level, suppressed)
+        )
         if hooked:
             self.apic.send_hook = lambda a, irq: self.sent.append(irq)
         if sw_enable:
@@ -563,7 +587,30 @@ class ApicMachine(RuleBasedStateMachine):
         level=st.booleans(),
     )
     def accept(self, vector: int, mode: DeliveryMode, trigger: Trigger, level: bool) -> None:
-        self.apic.accept(vector, mode, trigger, level)
+        """The §8 table as an oracle (ACCEPT-FIXED .. ACCEPT-EXTINT, PRIO-6, PRIO-7)."""
+        apic = self.apic
+        expected = expected_acceptance(apic, vector, mode, trigger, level)
+        arb, nmis = apic.arb_prio, apic.nmi_pending
+        assert apic.accept(vector, mode, trigger, level) is expected
+        if mode is DeliveryMode.LOWEST and apic.hw_enabled:
+            assert apic.arb_prio == arb + 1
+        else:
+            assert apic.arb_prio == arb
+        if not expected:
+            return
+        if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
+            assert vector in apic.irr
+            assert (vector in apic.tmr) is (trigger is Trigger.LEVEL)
+        elif mode is DeliveryMode.NMI:
+            assert apic.nmi_pending == nmis + 1
+        elif mode is DeliveryMode.INIT:
+            assert apic.init_pending and not apic.sipi_pending
+        elif mode is DeliveryMode.STARTUP:
+            assert apic.sipi_pending and apic.sipi_vector == vector
+        elif mode is DeliveryMode.SMI:
+            assert apic.smi_pending
+        elif mode is DeliveryMode.REMOTE_READ:
+            assert apic.pv_unhalted
 
     @rule()
     def ack(self) -> None:
@@ -576,11 +623,21 @@ class ApicMachine(RuleBasedStateMachine):
 
     @rule()
     def eoi(self) -> None:
-        top = self.apic.isr.highest()
-        got = self.apic.eoi()
+        """PRIO-5, DEOI-1, DEOI-2."""
+        apic = self.apic
+        top = apic.isr.highest()
+        level = top in apic.tmr
+        suppress = (
+            level and apic.profile.honor_suppress_eoi_broadcast and bool(apic.svr & 0x1000)
+        )
+        del self.eois[:]
+        got = apic.eoi()
         assert got == (top if top >= 0 else None)
         if got is not None:
-            assert got not in self.apic.isr
+            assert got not in apic.isr
+            assert self.eois == [(top, level, suppress)]
+        else:
+            assert self.eois == []
 
     @rule(value=values_32)
     def eoi_register(self, value: int) -> None:
