@@ -9,6 +9,10 @@
     Run declarative scenarios (format: :mod:`apicsim.scenario`, ``specs/scenarios/README.md``).
     A directory stands for the ``*.toml`` files in it.
 
+``apicsim mutants [--ids BUG-n,...] [--jobs N]``
+    Put historical KVM bugs back into the model one at a time and check that the tests kill
+    each one.  See :mod:`apicsim.mutants`.
+
 Exit status: 0 when everything passed, 1 when an expectation (or a demo check) failed, 2 when
 a file is malformed or cannot be read, or the command line is wrong.
 """
@@ -20,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from apicsim import demo, scenario
+from apicsim import demo, mutants, scenario
 
 
 def _int(text: str) -> int:
@@ -48,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=scenario.BACKENDS,
         help="run the scenarios that list this backend (only 'model' is implemented)",
     )
+    mutants.add_parser(sub)
     return p
 
 
@@ -75,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("apicsim demo: --vector must be in 16..255", file=sys.stderr)
             return 2
         return demo.run(vcpus=args.vcpus, vector=args.vector, out=sys.stdout)
+    if args.command == "mutants":
+        return mutants.main(args, sys.stdout, sys.stderr)
     if args.backend != "model":
         print(f"apicsim run: backend {args.backend!r} is not implemented", file=sys.stderr)
         return 2

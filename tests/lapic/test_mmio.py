@@ -29,7 +29,9 @@ SENTINEL = 0xA5A5A5A5
 
 def sentinel_profile(name: str, **changes: object) -> Profile:
     """Preset ``name`` whose not-serviced reads return :data:`SENTINEL`."""
-    return Profile.custom(name, unserviced_read_value=SENTINEL, unserviced_read_repeats_last=False, **changes)
+    return Profile.custom(
+        name, unserviced_read_value=SENTINEL, unserviced_read_repeats_last=False, **changes
+    )
 
 
 def assert_not_serviced(apic: LocalApic, offset: int, size: int = 4) -> None:

@@ -39,6 +39,11 @@ from tests.lapic.strategies import (
 SENTINEL = 0xA5A5A5A5
 """``unserviced_read_value`` for tests that must tell a not-serviced read from a 0 read."""
 
+
+def sentinel_profile(name: str) -> Profile:
+    """Preset ``name`` whose not-serviced reads return :data:`SENTINEL`."""
+    return Profile.custom(name, unserviced_read_value=SENTINEL, unserviced_read_repeats_last=False)
+
 LVT_OFFSETS = {
     "LVTT": 0x320,
     "LVTTHMR": 0x330,
@@ -393,7 +398,7 @@ def test_lvt_write_while_software_disabled_is_masked__REG_LVT_1(profile: str, na
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 def test_lvt_cmci_write_is_ignored_in_xapic_mode_without_cmci__REG_LVT_1(profile: str) -> None:
-    apic = make_apic(Profile.custom(profile, unserviced_read_value=SENTINEL, unserviced_read_repeats_last=False))
+    apic = make_apic(sentinel_profile(profile))
     before = snapshot(apic)
     apic.mmio_write(0x2F0, 0x000000E0)
     assert snapshot(apic) == before
@@ -633,7 +638,7 @@ def test_mmio_readability_matches_the_table_in_xapic_mode(profile: str, reg: Reg
     """MMIO-4 and table 1.1: a register whose xAPIC Access has R is serviced over MMIO,
     others return the profile's not-serviced value."""
     apic = make_apic(
-        Profile.custom(profile, unserviced_read_value=SENTINEL, unserviced_read_repeats_last=False), features=Features(cmci=True)
+        sentinel_profile(profile), features=Features(cmci=True)
     )
     value = apic.mmio_read(reg.offset)
     if Access.R in reg.xapic:
