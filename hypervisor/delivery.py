@@ -37,19 +37,6 @@ from lapic.slowpath import deliver_slow
 AcceptFn = Callable[[LocalApic, Interrupt], bool]
 
 
-def is_broadcast_dest(
-    irq: Interrupt, source: LocalApic | None, apic_map: ApicMap, broadcast_quirk: bool
-) -> bool:
-    """KVM ``kvm_apic_is_broadcast_dest`` (FAST-4)."""
-    dest = irq.dest
-    if not broadcast_quirk:
-        if dest == XAPIC_BROADCAST and apic_map.logical_mode != LogicalMode.X2APIC:
-            return True
-        return dest == X2APIC_BROADCAST
-    x2apic_ipi = source is not None and source.x2apic_mode
-    return dest == (X2APIC_BROADCAST if x2apic_ipi else XAPIC_BROADCAST)
-
-
 def map_destinations(
     irq: Interrupt,
     source: LocalApic | None,
@@ -63,14 +50,24 @@ def map_destinations(
         return [source]
     if shorthand is not Shorthand.NONE:
         return None
-    if apic_map is None or is_broadcast_dest(irq, source, apic_map, broadcast_quirk):
+    if apic_map is None:
+        return None
+    dest = irq.dest
+    # KVM kvm_apic_is_broadcast_dest (FAST-4): broadcasts go to the slow path.
+    if broadcast_quirk:
+        x2apic_ipi = source is not None and source.x2apic_mode
+        if dest == (X2APIC_BROADCAST if x2apic_ipi else XAPIC_BROADCAST):
+            return None
+    elif dest == X2APIC_BROADCAST or (
+        dest == XAPIC_BROADCAST and apic_map.logical_mode != LogicalMode.X2APIC
+    ):
         return None
     if irq.dest_mode is DestMode.PHYSICAL:
-        if irq.dest > apic_map.max_apic_id:
+        if dest > apic_map.max_apic_id:
             return []
-        target = apic_map.phys_map[irq.dest]
+        target = apic_map.phys_map[dest]
         return [] if target is None else [target]
-    found = apic_map.logical_dest(irq.dest)
+    found = apic_map.logical_dest(dest)
     if found is None:
         return None
     slots, first, mask = found

@@ -154,7 +154,7 @@ class Vm:
             clock=self.clock,
         )
         vcpu = Vcpu(self, len(self._vcpus), apic, started=self.aps_started)
-        apic.send_hook = self._send
+        apic.send_hook = self._deliver
         apic.map_hook = self._mark_map_dirty
         apic.notify_hook = self.accel.notifier(vcpu)
         apic.eoi_hook = self._on_eoi
@@ -238,9 +238,16 @@ class Vm:
             raise ApicTypeError(f"irq must be an Interrupt, not {type(irq).__name__}")
         if source is not None and not isinstance(source, LocalApic):
             raise ApicTypeError(f"source must be a LocalApic, not {type(source).__name__}")
-        return self._deliver(irq, source)
+        return self._deliver(source, irq)
 
-    def _deliver(self, irq: Interrupt, source: LocalApic | None) -> int:
+    def _deliver(self, source: LocalApic | None, irq: Interrupt) -> int:
+        """One interrupt message through KVM's delivery.  Also every APIC's ``send_hook``
+        (KVM ``kvm_apic_send_ipi``), so the source comes first."""
+        stats = self.stats
+        if source is not None:
+            stats.ipis += 1
+            if self.tracer.on:
+                self.tracer.emit(KvmApicIpi(source.vcpu_id, _icr_low(irq), irq.dest))
         use_map = self._use_map
         r, fast = deliver(
             irq,
@@ -254,25 +261,10 @@ class Vm:
             use_map,
         )
         if fast:
-            self.stats.fast_path += 1
+            stats.fast_path += 1
         else:
-            self.stats.slow_path += 1
+            stats.slow_path += 1
         return r
-
-    def _send(self, apic: LocalApic, irq: Interrupt) -> None:
-        """An ICR or SELF IPI write of ``apic`` (KVM ``kvm_apic_send_ipi``)."""
-        self.stats.ipis += 1
-        if self.tracer.on:
-            low = (
-                irq.vector
-                | int(irq.delivery_mode) << 8
-                | int(irq.dest_mode) << 11
-                | int(irq.level) << 14
-                | int(irq.trigger) << 15
-                | int(irq.shorthand) << 18
-            )
-            self.tracer.emit(KvmApicIpi(apic.vcpu_id, low, irq.dest))
-        self._deliver(irq, apic)
 
     def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
         if self.tracer.on:
@@ -295,7 +287,7 @@ class Vm:
             addr = address_lo | (address_hi << 32 if self.x2apic_format else 0)
             self.tracer.emit(KvmMsiSetIrq(addr, data))
         irq = Msi(address_lo, address_hi, data).decode(x2apic_format=self.x2apic_format)
-        return self._deliver(irq, None)
+        return self._deliver(None, irq)
 
     # -- hypercall host side (hypervisor.pv_ipi.HypercallHost) ------------------------------
     def pv_feature(self, feature: int) -> bool:
@@ -378,3 +370,13 @@ class Vm:
         return list(self.exit_log) if self.exit_log is not None else []
 
 
+def _icr_low(irq: Interrupt) -> int:
+    """The ICR low dword of a decoded message (for the ``kvm_apic_ipi`` event)."""
+    return (
+        irq.vector
+        | int(irq.delivery_mode) << 8
+        | int(irq.dest_mode) << 11
+        | int(irq.level) << 14
+        | int(irq.trigger) << 15
+        | int(irq.shorthand) << 18
+    )

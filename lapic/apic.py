@@ -133,7 +133,7 @@ class Features:
     """Guest CPUID vendor is Intel-compatible: LVTPC masks itself after a PMI (REG-LVT-2)."""
 
 
-SendHook = Callable[["LocalApic", Interrupt], None]
+SendHook = Callable[["LocalApic", Interrupt], object]
 EoiHook = Callable[["LocalApic", int, bool, bool], None]
 ApicHook = Callable[["LocalApic"], None]
 
@@ -183,6 +183,8 @@ class LocalApic:
         self._irr = VectorBitmap.over(view[IRR_BASE : IRR_BASE + SPAN_BYTES])
         self._isr = VectorBitmap.over(view[ISR_BASE : ISR_BASE + SPAN_BYTES])
         self._tmr = VectorBitmap.over(view[TMR_BASE : TMR_BASE + SPAN_BYTES])
+        self._irr_bits = self._irr.bits
+        self._tmr_bits = self._tmr.bits
         self._gap_bytes = bytes(len(_GAPS) * 12)
 
         self.apic_base = 0
@@ -894,11 +896,9 @@ class LocalApic:
             if vector < 16 and not self.profile.accept_illegal_vectors:
                 self._log_error(ESR_RECV_ILLEGAL_VECTOR)
                 return False
-            if trigger:
-                self._tmr.add(vector)
-            else:
-                self._tmr.discard(vector)
-            self._irr.add(vector)
+            bit = ((vector >> 5) << 7) | (vector & 31)  # lapic.vectors.bit_index, inlined
+            self._tmr_bits[bit] = 1 if trigger else 0  # PRIO-6: TMR follows the trigger mode
+            self._irr_bits[bit] = 1
         elif mode == 4:  # NMI
             self.nmi_pending += 1
         elif mode == 5:  # INIT

@@ -116,6 +116,11 @@ class VectorBitmap(VectorSet):
     def clear(self) -> None:
         self._bits.setall(0)
 
+    @property
+    def bits(self) -> bitarray:
+        """The underlying bitarray (bit :func:`bit_index` of a vector), for hot paths."""
+        return self._bits
+
     def set_word(self, n: int, value: int) -> None:
         start = n << 7
         self._bits[start : start + 32] = bitarray(
