@@ -200,6 +200,9 @@ class LocalApic:
         self._in_error = False
         self._mmio_data = 0
         """The data of the last serviced MMIO read (KVM's emulator buffer, KVMB-4)."""
+        self._isr_cache = -1
+        """KVM ``highest_isr_cache``: the vector last acknowledged, until the next EOI; only
+        its one observable effect is modelled (the stale PPR of KVM_SET_LAPIC, STATE-4)."""
         self._sender_checks = (
             not self.profile.accept_illegal_vectors or not self.profile.x2apic_lowest_priority_ipi
         )
@@ -760,13 +763,16 @@ class LocalApic:
     # ===================================================================================
     # Priority, acknowledge, EOI (§6)
     # ===================================================================================
-    def _update_ppr(self) -> int:
-        """KVM ``__apic_update_ppr``; returns the new PPR."""
+    def _ppr_for(self, isrv: int) -> int:
+        """PRIO-2: PPR from TPR and the highest in-service vector ``isrv`` (-1: none)."""
         tpr = int(self._w[0x80 >> 2])
-        isrv = self._isr.highest()
         if isrv < 0:
             isrv = 0
-        ppr = tpr & 0xFF if (tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0
+        return tpr & 0xFF if (tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0
+
+    def _update_ppr(self) -> int:
+        """KVM ``__apic_update_ppr``; returns the new PPR."""
+        ppr = self._ppr_for(self._isr.highest())
         self._w[0xA0 >> 2] = ppr
         return ppr
 
@@ -797,6 +803,7 @@ class LocalApic:
             return None
         self._irr.discard(v)
         self._isr.add(v)
+        self._isr_cache = v
         self._update_ppr()
         return v
 
@@ -806,6 +813,7 @@ class LocalApic:
         if v < 0:
             return None
         self._isr.discard(v)
+        self._isr_cache = -1
         self._update_ppr_and_notify()
         hook = self.eoi_hook
         if hook is not None:
@@ -1013,10 +1021,24 @@ class LocalApic:
             s[start:end] = bytes(end - start)
         self._gap_bytes = bytes(gaps)
         self.timer.poll()
+        old_isr_count = len(self._isr)
         self.regs[:STATE_SIZE] = s
         self._map_changed()
         self._set_version()
-        self._update_ppr()
+        if self.profile.set_state_stale_ppr:
+            # kvm_apic_set_state runs apic_update_ppr before kvm_apic_update_apicv recounts
+            # the restored ISR: the highest in-service vector is still found through the old
+            # isr_count / highest_isr_cache (measured on Linux 6.18, STATE-4).
+            if not old_isr_count:
+                isrv = -1
+            elif self._isr_cache >= 0:
+                isrv = self._isr_cache
+            else:
+                isrv = self._isr.highest()
+            self._w[0xA0 >> 2] = self._ppr_for(isrv)
+        else:
+            self._update_ppr()
+        self._isr_cache = -1
         self.timer.cancel()
         self._timer_mode_changed()
         w = self._w
@@ -1025,8 +1047,12 @@ class LocalApic:
         w[0x390 >> 2] = 0
         self.arb_prio = 0
         self.timer.poll()
-        if self.notify_hook is not None and self.pending_interrupt() is not None:
-            self.notify_hook(self)
+        if (
+            self.notify_hook is not None
+            and self.hw_enabled
+            and self._deliverable(self._ppr_for(self._isr.highest())) >= 0
+        ):
+            self.notify_hook(self)  # KVM_REQ_EVENT; PPR itself is recomputed at the next use
 
     # ===================================================================================
     # Hooks and presentation

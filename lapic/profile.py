@@ -169,6 +169,14 @@ class Profile:
     software-enable or APIC_BASE mode change, KVM_SET_LAPIC, another vCPU).  Read by the
     hypervisor layer; only matters with ``optimized_apic_map``."""
 
+    set_state_stale_ppr: bool = True
+    """STATE-4 (measured on Linux 6.18 through ``apicsim.kvm``): ``kvm_apic_set_state``
+    recomputes PPR before it recounts the restored in-service vectors, so the PPR stored by
+    KVM_SET_LAPIC (and returned by KVM_GET_LAPIC until anything recomputes it: a guest PPR
+    read, an interrupt check) is computed from the vCPU's *previous* in-service state, e.g.
+    0 instead of 0x40 for a first restore with ISR {0x31, 0x41}.  False: recomputed from the
+    restored image."""
+
     set_state_svr_before_fixup: bool = True
     """KVM ``kvm_apic_set_state`` applies SVR before the x2APIC ID check, so a KVM_SET_LAPIC
     that fails with -EINVAL has still changed SVR (STATE-4, code-derived).  False: the failed
@@ -253,6 +261,7 @@ SDM = Profile(
     lint0_reenabled_quirk=False,
     mmio_hole_quirk=False,
     set_state_svr_before_fixup=False,
+    set_state_stale_ppr=False,
     unserviced_read_repeats_last=False,
     map_excludes_new_vcpu=False,
     min_periodic_ns=0,
