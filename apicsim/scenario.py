@@ -94,6 +94,16 @@ the TOML line, the step number and the field; the run stops after the first fail
 A set-up the model refuses (a guest that cannot boot on this VM) is reported at ``[vm]`` or
 ``[guest]``.  :func:`run_file` returns 0 (passed, or skipped: the file does not list the
 backend), 1 (an expectation failed) or 2 (malformed, unreadable, or the set-up failed).
+
+Backends: :class:`Runner` has one code path over the host/guest API that ``hypervisor.Vm`` and
+``apicsim.kvm.KvmVm`` share (:class:`ScenarioVm`); a small :class:`Backend` adapter supplies
+the rest.  :class:`ModelBackend` reads the model's APICs and counters and has ``run``,
+``advance`` and the guest; :class:`KvmBackend` reads KVM_GET_LAPIC/KVM_GET_MSRS, has no
+counters (``exits``/``stats``/``handled`` verdicts are SKIP) and cannot do ``run``,
+``advance`` or guest steps.  :func:`open_backend` builds either from a scenario, raising
+:class:`Unsupported` (a skip, with the reason) for what the backend cannot be or do.  Every
+checked expectation is a :class:`Verdict` (PASS/FAIL/SKIP); ``apicsim check``
+(:mod:`apicsim.check`) prints them.
 """
 
 from __future__ import annotations
@@ -102,9 +112,9 @@ import re
 import textwrap
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from hypervisor import Vm
 from hypervisor.exits import ExitReason
@@ -113,10 +123,17 @@ from lapic.apic import Features, LocalApic, StateError
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault
 from lapic.icr import Icr
 from lapic.profile import LowestPriorityPolicy, Profile
-from lapic.registers import REGISTER_BY_NAME
+from lapic.registers import (
+    APIC_BASE_ADDR_MASK,
+    APIC_BASE_EN,
+    APIC_BASE_EXTD,
+    APIC_BASE_MSR,
+    REGISTER_BY_NAME,
+)
 
 if TYPE_CHECKING:
-    from guest import Guest
+    from apicsim.kvm import KvmVm, LapicView
+    from guest import Guest, GuestCpu
 
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
@@ -280,6 +297,10 @@ class VmSpec:
     features: Features = field(default_factory=Features)
     mode: str = "xapic"
     svr: int | None = None
+    given: frozenset[str] = frozenset()
+    """The ``[vm]`` keys the file sets (the rest are defaults)."""
+    features_given: frozenset[str] = frozenset()
+    """The ``[vm] features`` fields the file sets."""
 
     @property
     def count(self) -> int:
@@ -638,6 +659,8 @@ class _Parser:
                 if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                     raise self.fail("vm.features", key, f"must be {want.__name__}, got {value!r}")
             kw["features"] = Features(**feats)
+            kw["features_given"] = frozenset(feats)
+        kw["given"] = frozenset(raw)
         spec = VmSpec(**kw)
         if spec.vcpu_ids is not None and max(spec.vcpu_ids) >= spec.max_vcpu_ids:
             raise self.fail("vm", "vcpu_ids", "an id is not below max_vcpu_ids")
@@ -907,15 +930,51 @@ def load(path: str | Path) -> Scenario:
 _NO_RESULT = object()
 
 
+class Unsupported(Exception):
+    """The backend cannot do what the scenario asks (a set-up option or a step): the scenario
+    is skipped from that point, with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One expectation after a step: ``PASS``, ``FAIL`` or ``SKIP`` (not observable on the
+    backend, or not meaningful after a fault), with what was expected and what was seen."""
+
+    path: Path
+    line: int
+    step: int
+    action: str
+    field: str
+    """``expect.irr``, ``expect.regs.PPR``, ``expect.stats.ipis``, ... or ``action``."""
+    status: str
+    detail: str
+    vcpu: int | None = None
+    vcpu_first: int | None = None
+    """Set when the verdict stands for vCPUs ``vcpu_first`` to ``vcpu`` (same detail)."""
+
+    def __str__(self) -> str:
+        who = "" if self.vcpu is None else f" vCPU {self.vcpu}"
+        if self.vcpu_first is not None:
+            who = f" vCPUs {self.vcpu_first}-{self.vcpu}"
+        return (
+            f"{self.status} {self.path}:{self.line}: step {self.step} ({self.action}): "
+            f"{self.field}{who}: {self.detail}"
+        )
+
+
 @dataclass(slots=True)
 class StepOutcome:
     step: Step
     result: Any = _NO_RESULT
     value: int | None = None
     fault: int | None = None
-    exits: int = 0
+    exits: int | None = 0
+    """VM exits during the step; None where the backend does not count them."""
     changes: list[str] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    skipped: str | None = None
+    """Why the backend could not perform the step (the scenario is skipped from here)."""
 
 
 @dataclass(slots=True)
@@ -923,10 +982,16 @@ class Report:
     scenario: Scenario
     outcomes: list[StepOutcome] = field(default_factory=list)
     skipped: str | None = None
+    """Why the scenario (or its remaining steps) did not run on the backend."""
+    backend: str = "model"
 
     @property
     def failures(self) -> list[Failure]:
         return [f for o in self.outcomes for f in o.failures]
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        return [v for o in self.outcomes for v in o.verdicts]
 
     @property
     def passed(self) -> bool:
@@ -950,16 +1015,28 @@ def build_vm(spec: VmSpec) -> Vm:
         aps_started=spec.aps_started,
         **kw,
     )
-    for vcpu in vm.vcpus:
-        apic = vcpu.apic
-        if spec.mode == "x2apic" and not apic.x2apic_mode:
-            vcpu.wrmsr(0x1B, apic.apic_base | 0xC00)
+    apply_setup(vm, spec)
+    return vm
+
+
+def apply_setup(vm: ScenarioVm, spec: VmSpec) -> None:
+    """``[vm] mode`` and ``svr``: every vCPU's guest writes APIC_BASE.EXTD, then SVR (by MSR
+    in x2APIC mode, else by MMIO), through the shared guest interface of either backend."""
+    for i in range(len(vm)):
+        vcpu = vm.vcpu(i)
+        base = vm.get_msr(i, APIC_BASE_MSR)
+        if spec.mode == "x2apic" and not _x2apic(base):
+            vcpu.wrmsr(APIC_BASE_MSR, base | APIC_BASE_EN | APIC_BASE_EXTD)
+            base = vm.get_msr(i, APIC_BASE_MSR)
         if spec.svr is not None:
-            if apic.x2apic_mode:
+            if _x2apic(base):
                 vcpu.wrmsr(0x80F, spec.svr)
             else:
-                vcpu.mmio_write(apic.base_address + 0xF0, spec.svr)
-    return vm
+                vcpu.mmio_write((base & APIC_BASE_ADDR_MASK) + 0xF0, spec.svr)
+
+
+def _x2apic(apic_base: int) -> bool:
+    return apic_base & (APIC_BASE_EN | APIC_BASE_EXTD) == APIC_BASE_EN | APIC_BASE_EXTD
 
 
 def boot_guest(vm: Vm, spec: GuestSpec) -> Guest:
@@ -968,15 +1045,302 @@ def boot_guest(vm: Vm, spec: GuestSpec) -> Guest:
     return Guest(vm, driver=spec.driver, base=spec.base, bits_per_long=spec.bits_per_long)
 
 
-_Snapshot = list[tuple[tuple[int, ...], tuple[int, ...]]]
+# -- the backend adapter ------------------------------------------------------------------
+class ScenarioCpu(Protocol):
+    """What a step has a vCPU execute: ``hypervisor.Vcpu`` and ``apicsim.kvm.KvmVcpu``."""
+
+    def mmio_read(self, gpa: int, size: int = 4) -> int: ...
+
+    def mmio_write(self, gpa: int, value: int, size: int = 4) -> None: ...
+
+    def rdmsr(self, msr: int) -> int: ...
+
+    def wrmsr(self, msr: int, value: int) -> None: ...
+
+    def hypercall(
+        self,
+        nr: int,
+        a0: int = 0,
+        a1: int = 0,
+        a2: int = 0,
+        a3: int = 0,
+        *,
+        long_mode: bool = True,
+        cpl: int = 0,
+    ) -> int: ...
 
 
-def _snapshot(vm: Vm) -> _Snapshot:
-    return [(tuple(v.apic.irr), tuple(v.apic.isr)) for v in vm.vcpus]
+class ScenarioVm(Protocol):
+    """The host API a scenario uses: ``hypervisor.Vm`` and ``apicsim.kvm.KvmVm``."""
+
+    def __len__(self) -> int: ...
+
+    def vcpu(self, i: int) -> ScenarioCpu: ...
+
+    def get_lapic(self, i: int) -> bytes: ...
+
+    def set_lapic(self, i: int, data: bytes) -> None: ...
+
+    def get_msr(self, i: int, msr: int) -> int: ...
+
+    def set_msr(self, i: int, msr: int, value: int) -> bool: ...
+
+    def signal_msi(
+        self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
+    ) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApicState:
+    """One vCPU's APIC as the host sees it after a step."""
+
+    irr: frozenset[int]
+    isr: frozenset[int]
+    tmr: frozenset[int]
+    register: Callable[[str], int]
+    """A register by mnemonic (``lapic.registers``, or ``APIC_BASE``)."""
+
+
+class Backend:
+    """What the runner needs beyond :class:`ScenarioVm`: the APIC state, the counters, and
+    the steps only some backends can do.  The runner itself has one code path."""
+
+    name = ""
+
+    def __init__(self, vm: ScenarioVm) -> None:
+        self.vm = vm
+
+    def state(self, i: int) -> ApicState:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int] | None:
+        """``exits``, ``vm.stats`` counters and exit reasons; None: not observable."""
+        return None
+
+    def handled(self, i: int) -> list[int] | None:
+        """The vectors vCPU ``i``'s guest has handled; None: not observable."""
+        return None
+
+    def unsupported(self, step: Step) -> str | None:
+        """Why this backend cannot perform ``step`` (checked before the scenario runs)."""
+        return None
+
+    def run_vcpu(self, i: int) -> list[int]:
+        raise Unsupported(f"{self.name}: no 'run'")
+
+    def advance(self, ns: int) -> int:
+        raise Unsupported(f"{self.name}: no virtual clock")
+
+    def guest_cpu(self, i: int) -> GuestCpu:
+        raise Unsupported(f"{self.name}: no Python guest")
+
+    def close(self) -> None:
+        """Release the backend's resources (KVM file descriptors)."""
+
+
+class ModelBackend(Backend):
+    """``hypervisor.Vm``, optionally with a booted ``guest.Guest``."""
+
+    name = "model"
+
+    def __init__(self, vm: Vm, guest: Guest | None = None) -> None:
+        super().__init__(vm)
+        self.model = vm
+        self.guest = guest
+
+    def state(self, i: int) -> ApicState:
+        apic = self.model.lapic(i)
+        return ApicState(
+            frozenset(apic.irr),
+            frozenset(apic.isr),
+            frozenset(apic.tmr),
+            lambda name: _register(apic, name),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return _counters(self.model.stats)
+
+    def handled(self, i: int) -> list[int]:
+        if self.guest is not None:
+            return list(self.guest.cpu(i).handled)
+        return list(self.model.vcpu(i).handled)
+
+    def run_vcpu(self, i: int) -> list[int]:
+        if self.guest is not None:
+            return list(self.guest.cpu(i).run())
+        return list(self.model.vcpu(i).run())
+
+    def advance(self, ns: int) -> int:
+        return self.model.advance(ns)
+
+    def guest_cpu(self, i: int) -> GuestCpu:
+        if self.guest is None:  # pragma: no cover - the parser requires [guest]
+            raise Unsupported("the step needs a [guest] section")
+        return self.guest.cpu(i)
+
+
+_KVM_NO_GUEST = (
+    "the Python guest stub (guest.Guest) runs on the model only; KvmVm's guest executes one "
+    "access at a time"
+)
+_KVM_CANNOT = {
+    "run": "KvmVm has no 'run': its guest runs with RFLAGS.IF=0 and no interrupt handlers of "
+    "its own, so it cannot acknowledge and EOI interrupts as the model's VM entry does",
+    "advance": "the virtual clock is the model's; KVM's APIC timer runs on host time",
+    "send_ipi": _KVM_NO_GUEST,
+    "set_tpr": _KVM_NO_GUEST,
+    "eoi": _KVM_NO_GUEST,
+}
+
+
+class KvmBackend(Backend):
+    """``apicsim.kvm.KvmVm``: the host's KVM.  Counters and handled vectors are not
+    observable; the APIC state comes from KVM_GET_LAPIC and KVM_GET_MSRS."""
+
+    name = "kvm"
+
+    def __init__(self, vm: KvmVm) -> None:
+        super().__init__(vm)
+        self.kvm = vm
+
+    def state(self, i: int) -> ApicState:
+        view = self.kvm.lapic_view(i)
+        x2apic_id = self.kvm.vcpu(i).vcpu_id
+        x2apic_format = self.kvm.x2apic_format
+
+        def register(name: str) -> int:
+            return _image_register(view, name, x2apic_id, x2apic_format=x2apic_format)
+
+        return ApicState(view.irr, view.isr, view.tmr, register)
+
+    def unsupported(self, step: Step) -> str | None:
+        return _KVM_CANNOT.get(step.action)
+
+
+def _image_register(view: LapicView, name: str, x2apic_id: int, *, x2apic_format: bool) -> int:
+    """A register as ``LocalApic.register`` shows it, from a KVM_GET_LAPIC image.
+
+    The image is KVM's (``kvm_apic_get_state``): ICR's high dword is at ICR2 (0x310) in both
+    modes; in x2APIC mode without USE_32BIT_IDS the ID word holds ``id << 24``, so the
+    32-bit x2APIC ID (the vcpu_id, KVM ``kvm_apic_set_x2apic_id``) is given instead."""
+    if name == "APIC_BASE":
+        return view.apic_base
+    if name == "ICR":
+        return view.register(0x300) | view.register(0x310) << 32
+    if name == "ID" and _x2apic(view.apic_base) and not x2apic_format:
+        return x2apic_id
+    return view.register(REGISTER_BY_NAME[name].offset)
+
+
+def _kvm_refusal(spec: VmSpec) -> str | None:
+    """Why a real KVM cannot be the VM ``spec`` describes (before anything is created)."""
+    base = spec.profile.name.split("+")[0]
+    if base != "kvm":
+        return f"profile {base!r} is the model's reading of the SDM; a real KVM is the kvm profile"
+    preset = Profile.preset("kvm")
+    changed = [
+        f.name
+        for f in fields(Profile)
+        if f.name != "name" and getattr(spec.profile, f.name) != getattr(preset, f.name)
+    ]
+    if changed:
+        return f"profile_changes ({', '.join(changed)}) describe a KVM that is not this one"
+    if spec.enforce_pv_cpuid or spec.pv_features is not None:
+        return "KvmVm gives the guest KVM's supported PV CPUID; it does not enforce it"
+    if not spec.aps_started:
+        return "KvmVm makes every vCPU runnable (aps_started = false is the model's)"
+    if "vector_hashing" in spec.given:
+        from apicsim.kvm import host_vector_hashing
+
+        host = host_vector_hashing()
+        if host is None:
+            return "the host's kvm.vector_hashing parameter cannot be read"
+        if host != spec.vector_hashing:
+            want = spec.vector_hashing
+            return f"the host's kvm.vector_hashing is {host}; the scenario needs {want}"
+    if "features" in spec.given:
+        from apicsim.kvm import guest_features
+
+        host_features = guest_features()
+        for f in fields(Features):
+            if f.name in spec.features_given:
+                want, have = getattr(spec.features, f.name), getattr(host_features, f.name)
+                if want != have:
+                    return (
+                        f"the scenario needs features.{f.name} = {want!r}; this host's guest "
+                        f"CPUID gives {have!r}"
+                    )
+    return None
+
+
+def open_backend(sc: Scenario, backend: str) -> Backend:
+    """A fresh VM of ``backend`` for ``sc``, set up as its ``[vm]``/``[guest]`` say.
+
+    Raises :class:`Unsupported` when the backend cannot be that VM or cannot perform one of
+    the steps (a skip), ``ApicValueError``/``ApicTypeError``/``GuestFault`` when the set-up
+    fails."""
+    if backend == "model":
+        vm = build_vm(sc.vm)
+        guest = boot_guest(vm, sc.guest) if sc.guest is not None else None
+        return ModelBackend(vm, guest)
+    if backend != "kvm":
+        raise ApicValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if sc.guest is not None:
+        raise Unsupported(f"[guest]: {_KVM_NO_GUEST}")
+    for step in sc.steps:
+        why = _KVM_CANNOT.get(step.action)
+        if why is not None:
+            raise Unsupported(f"step {step.number} ({step.action}, line {step.line}): {why}")
+    why = _kvm_refusal(sc.vm)
+    if why is not None:
+        raise Unsupported(f"[vm]: {why}")
+    from apicsim.kvm import KvmVm, kvm_available
+
+    ok, reason = kvm_available()
+    if not ok:
+        raise Unsupported(f"KVM backend unavailable: {reason}")
+    spec = sc.vm
+    try:
+        kvm = KvmVm(
+            spec.vcpus,
+            x2apic_format=spec.x2apic_format,
+            broadcast_quirk=True if spec.broadcast_quirk is None else spec.broadcast_quirk,
+            vcpu_ids=spec.vcpu_ids,
+        )
+    except ApicValueError as e:  # more vCPUs or higher ids than this host's KVM allows
+        raise Unsupported(f"[vm]: {e}") from None
+    try:
+        if "max_vcpu_ids" in spec.given and spec.max_vcpu_ids != kvm.limits.max_vcpu_id:
+            raise Unsupported(
+                f"[vm]: max_vcpu_ids = {spec.max_vcpu_ids}; KVM_CAP_MAX_VCPU_ID on this host "
+                f"is {kvm.limits.max_vcpu_id} and KvmVm does not change it"
+            )
+        apply_setup(kvm, spec)
+    except BaseException:
+        kvm.close()
+        raise
+    return KvmBackend(kvm)
+
+
+_UNOBSERVABLE = {
+    "kvm": {
+        "exits": "not observable on kvm: KvmVm does not count VM exits (KVM handles them)",
+        "stats": "not observable on kvm: the vm.stats counters are the model's",
+        "handled": "not observable on kvm: KvmVm's guest runs no interrupt handlers",
+    }
+}
+
+
+def _snapshot(backend: Backend) -> list[tuple[frozenset[int], frozenset[int]]]:
+    out = []
+    for i in range(len(backend.vm)):
+        s = backend.state(i)
+        out.append((s.irr, s.isr))
+    return out
 
 
 def _vset(vectors: Iterable[int]) -> str:
-    return "{" + ",".join(f"{v:#x}" for v in vectors) + "}"
+    return "{" + ",".join(f"{v:#x}" for v in sorted(vectors)) + "}"
 
 
 def _counters(stats: Stats) -> dict[str, int]:
@@ -988,27 +1352,36 @@ def _counters(stats: Stats) -> dict[str, int]:
 
 
 class Runner:
-    """Executes one parsed scenario on the model backend."""
+    """Executes one parsed scenario on one backend (the model unless ``backend`` is given)."""
 
     def __init__(
-        self, scenario: Scenario, vm: Vm | None = None, guest: Guest | None = None
+        self,
+        scenario: Scenario,
+        vm: Vm | None = None,
+        guest: Guest | None = None,
+        *,
+        backend: Backend | None = None,
     ) -> None:
         self.sc = scenario
-        self.vm = build_vm(scenario.vm) if vm is None else vm
-        if guest is None and scenario.guest is not None:
-            guest = boot_guest(self.vm, scenario.guest)
-        self.guest = guest
+        if backend is None:
+            if vm is None:
+                vm = build_vm(scenario.vm)
+            if guest is None and scenario.guest is not None:
+                guest = boot_guest(vm, scenario.guest)
+            backend = ModelBackend(vm, guest)
+        self.backend = backend
+        self.vm = backend.vm
+        self.guest = backend.guest if isinstance(backend, ModelBackend) else None
 
-    def handled(self, i: int) -> list[int]:
-        if self.guest is not None:
-            return list(self.guest.cpu(i).handled)
-        return list(self.vm.vcpu(i).handled)
+    def handled(self, i: int) -> list[int] | None:
+        return self.backend.handled(i)
 
     # -- actions ------------------------------------------------------------------------
     def act(self, step: Step) -> tuple[Any, int | None]:
         """Perform the action: ``(result, value read)``."""
         p = step.params
         vm = self.vm
+        be = self.backend
         a = step.action
         if a in ("wrmsr", "rdmsr", "mmio_write", "mmio_read", "icr", "hypercall"):
             vcpu = vm.vcpu(p["vcpu"])
@@ -1018,8 +1391,9 @@ class Runner:
             if a == "rdmsr":
                 v = vcpu.rdmsr(p["msr"])
                 return v, v
+            apic_base = vm.get_msr(p["vcpu"], APIC_BASE_MSR)
             if a in ("mmio_write", "mmio_read"):
-                gpa = p["gpa"] if "gpa" in p else vcpu.apic.base_address + p["offset"]
+                gpa = p["gpa"] if "gpa" in p else (apic_base & APIC_BASE_ADDR_MASK) + p["offset"]
                 if a == "mmio_write":
                     vcpu.mmio_write(gpa, p["value"], p["size"])
                     return _NO_RESULT, None
@@ -1034,14 +1408,14 @@ class Runner:
                     | p["trigger"] << 15
                     | p["shorthand"] << 18
                 )
-                if vcpu.apic.x2apic_mode:
+                if _x2apic(apic_base):
                     vcpu.wrmsr(0x830, p["dest"] << 32 | low)
                 else:
                     if p["dest"] > 0xFF:
                         raise ApicValueError(
                             f"dest={p['dest']:#x} does not fit the 8-bit xAPIC destination"
                         )
-                    base = vcpu.apic.base_address
+                    base = apic_base & APIC_BASE_ADDR_MASK
                     vcpu.mmio_write(base + 0x310, p["dest"] << 24)
                     vcpu.mmio_write(base + 0x300, low)
                 return _NO_RESULT, None
@@ -1073,13 +1447,10 @@ class Runner:
                 return -e.errno, None
             return 0, None
         if a == "run":
-            if self.guest is not None:
-                return list(self.guest.cpu(p["vcpu"]).run()), None
-            return list(vm.vcpu(p["vcpu"]).run()), None
+            return be.run_vcpu(p["vcpu"]), None
         if a == "advance":
-            return vm.advance(p["ns"]), None
-        assert self.guest is not None
-        cpu = self.guest.cpu(p["cpu"])
+            return be.advance(p["ns"]), None
+        cpu = be.guest_cpu(p["cpu"])
         if a == "send_ipi":
             kind, vector = p["kind"], p["vector"]
             if kind == "mask":
@@ -1100,91 +1471,202 @@ class Runner:
 
     # -- one step -------------------------------------------------------------------------
     def run_step(self, step: Step) -> StepOutcome:
-        vm = self.vm
+        be = self.backend
         out = StepOutcome(step)
-        before = _snapshot(vm)
-        counters = _counters(vm.stats)
+        before = _snapshot(be)
+        counters = be.counters()
         try:
             out.result, out.value = self.act(step)
         except GuestFault as e:
             out.fault = e.vector
             fault_text = str(e)
+        except (Unsupported, NotImplementedError) as e:
+            out.skipped = str(e) or type(e).__name__
+            return out
         except (ApicValueError, ApicTypeError) as e:
-            out.failures.append(self.failure(step, "action", f"the model refused it: {e}"))
+            who = "the model" if be.name == "model" else f"the {be.name} backend"
+            self.fail_action(step, out, f"{who} refused it: {e}")
+            return out
+        except (OSError, RuntimeError) as e:  # KvmError, TimeoutError, an ioctl's errno
+            self.fail_action(step, out, f"the {be.name} backend failed: {e}")
             return out
         else:
             fault_text = ""
-        after = _snapshot(vm)
-        now = _counters(vm.stats)
-        out.exits = now["exits"] - counters["exits"]
+        after = _snapshot(be)
+        now = be.counters()
+        delta = None
+        if now is not None and counters is not None:
+            delta = {k: now[k] - counters[k] for k in now}
+            out.exits = delta["exits"]
+        else:
+            out.exits = None
         for i, (old, new) in enumerate(zip(before, after, strict=True)):
             if old != new:
                 out.changes.append(f"cpu{i} IRR={_vset(new[0])} ISR={_vset(new[1])}")
-        self.check(step, out, fault_text, {k: now[k] - counters[k] for k in now})
+        self.check(step, out, fault_text, delta)
         return out
 
-    def failure(self, step: Step, key: str, message: str) -> Failure:
+    def line_of(self, step: Step, key: str) -> int:
+        """The TOML line of ``key`` (``expect.irr``, ``expect.regs.PPR``) in ``step``."""
         if key == "action":
-            line = step.line
-        else:
-            name = key.removeprefix("expect.").split(".")[0]
-            line = self.sc.locator.find(name, step=step.number, after="expect")
-        return Failure(self.sc.path, line, step.number, step.action, key, message)
+            return step.line
+        parts = key.removeprefix("expect.").split(".")
+        return self.sc.locator.find(parts[-1], step=step.number, after="expect")
 
-    def check(self, step: Step, out: StepOutcome, fault_text: str, delta: dict[str, int]) -> None:
+    def failure(self, step: Step, key: str, message: str) -> Failure:
+        return Failure(
+            self.sc.path, self.line_of(step, key), step.number, step.action, key, message
+        )
+
+    def fail_action(self, step: Step, out: StepOutcome, message: str) -> None:
+        out.failures.append(self.failure(step, "action", message))
+        out.verdicts.append(
+            Verdict(self.sc.path, step.line, step.number, step.action, "action", "FAIL", message)
+        )
+
+    def check(
+        self, step: Step, out: StepOutcome, fault_text: str, delta: dict[str, int] | None
+    ) -> None:
+        """Check ``step``'s expectations: a :class:`Verdict` for each, a :class:`Failure` for
+        each that did not hold."""
         e = step.expect
-        fail = out.failures
+        path = self.sc.path
+        unobservable = _UNOBSERVABLE.get(self.backend.name, {})
 
-        def bad(key: str, message: str) -> None:
-            fail.append(self.failure(step, key, message))
+        def verdict(
+            key: str, ok: bool | None, detail: str, message: str = "", vcpu: int | None = None
+        ) -> None:
+            status = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+            line = self.line_of(step, key)
+            out.verdicts.append(
+                Verdict(path, line, step.number, step.action, key, status, detail, vcpu)
+            )
+            if ok is False:
+                out.failures.append(
+                    Failure(path, line, step.number, step.action, key, message or detail)
+                )
+
+        def compared(want: str, got: str) -> str:
+            return f"expected {want}, got {got}"
 
         if "fault" in e:
+            want_f = f"#{_fault_name(e['fault'])}"
             if out.fault is None:
-                bad("expect.fault", f"no fault was raised, expected #{_fault_name(e['fault'])}")
-            elif out.fault != e["fault"]:
-                bad("expect.fault", f"raised {fault_text}, expected vector {e['fault']}")
-        elif out.fault is not None:
-            fail.append(self.failure(step, "action", f"unexpected {fault_text}"))
-        if "result" in e and out.fault is None:
-            want, got = e["result"], out.result
-            if not _result_matches(step, want, got):
-                bad("expect.result", f"got {_fmt(got)}, expected {_fmt(want)}")
-        if "value" in e and out.fault is None and out.value != e["value"]:
-            bad("expect.value", f"read {_fmt(out.value)}, expected {_fmt(e['value'])}")
-        if "exits" in e and out.exits != e["exits"]:
-            bad("expect.exits", f"{out.exits} VM exits during the step, expected {e['exits']}")
-        for name, want in e.get("stats", {}).items():
-            if delta[name] != want:
-                bad(f"expect.stats.{name}", f"changed by {delta[name]}, expected {want}")
-        for key in ("irr", "isr", "tmr"):
-            for i, want in e.get(key, {}).items():
-                got_set = getattr(self.vm.lapic(i), key)
-                if set(got_set) != set(want):
-                    got_text, want_text = _vset(got_set), _vset(sorted(want))
-                    bad(
-                        f"expect.{key}",
-                        f"vCPU {i} {key.upper()} is {got_text}, expected {want_text}",
-                    )
-        for i, want in e.get("handled", {}).items():
-            got_list = self.handled(i)
-            if got_list != list(want):
-                bad(
-                    "expect.handled",
-                    f"vCPU {i} handled {_vlist(got_list)}, expected {_vlist(want)}",
+                verdict(
+                    "expect.fault",
+                    False,
+                    compared(want_f, "no fault"),
+                    f"no fault was raised, expected #{_fault_name(e['fault'])}",
                 )
-        for i, regs in e.get("regs", {}).items():
-            apic = self.vm.lapic(i)
+            elif out.fault != e["fault"]:
+                verdict(
+                    "expect.fault",
+                    False,
+                    compared(want_f, f"#{_fault_name(out.fault)}"),
+                    f"raised {fault_text}, expected vector {e['fault']}",
+                )
+            else:
+                verdict("expect.fault", True, compared(want_f, want_f))
+        elif out.fault is not None:
+            self.fail_action(step, out, f"unexpected {fault_text}")
+        for key in ("result", "value"):
+            if key not in e:
+                continue
+            want = e[key]
+            got = out.result if key == "result" else out.value
+            if out.fault is not None:
+                verdict(f"expect.{key}", None, f"expected {_fmt(want)}; the access faulted")
+                continue
+            ok = _result_matches(step, want, got) if key == "result" else got == want
+            verb = "got" if key == "result" else "read"
+            verdict(
+                f"expect.{key}",
+                ok,
+                compared(_fmt(want), _fmt(got)),
+                f"{verb} {_fmt(got)}, expected {_fmt(want)}",
+            )
+        if "exits" in e:
+            if out.exits is None:
+                verdict("expect.exits", None, f"expected {e['exits']}; {unobservable['exits']}")
+            else:
+                verdict(
+                    "expect.exits",
+                    out.exits == e["exits"],
+                    compared(str(e["exits"]), str(out.exits)),
+                    f"{out.exits} VM exits during the step, expected {e['exits']}",
+                )
+        for name, want in e.get("stats", {}).items():
+            key = f"expect.stats.{name}"
+            if delta is None:
+                verdict(key, None, f"expected +{want}; {unobservable['stats']}")
+            else:
+                verdict(
+                    key,
+                    delta[name] == want,
+                    compared(f"+{want}", f"+{delta[name]}"),
+                    f"changed by {delta[name]}, expected {want}",
+                )
+        states: dict[int, ApicState] = {}
+
+        def state(i: int) -> ApicState:
+            if i not in states:
+                states[i] = self.backend.state(i)
+            return states[i]
+
+        for key in ("irr", "isr", "tmr"):
+            for i, want in sorted(e.get(key, {}).items()):
+                got_set = getattr(state(i), key)
+                got_text, want_text = _vset(got_set), _vset(want)
+                verdict(
+                    f"expect.{key}",
+                    set(got_set) == set(want),
+                    compared(want_text, got_text),
+                    f"vCPU {i} {key.upper()} is {got_text}, expected {want_text}",
+                    i,
+                )
+        for i, want in sorted(e.get("handled", {}).items()):
+            got_list = self.handled(i)
+            if got_list is None:
+                verdict(
+                    "expect.handled",
+                    None,
+                    f"expected {_vlist(want)}; {unobservable['handled']}",
+                    vcpu=i,
+                )
+                continue
+            verdict(
+                "expect.handled",
+                got_list == list(want),
+                compared(_vlist(want), _vlist(got_list)),
+                f"vCPU {i} handled {_vlist(got_list)}, expected {_vlist(want)}",
+                i,
+            )
+        for i, regs in sorted(e.get("regs", {}).items()):
             for name, want in regs.items():
-                got = _register(apic, name)
-                if got != want:
-                    bad(f"expect.regs.{name}", f"vCPU {i} {name} is {got:#x}, expected {want:#x}")
+                got = state(i).register(name)
+                verdict(
+                    f"expect.regs.{name}",
+                    got == want,
+                    compared(f"{want:#x}", f"{got:#x}"),
+                    f"vCPU {i} {name} is {got:#x}, expected {want:#x}",
+                    i,
+                )
 
     def run(self, out: TextIO | None = None, *, verbose: bool = True) -> Report:
-        report = Report(self.sc)
+        report = Report(self.sc, backend=self.backend.name)
         if verbose and out is not None:
-            _header(self.sc, self.vm, out)
+            _header(self.sc, len(self.vm), out, self.backend.name)
         for step in self.sc.steps:
+            why = self.backend.unsupported(step)
+            if why is not None:
+                report.skipped = f"step {step.number} ({step.action}, line {step.line}): {why}"
+                break
             outcome = self.run_step(step)
+            if outcome.skipped is not None:
+                report.skipped = (
+                    f"step {step.number} ({step.action}, line {step.line}): {outcome.skipped}"
+                )
+                break
             report.outcomes.append(outcome)
             if verbose and out is not None:
                 _row(outcome, out)
@@ -1296,7 +1778,7 @@ def _short_list(xs: Sequence[int]) -> str:
     return "[" + ",".join(str(x) for x in xs) + "]"
 
 
-def _header(sc: Scenario, vm: Vm, out: TextIO) -> None:
+def _header(sc: Scenario, vcpus: int, out: TextIO, backend: str = "model") -> None:
     guest = ""
     if sc.guest is not None:
         guest = f", guest {sc.guest.driver}" + (f" on {sc.guest.base}" if sc.guest.base else "")
@@ -1307,7 +1789,7 @@ def _header(sc: Scenario, vm: Vm, out: TextIO) -> None:
     out.write(desc + "\n")
     out.write(
         f"   rules: {', '.join(sc.rules)}; backends: {', '.join(sc.backends)}; "
-        f"vm: {len(vm)} vCPUs, profile {sc.vm.profile.name}{guest}\n"
+        f"vm: {vcpus} vCPUs, profile {sc.vm.profile.name}{guest}; running on {backend}\n"
     )
     out.write(f"   {'step':>4} {'line':>4}  {'action':<46} {'result':<14} {'exits':>5}  changes\n")
 
@@ -1319,9 +1801,10 @@ def _row(o: StepOutcome, out: TextIO) -> None:
         changes = [*changes[:3], f"... {len(changes) - 3} more vCPUs changed"]
     text = "; ".join(changes)
     mark = "  FAIL" if o.failures else ""
+    exits = "-" if o.exits is None else str(o.exits)
     out.write(
         f"   {o.step.number:>4} {o.step.line:>4}  {describe(o.step):<46} {result:<14} "
-        f"{o.exits:>5}  {text}{mark}\n"
+        f"{exits:>5}  {text}{mark}\n"
     )
 
 
@@ -1350,6 +1833,9 @@ def run_file(
         return 2
     runner = Runner(sc, vm, guest)
     report = runner.run(out, verbose=verbose)
+    if report.skipped is not None and not report.failures:
+        out.write(f"SKIP {sc.name} ({sc.path}): {report.skipped}\n")
+        return 0
     if report.failures:
         out.flush()
         for f in report.failures:
