@@ -994,7 +994,9 @@ class LocalApic:
                 s[0x310:0x314] = s[0x304:0x308]
         return bytes(s)
 
-    def set_state(self, data: bytes, *, x2apic_format: bool = False) -> None:
+    def set_state(
+        self, data: bytes | bytearray | memoryview, *, x2apic_format: bool = False
+    ) -> None:
         """KVM ``kvm_apic_set_state``.  Raises :class:`StateError` (errno EINVAL) when an
         x2APIC-mode image under ``x2apic_format`` carries an ID other than the vCPU id."""
         if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -359,6 +359,11 @@ def test_a_get_state_image_moves_to_a_twin_apic_unchanged__STATE_1_STATE_2_STATE
     twin.send_hook = lambda a, irq: None
     twin.set_apic_base(apic.apic_base, host_initiated=True)
     twin.set_state(image, x2apic_format=fmt)
+    expected = bytearray(image)
+    if twin.profile.set_state_stale_ppr:  # STATE-4: PPR from TPR alone on a fresh APIC (kvm)
+        put32(expected, PPR, ppr_formula(word(image, TPR), -1))
+    assert twin.get_state(x2apic_format=fmt) == bytes(expected)
+    assert twin.ppr == word(image, PPR)
     assert twin.get_state(x2apic_format=fmt) == image
 
 
@@ -395,8 +400,12 @@ def test_ppr_and_the_deliverable_vector_follow_the_formulas__PRIO_2_PRIO_3_PRIO_
     apic.set_state(bytes(image))
 
     ppr = ppr_formula(tpr, max(isr, default=-1))
+    # STATE-4: kvm (``set_state_stale_ppr``, measured) computes PPR at SET before it counts the
+    # restored ISR, so from TPR alone for an APIC with nothing in service; sdm: from the image.
+    stale = apic.profile.set_state_stale_ppr
+    assert word(apic.regs, PPR) == (ppr_formula(tpr, -1) if stale else ppr)
+    assert apic.ppr == ppr  # a PPR read recomputes it (PRIO-2)
     assert word(apic.regs, PPR) == ppr
-    assert apic.ppr == ppr
     assert (apic.rdmsr(0x80A) if x2 else apic.mmio_read(PPR)) == ppr
 
     top = max(irr, default=-1)
@@ -541,6 +550,8 @@ class ApicMachine(RuleBasedStateMachine):
         self.sent: list[Interrupt] = []
         self.eois: list[tuple[int, bool, bool]] = []
         self.hooked = False
+        self.ppr_may_be_stale = False
+        """True right after a KVM_SET_LAPIC under ``set_state_stale_ppr`` (STATE-4)."""
 
     # -- set-up ------------------------------------------------------------------------
     @initialize(
@@ -734,11 +745,20 @@ class ApicMachine(RuleBasedStateMachine):
     # -- KVM_GET_LAPIC / KVM_SET_LAPIC -------------------------------------------------
     @rule(fmt=st.booleans())
     def state_round_trip(self, fmt: bool) -> None:
-        image = self.apic.get_state(x2apic_format=fmt)
-        if counter_restarts_differently(self.apic, image):
+        """STATE-1..4: GET -> SET -> GET is the identity; the x2APIC image has the STATE-3
+        userspace view (ID per format, derived LDR, ICR split to 0x300/0x310)."""
+        apic = self.apic
+        image = apic.get_state(x2apic_format=fmt)
+        if self.x2:
+            vid = apic.vcpu_id
+            assert word(image, 0x20) == (vid if fmt else (vid << 24) & U32)
+            assert word(image, 0xD0) == x2apic_ldr(vid)
+            assert word(image, ICR) | word(image, ICR2) << 32 == apic.rdmsr(0x830)
+        if counter_restarts_differently(apic, image):
             return
-        self.apic.set_state(image, x2apic_format=fmt)
-        assert self.apic.get_state(x2apic_format=fmt) == image
+        apic.set_state(image, x2apic_format=fmt)
+        assert apic.get_state(x2apic_format=fmt) == image
+        assert apic.arb_prio == 0
 
     @rule(
         fmt=st.booleans(),
@@ -747,7 +767,8 @@ class ApicMachine(RuleBasedStateMachine):
         irr=vector_sets,
         tmr=vector_sets,
         svr=st.sampled_from([0xFF, 0x1FF, 0x11FF]),
-        id_value=values_32,
+        id_value=st.one_of(st.none(), vcpu_ids, values_32),
+        lvr=values_32,
     )
     def set_edited_state(
         self,
@@ -757,32 +778,49 @@ class ApicMachine(RuleBasedStateMachine):
         irr: frozenset[int],
         tmr: frozenset[int],
         svr: int,
-        id_value: int,
+        id_value: int | None,
+        lvr: int,
     ) -> None:
-        image = bytearray(self.apic.get_state(x2apic_format=fmt))
+        """STATE-2..4 with an edited image (ICR left alone: SET may store any ICR)."""
+        apic = self.apic
+        image = bytearray(apic.get_state(x2apic_format=fmt))
         put32(image, TPR, tpr)
         put32(image, SVR, svr)
+        if id_value is None:
+            id_value = word(image, 0x20)  # keep the ID GET returned
         put32(image, 0x20, id_value)
+        put32(image, 0x30, lvr)
         load_vectors(image, ISR_BASE, isr)
         load_vectors(image, IRR_BASE, irr)
         load_vectors(image, TMR_BASE, tmr)
+        old_svr = apic.svr
+        timer_fires = counter_restarts_differently(apic, bytes(image))
         try:
-            self.apic.set_state(bytes(image), x2apic_format=fmt)
+            self.ppr_may_be_stale = apic.profile.set_state_stale_ppr
+            apic.set_state(bytes(image), x2apic_format=fmt)
         except StateError as e:
             assert e.errno == 22
-            assert self.x2 and fmt and id_value != self.apic.vcpu_id
+            assert self.x2 and fmt and id_value != apic.vcpu_id
+            assert apic.svr == (svr if apic.profile.set_state_svr_before_fixup else old_svr)
             return
-        assert set(self.apic.isr) == set(isr)
-        assert set(self.apic.irr) == set(irr)
-        assert set(self.apic.tmr) == set(tmr)
+        assert apic.svr == svr
+        assert apic.arb_prio == 0
+        assert set(apic.isr) == set(isr)
+        if not timer_fires:  # else the restored timer may already have added its vector
+            assert set(apic.irr) == set(irr)
+            assert set(apic.tmr) == set(tmr)
 
     # -- invariants --------------------------------------------------------------------
     @invariant()
     def ppr_is_the_formula_of_tpr_and_the_highest_isr(self) -> None:
-        """PRIO-2: the PPR word of the page is up to date without a PPR read."""
+        """PRIO-2: the PPR word of the page is up to date without a PPR read, except right
+        after a KVM_SET_LAPIC under ``set_state_stale_ppr`` (STATE-4), until a PPR read."""
         expected = ppr_formula(word(self.apic.regs, TPR), self.apic.isr.highest())
-        assert word(self.apic.regs, PPR) == expected
+        if not self.ppr_may_be_stale:
+            assert word(self.apic.regs, PPR) == expected
         assert self.apic.ppr == expected
+        assert word(self.apic.regs, PPR) == expected
+        self.ppr_may_be_stale = False
 
     @invariant()
     def vector_views_agree_with_the_page(self) -> None:

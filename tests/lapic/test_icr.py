@@ -502,6 +502,8 @@ def test_icr_encode_places_the_xapic_destination_in_bits_63_to_56__ICR_4() -> No
 def test_msi_decode_of_compose_is_the_identity_for_asserted_messages(
     data: st.DataObject, fmt: bool
 ) -> None:
+    """MSI layout of ``lapic.icr`` (KVM ``kvm_msi_to_lapic_irq``; no spec id): compose then
+    decode gives the message back, with and without 32-bit IDs (STATE-5 deferred)."""
     irq = data.draw(_interrupts(fmt, Level.ASSERT))
     msi = Msi.compose(irq, x2apic_format=fmt)
     assert msi.decode(x2apic_format=fmt) == irq
@@ -510,6 +512,7 @@ def test_msi_decode_of_compose_is_the_identity_for_asserted_messages(
 
 @given(data=st.data(), fmt=st.booleans())
 def test_msi_decode_always_reports_the_level_asserted(data: st.DataObject, fmt: bool) -> None:
+    """KVM ``kvm_msi_to_lapic_irq`` sets ``level = 1`` for every MSI (no spec id)."""
     irq = data.draw(_interrupts(fmt))
     assert Msi.compose(irq, x2apic_format=fmt).decode(x2apic_format=fmt) == irq._replace(
         level=Level.ASSERT
@@ -517,12 +520,14 @@ def test_msi_decode_always_reports_the_level_asserted(data: st.DataObject, fmt: 
 
 
 def test_msi_compose_lays_out_address_and_data() -> None:
+    """Address bits 19:12 dest, 3 redirection hint (LP-1), 2 dest mode; data 7:0, 10:8, 14, 15."""
     irq = Interrupt(0x31, DeliveryMode.LOWEST, DestMode.LOGICAL, Level.ASSERT, Trigger.LEVEL,
                     Shorthand.NONE, 0x12, True)
     assert Msi.compose(irq) == Msi(0xFEE12000 | 0x4 | 0x8, 0, 0x31 | 0x100 | 0x4000 | 0x8000)
 
 
 def test_msi_with_32_bit_ids_puts_destination_bits_31_to_8_in_address_hi() -> None:
+    """KVM ``x86_msi_msg_get_destid`` with ``x2apic_format`` (no spec id; STATE-5 deferred)."""
     irq = Interrupt(0x31, dest=0x12345678)
     msi = Msi.compose(irq, x2apic_format=True)
     assert msi == Msi(0xFEE78000, 0x12345600, 0x4031)
@@ -545,6 +550,7 @@ _namespace: dict[str, Any] = dict(vars(lapic))
 
 @given(data=st.data(), x2=st.booleans())
 def test_icr_and_interrupt_reprs_are_valid_python(data: st.DataObject, x2: bool) -> None:
+    """``lapic.icr`` contract: a repr pastes back into a test (no spec id)."""
     icr = data.draw(_icrs(x2))
     assert eval(repr(icr), _namespace) == icr
     irq = data.draw(_interrupts(x2))
@@ -554,12 +560,14 @@ def test_icr_and_interrupt_reprs_are_valid_python(data: st.DataObject, x2: bool)
 
 @given(data=st.data(), fmt=st.booleans())
 def test_msi_reprs_are_valid_python(data: st.DataObject, fmt: bool) -> None:
+    """``lapic.icr`` contract: a repr pastes back into a test (no spec id)."""
     msi = Msi.compose(data.draw(_interrupts(fmt)), x2apic_format=fmt)
     assert eval(repr(msi), _namespace) == msi
 
 
 @given(member=_enums())
 def test_enum_reprs_are_valid_python_and_keep_their_type(member: Any) -> None:
+    """``lapic.icr`` contract: enum reprs are ``Type.NAME`` (no spec id)."""
     back = eval(repr(member), _namespace)
     assert back is member
 
@@ -582,6 +590,7 @@ def test_enum_reprs_are_valid_python_and_keep_their_type(member: Any) -> None:
 def test_icr_encode_rejects_bad_fields_naming_them(
     icr: Icr, x2: bool, error: type[Exception], name: str
 ) -> None:
+    """``lapic.faults`` contract: caller errors name the argument (no spec id)."""
     with pytest.raises(error, match=name):
         icr.encode(x2apic=x2)
 
@@ -592,6 +601,7 @@ def test_icr_encode_rejects_bad_fields_naming_them(
      (1.0, ApicTypeError), (True, ApicTypeError)],
 )
 def test_icr_decode_rejects_a_bad_value_naming_it(value: object, error: type[Exception]) -> None:
+    """``lapic.faults`` contract: caller errors name the argument (no spec id)."""
     with pytest.raises(error, match="value"):
         Icr.decode(value, x2apic=False)  # type: ignore[arg-type]
 
@@ -609,11 +619,13 @@ def test_icr_decode_rejects_a_bad_value_naming_it(value: object, error: type[Exc
 def test_msi_compose_rejects_bad_interrupts_naming_the_field(
     irq: Interrupt, fmt: bool, error: type[Exception], name: str
 ) -> None:
+    """``lapic.faults`` contract: caller errors name the argument (no spec id)."""
     with pytest.raises(error, match=name):
         Msi.compose(irq, x2apic_format=fmt)
 
 
 def test_msi_compose_rejects_something_that_is_not_an_interrupt_naming_it() -> None:
+    """``lapic.faults`` contract: caller errors name the argument (no spec id)."""
     with pytest.raises(ApicTypeError, match="interrupt"):
         Msi.compose(Icr(0x31))  # type: ignore[arg-type]
 
@@ -630,5 +642,7 @@ def test_msi_compose_rejects_something_that_is_not_an_interrupt_naming_it() -> N
 def test_msi_decode_rejects_fields_outside_32_bits_naming_them(
     msi: Msi, error: type[Exception], name: str
 ) -> None:
+    """``lapic.faults`` contract: an MSI field outside 32 bits is not a machine value (no spec
+    id)."""
     with pytest.raises(error, match=name):
         msi.decode(x2apic_format=True)
