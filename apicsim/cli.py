@@ -9,6 +9,10 @@
     Run declarative scenarios (format: :mod:`apicsim.scenario`, ``specs/scenarios/README.md``).
     A directory stands for the ``*.toml`` files in it.
 
+``apicsim check [--backend model|kvm] [--quiet] PATH...``
+    Run scenarios on the model or on the host's KVM, one PASS/FAIL/SKIP line per expectation.
+    See :mod:`apicsim.check`.
+
 ``apicsim mutants [--ids BUG-n,...] [--jobs N]``
     Put historical KVM bugs back into the model one at a time and check that the tests kill
     each one.  See :mod:`apicsim.mutants`.
@@ -24,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from apicsim import demo, mutants, scenario
+from apicsim import check, demo, mutants, scenario
 
 
 def _int(text: str) -> int:
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the scenarios that list this backend (only 'model' is implemented)",
     )
     mutants.add_parser(sub)
+    check.add_parser(sub)
     return p
 
 
@@ -82,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo.run(vcpus=args.vcpus, vector=args.vector, out=sys.stdout)
     if args.command == "mutants":
         return mutants.main(args, sys.stdout, sys.stderr)
+    if args.command == "check":
+        return check.main(args, sys.stdout, sys.stderr)
     if args.backend != "model":
         print(f"apicsim run: backend {args.backend!r} is not implemented", file=sys.stderr)
         return 2

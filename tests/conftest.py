@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis.database import (
     DirectoryBasedExampleDatabase,
     ExampleDatabase,
@@ -81,6 +81,9 @@ _active_replays: list[str] = []
 def pytest_configure(config: pytest.Config) -> None:
     """Activate ``APICSIM_REPLAY`` before collection, so test modules import the replayed
     objects too."""
+    config.addinivalue_line(
+        "markers", "slow: takes seconds (pytest subprocesses); still part of every run"
+    )
     from apicsim import replays
 
     if not os.environ.get(replays.ENV_VAR, "").strip() or _active_replays:
@@ -91,9 +94,11 @@ def pytest_configure(config: pytest.Config) -> None:
     except replays.ReplayError as e:
         raise pytest.UsageError(f"{replays.ENV_VAR}: {e}") from None
     _active_replays.extend(ids)
-    # Failing examples found under a replay must not come back in later, normal runs.
+    # Failing examples found under a replay must not come back in later, normal runs, and a
+    # replay only needs *a* failure: no shrinking.
     base = settings.get_profile(os.environ.get(PROFILE_ENV, "default"))
-    settings.register_profile("apicsim-replay", settings(base, database=None))
+    phases = tuple(p for p in base.phases if p is not Phase.shrink)
+    settings.register_profile("apicsim-replay", settings(base, database=None, phases=phases))
     settings.load_profile("apicsim-replay")
     config.add_cleanup(_deactivate_replays)
 

@@ -327,3 +327,19 @@ def test_flat_dfr_is_written_as_all_ones__MAP_4() -> None:
     """The builders' flat DFR really is KVM's APIC_DFR_FLAT (guards the other MAP-4 tests)."""
     vm = logical_vm([0x01])
     assert vm.lapic(0).dfr == DFR_FLAT
+
+
+def test_an_apic_disabled_and_re_enabled_by_its_guest_is_back_in_the_map__MAP_1_BUG_10() -> None:
+    """BUG-10 ("KVM: x86: Fix APIC map calculation after re-enabling"): the guest on vCPU 1
+    clears IA32_APIC_BASE.EN, then sets it again.  The map follows the stored APIC_BASE
+    (MAP-1: present = EN), so a physical IPI to its ID reaches it again."""
+    vm = xapic_vm(2)
+    v = vm.vcpu(1)
+    base = v.rdmsr(APIC_BASE_MSR)
+    v.wrmsr(APIC_BASE_MSR, base & ~0x800)
+    assert vm.deliver(Interrupt(0x4A, dest=1), vm.lapic(0)) == 0, "a disabled APIC is absent"
+    v.wrmsr(APIC_BASE_MSR, base)
+    apic_map = vm.apic_map
+    assert apic_map is not None and apic_map.phys_map[1] is vm.lapic(1)
+    assert vm.deliver(Interrupt(0x4B, dest=1), vm.lapic(0)) == 1
+    assert holders(vm, 0x4B) == [1]

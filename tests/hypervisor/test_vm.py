@@ -496,3 +496,26 @@ def test_guest_made_and_host_made_x2apic_vcpus_are_the_same__STATE_5() -> None:
     host_apic_base(host, 1, "x2apic")
     assert guest.get_lapic(1) == host.get_lapic(1)
     assert guest.get_msr(1, APIC_BASE_MSR) == host.get_msr(1, APIC_BASE_MSR)
+
+
+def test_eoi_after_kvm_set_lapic_clears_the_restored_highest_isr__PRIO_5_BUG_29() -> None:
+    """PRIO-5 / BUG-29 ("KVM: x86: Purge "highest ISR" cache when updating APICv state"): EOI
+    clears the highest ISR bit of the state in force, even when the vector the vCPU last
+    acknowledged belongs to a state KVM_SET_LAPIC has since replaced."""
+    vm = xapic_vm(2)
+
+    def no_eoi_yet(vcpu: object, vector: int) -> None:
+        """A handler still running: the vector stays in service."""
+
+    send_ipi(vm, 0, ICR_ASSERT | 0x41, 1)
+    assert vm.vcpu(1).run(handler=no_eoi_yet) == [0x41]
+    saved = vm.get_lapic(1)  # ISR = {0x41}
+    vm.vcpu(1).guest_eoi()
+    send_ipi(vm, 0, ICR_ASSERT | 0x31, 1)
+    assert vm.vcpu(1).run(handler=no_eoi_yet) == [0x31]
+    assert set(vm.lapic(1).isr) == {0x31}
+    vm.set_lapic(1, saved)
+    assert set(vm.lapic(1).isr) == {0x41}
+    vm.vcpu(1).guest_eoi()
+    assert set(vm.lapic(1).isr) == set(), "EOI cleared the restored vector 0x41"
+    assert vm.lapic(1).ppr == 0
