@@ -15,7 +15,8 @@ executes them (so every one is a VM exit under trap-and-emulate):
 * register access per mode (``apic_read``/``apic_write``: MMIO at the APIC base for xAPIC,
   RDMSR/WRMSR ``0x800 + (offset >> 4)`` for x2APIC), EOI (``apic_eoi``), TPR;
 * an interrupt handler on each vCPU (``Vcpu.interrupt_handler``): record the vector in
-  ``GuestCpu.handled``, then EOI through the mode's interface, except for NMI (vector 2);
+  ``GuestCpu.handled``, then EOI through the mode's interface; an NMI handler
+  (``Vcpu.nmi_handler``) that records vector 2 and takes no EOI;
 * the ``apic->send_IPI*`` entry points, with cpumasks given as iterables of CPU numbers
   (visited in ascending order, as ``for_each_cpu`` does).
 
@@ -114,13 +115,16 @@ class GuestCpu:
     # Interrupts
     # ===================================================================================
     def run(self) -> list[int]:
-        """One VM entry of this CPU's vCPU with the guest's handler: the vectors handled."""
-        return self.vcpu.run(self._interrupt)
+        """One VM entry of this CPU's vCPU with the guest's handlers: what was handled."""
+        return self.vcpu.run(self._interrupt, self._nmi)
 
     def _interrupt(self, vcpu: Vcpu, vector: int) -> None:
         self.handled.append(vector)
-        if vector != NMI_VECTOR:
-            self.eoi()
+        self.eoi()
+
+    def _nmi(self, vcpu: Vcpu) -> None:
+        """The NMI handler: recorded as vector 2; an NMI takes no EOI."""
+        self.handled.append(NMI_VECTOR)
 
     # ===================================================================================
     # IPIs (apic->send_IPI_*)
@@ -224,6 +228,7 @@ class Guest:
             self.cpu_to_logical_apicid.append(logical)
         for cpu in self.cpus:
             cpu.vcpu.interrupt_handler = cpu._interrupt
+            cpu.vcpu.nmi_handler = cpu._nmi
 
     @staticmethod
     def _check_vm(vm: Vm, driver: Driver) -> None:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 NMI_VECTOR = 2
 
 Handler = Callable[["Vcpu", int], None]
+NmiHandler = Callable[["Vcpu"], None]
 
 
 class RunState(Enum):
@@ -70,7 +71,10 @@ class Vcpu:
         self.mp_state = MpState.RUNNABLE if started or apic.bsp else MpState.UNINITIALIZED
         self.pcpu: int | None = None
         self.interrupt_handler: Handler | None = None
-        """Installed by the guest; called with each acknowledged vector (and 2 for NMI)."""
+        """Installed by the guest; called with each acknowledged interrupt vector."""
+        self.nmi_handler: NmiHandler | None = None
+        """Installed by the guest; called once per NMI injected (an NMI is not acknowledged
+        through the APIC and takes no EOI, so it never reaches ``interrupt_handler``)."""
         self.handled: list[int] = []
         """Vectors handled by the default handler (no guest handler installed)."""
         self.sipi_entry: int | None = None
@@ -268,8 +272,12 @@ class Vcpu:
                 self.sipi_entry = apic.sipi_vector << 12
                 self.mp_state = MpState.RUNNABLE
 
-    def run(self, handler: Handler | None = None) -> list[int]:
-        """One VM entry: handle everything pending; returns the vectors handled (2 = NMI).
+    def run(
+        self, handler: Handler | None = None, nmi_handler: NmiHandler | None = None
+    ) -> list[int]:
+        """One VM entry: handle everything pending; returns what was handled, in order: 2 for
+        each NMI, then the interrupt vectors.  A fixed-mode vector 2 is an interrupt like any
+        other (acknowledged, handled, EOI'd); only the return list cannot tell them apart.
 
         A blocked vCPU with nothing pending stays blocked (returns ``[]``).
         """
@@ -284,11 +292,12 @@ class Vcpu:
         apic = self.apic
         apic.pv_unhalted = False
         handle = handler or self.interrupt_handler or Vcpu.default_handler
+        handle_nmi = nmi_handler or self.nmi_handler or Vcpu.default_nmi_handler
         done: list[int] = []
         while apic.nmi_pending:
             apic.nmi_pending -= 1
             done.append(NMI_VECTOR)
-            handle(self, NMI_VECTOR)
+            handle_nmi(self)
         while True:
             vector = apic.ack()
             if vector is None:
@@ -298,10 +307,13 @@ class Vcpu:
         return done
 
     def default_handler(self, vector: int) -> None:
-        """What a Linux handler does at the end: record, then EOI (not for NMI)."""
+        """What a Linux handler does at the end: record, then EOI."""
         self.handled.append(vector)
-        if vector != NMI_VECTOR:
-            self.guest_eoi()
+        self.guest_eoi()
+
+    def default_nmi_handler(self) -> None:
+        """Record the NMI (as vector 2); an NMI takes no EOI."""
+        self.handled.append(NMI_VECTOR)
 
     def guest_eoi(self) -> None:
         """The guest's EOI write, through whichever interface its APIC mode uses."""

@@ -127,7 +127,7 @@ class Vm:
         self._map_inhibits = 0
         self._sticky_inhibits = 0
         self.accel = accel_mod.make(accelerator)
-        self._use_map = self.profile.optimized_apic_map
+        self._use_map = uses_optimized_map(self.profile)
 
         if vcpu_ids is None:
             check_int("vcpus", vcpus, 1, max_vcpu_ids)
@@ -379,4 +379,17 @@ def _icr_low(irq: Interrupt) -> int:
         | int(irq.level) << 14
         | int(irq.trigger) << 15
         | int(irq.shorthand) << 18
+    )
+
+
+def uses_optimized_map(profile: Profile) -> bool:
+    """Whether delivery tries KVM's optimized map first.  The map encodes KVM's matching and
+    arbitration only; a profile that changes those rules (cluster 15, the hotplug hack, the
+    SDM's lowest-priority policy) is delivered by the slow path alone, so fast and slow
+    answers never mix two rule sets."""
+    return (
+        profile.optimized_apic_map
+        and profile.cluster15_addressable
+        and profile.xapic_matches_x2apic_id
+        and profile.lowest_priority is not LowestPriorityPolicy.LOWEST_TPR
     )

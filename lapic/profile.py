@@ -124,7 +124,8 @@ class Profile:
     answers differ from the architectural rules in documented corners (a logical message while
     every APIC is software-disabled is dropped; aliased xAPIC IDs under x2apic_format reach one
     vCPU; 0 instead of -1 for no target).  The SDM has no such map: the sdm preset delivers by
-    the architectural rules only.  Read by the hypervisor layer."""
+    the architectural rules only.  Read by the hypervisor layer, which also skips the map for
+    a profile whose matching or arbitration knobs are not KVM's (the map encodes KVM's)."""
 
     x2apic_lowest_priority_ipi: bool = True
     """D5.  KVM sends lowest-priority IPIs from x2APIC mode.  SDM 10.5.3 (ESR bit 4) and

@@ -66,6 +66,8 @@ _db_setting: dict[str, Any] = {} if _database is None else {"database": _databas
 
 settings.register_profile("default", max_examples=100, deadline=None, **_db_setting)
 settings.register_profile("thorough", max_examples=2000, deadline=None, **_db_setting)
+# Mutation testing runs the suite once per mutant: few examples, no database.
+settings.register_profile("mutation", max_examples=20, deadline=None, database=None)
 settings.load_profile(os.environ.get(PROFILE_ENV, "default"))
 
 

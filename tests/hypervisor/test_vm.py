@@ -519,3 +519,25 @@ def test_eoi_after_kvm_set_lapic_clears_the_restored_highest_isr__PRIO_5_BUG_29(
     vm.vcpu(1).guest_eoi()
     assert set(vm.lapic(1).isr) == set(), "EOI cleared the restored vector 0x41"
     assert vm.lapic(1).ppr == 0
+
+
+def test_nmis_go_to_the_nmi_handler_and_never_touch_a_fixed_vector_2__ACCEPT_NMI__PRIO_7() -> None:
+    """ACCEPT-NMI / PRIO-7: under kvm a fixed-mode vector 2 is accepted into IRR but, being in
+    priority class 0, is never deliverable; an NMI goes to the NMI handler (no EOI) and leaves
+    that IRR bit alone.  Interrupts go to the interrupt handler and are EOI'd."""
+    vm = Vm(2)
+    target = vm.vcpu(1)
+    target.mmio_write(0xFEE000F0, 0x1FF)
+    interrupts: list[int] = []
+    nmis: list[int] = []
+    target.interrupt_handler = lambda v, vec: (interrupts.append(vec), v.guest_eoi())[0]
+    target.nmi_handler = lambda v: nmis.append(2)
+    assert vm.lapic(1).accept(2)
+    vm.lapic(1).accept(0x41)
+    assert target.run() == [0x41]
+    assert 2 in vm.lapic(1).irr and not vm.lapic(1).isr
+    assert interrupts == [0x41] and nmis == []
+    assert vm.signal_msi(0xFEE01000, 0, 0x400) == 1  # NMI to APIC ID 1
+    assert target.run() == [2]
+    assert nmis == [2] and interrupts == [0x41]
+    assert 2 in vm.lapic(1).irr and not vm.lapic(1).isr
