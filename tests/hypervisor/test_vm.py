@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from hypervisor import Exit, ExitReason, MpState, RunState, Vm
+from hypervisor import Exit, ExitReason, MpState, RunState, Vcpu, Vm
 from hypervisor.pv_ipi import KVM_HC_SEND_IPI
 from hypervisor.trace import KvmApicAcceptIrq, KvmApicIpi, KvmExit, KvmHypercall, KvmMsiSetIrq
 from lapic import GuestFault, StateError
@@ -530,7 +530,12 @@ def test_nmis_go_to_the_nmi_handler_and_never_touch_a_fixed_vector_2__ACCEPT_NMI
     target.mmio_write(0xFEE000F0, 0x1FF)
     interrupts: list[int] = []
     nmis: list[int] = []
-    target.interrupt_handler = lambda v, vec: (interrupts.append(vec), v.guest_eoi())[0]
+
+    def handler(vcpu: Vcpu, vector: int) -> None:
+        interrupts.append(vector)
+        vcpu.guest_eoi()
+
+    target.interrupt_handler = handler
     target.nmi_handler = lambda v: nmis.append(2)
     assert vm.lapic(1).accept(2)
     vm.lapic(1).accept(0x41)
