@@ -100,11 +100,11 @@ class Vcpu:
         return self.vm.accel.rdmsr(self, msr)
 
     def wrmsr(self, msr: int, value: int) -> None:
-        if type(msr) is not int or type(value) is not int or msr >> 32 or value >> 64 or (
-            msr < 0 or value < 0
-        ):
-            check_int("msr", msr, 0, 0xFFFFFFFF)
-            check_int("value", value, 0, (1 << 64) - 1)
+        # Fast check (a negative int shifts to -1, so ">>" also catches it); anything else
+        # (a bad argument, or an int subclass such as an IntEnum) gets the full check.
+        if type(msr) is not int or type(value) is not int or msr >> 32 or value >> 64:
+            msr = int(check_int("msr", msr, 0, 0xFFFFFFFF))
+            value = int(check_int("value", value, 0, (1 << 64) - 1))
         if self.run_state is not RunState.IN_GUEST:
             self._executing()
         self.vm.current = self

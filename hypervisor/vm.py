@@ -122,10 +122,13 @@ class Vm:
         """The vCPU whose guest code is executing (set by each guest access)."""
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
-        self._map: ApicMap | None = None
-        self._map_dirty = True
-        self._map_inhibits = 0
-        self._sticky_inhibits = 0
+        # The map, its dirty bit and its inhibits are first set by add_vcpu (every VM has a
+        # vCPU), and read only through apic_map, which rebuilds a dirty map first.
+        self._map: ApicMap | None
+        self._map_dirty: bool
+        self._map_inhibits: int
+        self._apic_base_modified = False
+        """APICV_INHIBIT_REASON_APIC_BASE_MODIFIED: set by an APIC_BASE write, never cleared."""
         self.accel = accel_mod.make(accelerator)
         self._use_map = uses_optimized_map(self.profile)
 
@@ -136,7 +139,6 @@ class Vm:
             self.add_vcpu(vid)
         if not self._vcpus:
             raise ApicValueError("vcpu_ids must name at least one vCPU")
-        self.accel.attach(self)
 
     # ===================================================================================
     # vCPUs
@@ -167,8 +169,7 @@ class Vm:
             self._map_dirty = True
         self._vcpus.append(vcpu)
         self._apics.append(apic)
-        if len(self._vcpus) > 1:
-            self.accel.attach(self)
+        self.accel.attach(self)
         return vcpu
 
     @property
@@ -200,7 +201,7 @@ class Vm:
         self._map_dirty = True
         if apic.hw_enabled and apic.base_address != APIC_DEFAULT_BASE:
             # __kvm_apic_set_base: set on the write itself, never cleared.
-            self._sticky_inhibits |= Inhibits.APIC_BASE_MODIFIED
+            self._apic_base_modified = True
 
     @property
     def apic_map(self) -> ApicMap | None:
@@ -214,7 +215,9 @@ class Vm:
     def inhibits(self) -> int:
         """APICv inhibit reasons in force (``hypervisor.apic_map.Inhibits`` bits)."""
         _ = self.apic_map
-        return self._map_inhibits | self._sticky_inhibits
+        if self._apic_base_modified:
+            return self._map_inhibits | Inhibits.APIC_BASE_MODIFIED
+        return self._map_inhibits
 
     # ===================================================================================
     # Delivery
@@ -271,7 +274,12 @@ class Vm:
             self.tracer.emit(KvmEoi(apic.vcpu_id, vector))
 
     def signal_msi(
-        self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
+        self,
+        address_lo: int,
+        address_hi: int = 0,
+        data: int = 0,
+        # Equivalent default: 0 and KVM_MSI_VALID_DEVID (1) take the same path (no device ids).
+        flags: int = 0,  # pragma: no mutate
     ) -> int:
         """KVM_SIGNAL_MSI (``kvm_send_userspace_msi`` -> ``kvm_set_msi``)."""
         check_int("address_lo", address_lo, 0, 0xFFFFFFFF)
@@ -307,7 +315,7 @@ class Vm:
 
     def kick_cpu(self, apic_id: int) -> None:
         """KVM_HC_KICK_CPU: a remote-read-mode message to ``apic_id`` (PV unhalt)."""
-        self.deliver(Interrupt(0, DeliveryMode.REMOTE_READ, dest=apic_id), None)
+        self.deliver(Interrupt(0, DeliveryMode.REMOTE_READ, dest=apic_id))
 
     # ===================================================================================
     # Host API (ioctls)

@@ -24,7 +24,8 @@ class Accelerator(Protocol):
     name: str
 
     def attach(self, vm: Vm) -> None:
-        """Called once, after the VM created its vCPUs."""
+        """Called after each vCPU is created (KVM_CREATE_VCPU, also while ``Vm()`` creates
+        its vCPUs), so the last call has seen every vCPU."""
         ...
 
     def mmio_read(self, vcpu: Vcpu, gpa: int, size: int) -> int: ...

@@ -31,7 +31,7 @@ class Emulated:
     name = "emulated"
 
     def attach(self, vm: Vm) -> None:
-        self.vm = vm
+        return None
 
     def mmio_read(self, vcpu: Vcpu, gpa: int, size: int) -> int:
         vcpu.record_exit(ExitReason.EPT_MISCONFIG, gpa, 0)
