@@ -182,7 +182,7 @@ class Msi(NamedTuple):
         _validate(interrupt, limit)
         lo = 0xFEE00000 | ((interrupt.dest & 0xFF) << 12) | (int(interrupt.dest_mode) << 2)
         lo |= int(interrupt.redir_hint) << 3
-        hi = interrupt.dest & 0xFFFFFF00 if x2apic_format else 0
+        hi = interrupt.dest & 0xFFFFFF00  # 0 without x2apic_format: dest <= 0xFF there
         data = (
             interrupt.vector
             | (int(interrupt.delivery_mode) << 8)

@@ -231,12 +231,14 @@ class Profile:
         }
 
     def __repr__(self) -> str:
-        base = PRESETS.get(self.name)
-        if base is not None and base == self:
+        """Valid Python that rebuilds an equal profile, ``name`` included."""
+        if PRESETS.get(self.name) == self:
             return f"Profile.preset({self.name!r})"
-        kvm = PRESETS["kvm"]
-        diffs = ", ".join(f"{k}={v[0]!r}" for k, v in self.differences(kvm).items())
-        return f"Profile.custom('kvm', {diffs})" if diffs else "Profile.preset('kvm')"
+        args = ["'kvm'"]
+        if self.name != "kvm+custom":  # the name Profile.custom('kvm', ...) gives by itself
+            args.append(f"name={self.name!r}")
+        args += [f"{k}={mine!r}" for k, (mine, _) in self.differences(PRESETS["kvm"]).items()]
+        return f"Profile.custom({', '.join(args)})"
 
 
 KVM = Profile()

@@ -107,9 +107,7 @@ def deliver_slow(
         ):
             continue
         if not lowest_priority:
-            if r < 0:
-                r = 0
-            r += accept(apic, irq)
+            r = max(r, 0) + accept(apic, irq)
         elif apic.sw_enabled:
             candidates.append(apic)
     if candidates:

@@ -157,30 +157,25 @@ class ApicTimer:
         self._clamp_period()
         self.target = self.clock.now + self.period
 
-    def restore(self, tmict: int, tmcct: int) -> int:
+    def restore(self, tmict: int, tmcct: int) -> None:
         """KVM_SET_LAPIC: restart from the image's TMCCT (``__start_apic_timer(APIC_TMCCT)``).
-
-        Returns the TMCCT value KVM keeps in the page (it clamps an oversized count to 0 there;
-        the caller zeroes the stored TMCCT afterwards anyway).
+        A count above TMICT restarts a full period (KVM also clamps the TMCCT it keeps in the
+        page to 0 there; the caller zeroes the stored TMCCT anyway).
         """
         self.target = None
         if self.mode == TIMER_TSC_DEADLINE:
             self.write_deadline(self.deadline)
-            return tmcct
+            return
         if self.mode != 0 and self.mode != TIMER_PERIODIC:
-            return tmcct
+            return
         self.period = tmict * self.bus_cycle_ns * self.divide
         if not self.period:
-            return tmcct
+            return
         self._clamp_period()
-        remaining = tmcct * self.bus_cycle_ns * self.divide
+        remaining = min(tmcct * self.bus_cycle_ns * self.divide, self.period)
         if remaining <= 0:
             remaining = self.period if self.mode == TIMER_PERIODIC else 0
-        elif remaining > self.period:
-            remaining = self.period
-            tmcct = 0
         self.target = self.clock.now + remaining
-        return tmcct
 
     def write_deadline(self, tsc: int) -> None:
         """IA32_TSC_DEADLINE write; only arms in TSC-deadline mode (KVM ignores it otherwise)."""
@@ -190,7 +185,9 @@ class ApicTimer:
         self.target = None if tsc == 0 else max(self.clock.ns_until_tsc(tsc), self.clock.now)
 
     def read_deadline(self) -> int:
-        return self.deadline if self.mode == TIMER_TSC_DEADLINE else 0
+        # Equivalent mutant: ``deadline`` is already 0 outside TSC-deadline mode (leaving the
+        # mode zeroes it, writes outside it are ignored); the guard states TIMER-4 directly.
+        return self.deadline if self.mode == TIMER_TSC_DEADLINE else 0  # pragma: no mutate
 
     def current_count(self, tmict: int) -> int:
         """TMCCT (KVM ``apic_get_tmcct`` with the same-instant choice of the module doc)."""
@@ -235,8 +232,8 @@ class ApicTimer:
         return self.target
 
     def _clamp_period(self) -> None:
-        if self.mode == TIMER_PERIODIC and self.period < self.min_periodic_ns:
-            self.period = self.min_periodic_ns
+        if self.mode == TIMER_PERIODIC:
+            self.period = max(self.period, self.min_periodic_ns)
 
     def __repr__(self) -> str:
         return (

@@ -19,11 +19,14 @@ from lapic.registers import (
     LVT_REGISTERS,
     LVT_REMOTE_IRR,
     LVT_TIMER_MODE,
+    REGISTER_BY_MSR,
     REGISTER_BY_NAME,
+    REGISTER_BY_OFFSET,
     REGISTERS,
     TIMER_PERIODIC,
     Access,
     Register,
+    markdown_table,
 )
 from tests.lapic.strategies import (
     PROFILE_NAMES,
@@ -747,3 +750,157 @@ def test_a_faulting_access_raises_guest_fault_13() -> None:
     with pytest.raises(GuestFault) as info:
         apic.rdmsr(0x800)
     assert info.value.vector == 13
+
+
+# --- The table itself, row by row -------------------------------------------------------
+# The rows are built at import time, where no mutant of the builder helpers can be observed;
+# these literal rows are what pins the data (the helpers carry ``# pragma: no mutate block``).
+
+NO, R, W, RW = Access.NONE, Access.R, Access.W, Access.RW
+
+TABLE_ROWS = [
+    # name, offset, MSR, RESET, INIT, xAPIC, x2APIC, write mask, is_lvt, feature
+    ('ID', 0x020, 0x802, None, None, RW, R, 0xFF000000, False, None),
+    ('LVR', 0x030, 0x803, None, None, R, R, 0, False, None),
+    ('TPR', 0x080, 0x808, 0, 0, RW, RW, 0xFF, False, None),
+    ('APR', 0x090, None, 0, 0, R, NO, 0, False, None),
+    ('PPR', 0x0a0, 0x80A, 0, 0, R, R, 0, False, None),
+    ('EOI', 0x0b0, 0x80B, 0, 0, W, W, 0, False, None),
+    ('RRD', 0x0c0, None, 0, 0, NO, NO, 0, False, None),
+    ('LDR', 0x0d0, 0x80D, 0, 0, RW, R, 0xFF000000, False, None),
+    ('DFR', 0x0e0, None, 0xFFFFFFFF, 0xFFFFFFFF, RW, NO, 0xF0000000, False, None),
+    ('SVR', 0x0f0, 0x80F, 0xFF, 0xFF, RW, RW, 0x3FF, False, None),
+    ('ISR0', 0x100, 0x810, 0, 0, R, R, 0, False, None),
+    ('ISR1', 0x110, 0x811, 0, 0, R, R, 0, False, None),
+    ('ISR2', 0x120, 0x812, 0, 0, R, R, 0, False, None),
+    ('ISR3', 0x130, 0x813, 0, 0, R, R, 0, False, None),
+    ('ISR4', 0x140, 0x814, 0, 0, R, R, 0, False, None),
+    ('ISR5', 0x150, 0x815, 0, 0, R, R, 0, False, None),
+    ('ISR6', 0x160, 0x816, 0, 0, R, R, 0, False, None),
+    ('ISR7', 0x170, 0x817, 0, 0, R, R, 0, False, None),
+    ('TMR0', 0x180, 0x818, 0, 0, R, R, 0, False, None),
+    ('TMR1', 0x190, 0x819, 0, 0, R, R, 0, False, None),
+    ('TMR2', 0x1a0, 0x81A, 0, 0, R, R, 0, False, None),
+    ('TMR3', 0x1b0, 0x81B, 0, 0, R, R, 0, False, None),
+    ('TMR4', 0x1c0, 0x81C, 0, 0, R, R, 0, False, None),
+    ('TMR5', 0x1d0, 0x81D, 0, 0, R, R, 0, False, None),
+    ('TMR6', 0x1e0, 0x81E, 0, 0, R, R, 0, False, None),
+    ('TMR7', 0x1f0, 0x81F, 0, 0, R, R, 0, False, None),
+    ('IRR0', 0x200, 0x820, 0, 0, R, R, 0, False, None),
+    ('IRR1', 0x210, 0x821, 0, 0, R, R, 0, False, None),
+    ('IRR2', 0x220, 0x822, 0, 0, R, R, 0, False, None),
+    ('IRR3', 0x230, 0x823, 0, 0, R, R, 0, False, None),
+    ('IRR4', 0x240, 0x824, 0, 0, R, R, 0, False, None),
+    ('IRR5', 0x250, 0x825, 0, 0, R, R, 0, False, None),
+    ('IRR6', 0x260, 0x826, 0, 0, R, R, 0, False, None),
+    ('IRR7', 0x270, 0x827, 0, 0, R, R, 0, False, None),
+    ('ESR', 0x280, 0x828, 0, 0, RW, RW, 0, False, None),
+    ('LVTCMCI', 0x2f0, 0x82F, 0x10000, 0x10000, RW, RW, 0x117FF, True, 'cmci'),
+    ('ICR', 0x300, 0x830, 0, 0, RW, RW, 0xFFFFFFFF, False, None),
+    ('ICR2', 0x310, None, 0, 0, RW, NO, 0xFF000000, False, None),
+    ('LVTT', 0x320, 0x832, 0x10000, 0x10000, RW, RW, 0x710FF, True, None),
+    ('LVTTHMR', 0x330, 0x833, 0x10000, 0x10000, RW, RW, 0x117FF, True, None),
+    ('LVTPC', 0x340, 0x834, 0x10000, 0x10000, RW, RW, 0x117FF, True, None),
+    ('LVT0', 0x350, 0x835, 0x10000, 0x10000, RW, RW, 0x1F7FF, True, None),
+    ('LVT1', 0x360, 0x836, 0x10000, 0x10000, RW, RW, 0x1F7FF, True, None),
+    ('LVTERR', 0x370, 0x837, 0x10000, 0x10000, RW, RW, 0x110FF, True, None),
+    ('TMICT', 0x380, 0x838, 0, 0, RW, RW, 0xFFFFFFFF, False, None),
+    ('TMCCT', 0x390, 0x839, 0, 0, R, R, 0, False, None),
+    ('TDCR', 0x3e0, 0x83E, 0, 0, RW, RW, 0xB, False, None),
+    ('SELF_IPI', 0x3f0, 0x83F, 0, 0, NO, W, 0xFF, False, None),
+]
+
+TITLES = {
+    'ID': 'Local APIC ID',
+    'LVR': 'Local APIC Version',
+    'TPR': 'Task Priority',
+    'APR': 'Arbitration Priority',
+    'PPR': 'Processor Priority',
+    'EOI': 'End Of Interrupt',
+    'RRD': 'Remote Read',
+    'LDR': 'Logical Destination (x2APIC: derived, kept)',
+    'DFR': 'Destination Format',
+    'SVR': 'Spurious Interrupt Vector',
+    'ESR': 'Error Status',
+    'LVTCMCI': 'LVT Corrected Machine Check Interrupt',
+    'ICR': 'Interrupt Command (low; 64-bit in x2APIC)',
+    'ICR2': 'Interrupt Command (high)',
+    'LVTT': 'LVT Timer',
+    'LVTTHMR': 'LVT Thermal Sensor',
+    'LVTPC': 'LVT Performance Monitoring Counters',
+    'LVT0': 'LVT LINT0',
+    'LVT1': 'LVT LINT1',
+    'LVTERR': 'LVT Error',
+    'TMICT': 'Timer Initial Count',
+    'TMCCT': 'Timer Current Count',
+    'TDCR': 'Timer Divide Configuration',
+    'SELF_IPI': 'SELF IPI (x2APIC only)',
+}
+
+
+def test_every_row_of_the_table_is_pinned__MSR_2__RESET_1__INIT_1() -> None:
+    """Table 1.1 as data: offset, MSR (MSR-2: 0x800 + offset >> 4, none for APR/RRD/DFR/ICR2),
+    RESET/INIT values (RESET-1, INIT-1), access per mode (MMIO-4/5, MSR-4/5), write mask
+    (REG-*), LVT flag and feature, in table order."""
+    rows = [
+        (r.name, r.offset, r.msr, r.reset, r.init, r.xapic, r.x2apic, r.write_mask, r.is_lvt,
+         r.feature)
+        for r in REGISTERS
+    ]
+    assert rows == TABLE_ROWS
+    assert {r.name: r.title for r in REGISTERS if r.name in TITLES} == TITLES
+
+
+@pytest.mark.parametrize(
+    ("stem", "title"),
+    [("ISR", "In-Service Register"), ("TMR", "Trigger Mode Register"),
+     ("IRR", "Interrupt Request Register")],
+)
+def test_vector_word_rows_name_their_bit_ranges__PRIO_1(stem: str, title: str) -> None:
+    titles = [REGISTER_BY_NAME[f"{stem}{n}"].title for n in range(8)]
+    assert titles[0] == f"{title} bits 31:0"
+    assert titles[1] == f"{title} bits 63:32"
+    assert titles[7] == f"{title} bits 255:224"
+    assert titles == [f"{title} bits {32 * n + 31}:{32 * n}" for n in range(8)]
+
+
+def test_the_lookup_tables_index_every_row() -> None:
+    assert [REGISTER_BY_NAME[r.name] for r in REGISTERS] == list(REGISTERS)
+    assert [REGISTER_BY_OFFSET[r.offset] for r in REGISTERS] == list(REGISTERS)
+    assert {m: r.name for m, r in REGISTER_BY_MSR.items()} == {
+        r.msr: r.name for r in REGISTERS if r.msr is not None
+    }
+    assert len(REGISTER_BY_MSR) == len(REGISTERS) - 4
+
+
+def test_register_repr_names_the_row_and_evaluates_back() -> None:
+    """``lapic.registers`` contract: a row's repr pastes back (no spec id)."""
+    icr2, tpr = REGISTER_BY_NAME["ICR2"], REGISTER_BY_NAME["TPR"]
+    assert repr(tpr) == "REGISTER_BY_NAME['TPR']  # offset 0x080, msr 0x808"
+    assert repr(icr2) == "REGISTER_BY_NAME['ICR2']  # offset 0x310, msr None"
+    for r in REGISTERS:
+        assert eval(repr(r), {"REGISTER_BY_NAME": REGISTER_BY_NAME}) is r
+
+
+def test_markdown_table_renders_every_row() -> None:
+    """``python -m lapic.registers`` prints the table for the docs (no spec id)."""
+    lines = markdown_table().split("\n")
+    assert lines[:2] == [
+        "| Register | Offset | MSR | RESET | INIT | xAPIC | x2APIC | write mask | Title |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    assert len(lines) == 2 + len(REGISTERS)
+    rows = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert list(rows) == [r.name for r in REGISTERS]
+    assert rows["ID"] == (
+        "| ID | 0x020 | 0x802 | computed | unchanged | RW | R | 0xff000000 | Local APIC ID |"
+    )
+    assert rows["APR"] == "| APR | 0x090 | - | 0x0 | 0x0 | R | - | 0x0 | Arbitration Priority |"
+    assert rows["EOI"] == "| EOI | 0x0b0 | 0x80b | 0x0 | 0x0 | W | W | 0x0 | End Of Interrupt |"
+    assert rows["LVTCMCI"] == (
+        "| LVTCMCI | 0x2f0 | 0x82f | 0x10000 | 0x10000 | RW | RW | 0x117ff "
+        "| LVT Corrected Machine Check Interrupt (with cmci) |"
+    )
+    assert rows["SELF_IPI"] == (
+        "| SELF_IPI | 0x3f0 | 0x83f | 0x0 | 0x0 | - | W | 0xff | SELF IPI (x2APIC only) |"
+    )

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lapic import Clock, Features, GuestFault, LocalApic
+from lapic import ApicTypeError, ApicValueError, Clock, Features, GuestFault, LocalApic
 
 SVR = 0x0F0
 LVTT = 0x320
@@ -914,3 +914,63 @@ def test_one_shot_tmcct_is_monotonic_and_exact__TIMER_2(
         fired = elapsed >= period
         assert kicks.count == int(fired), elapsed
         assert (VEC in apic.irr) == fired, elapsed
+
+
+# ---------------------------------------------------------------------------------------
+# Corners found by mutation testing
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_restored_count_of_one_tick_fires_one_tick_later__STATE_4_TIMER_2(profile: str) -> None:
+    """STATE-4: a one-shot restored with TMCCT = 1 (divide by 1) fires after 1 ns, not at once
+    and not a full period later."""
+    apic = make_apic(profile)
+    image = bytearray(apic.get_state())
+    for offset, value in ((LVTT, VEC), (TDCR, 0xB), (TMICT, 1000), (TMCCT, 1)):
+        image[offset : offset + 4] = value.to_bytes(4, "little")
+    apic.set_state(bytes(image))
+    assert not apic.irr
+    assert tmcct(apic) == 1
+    apic.advance(1)
+    assert set(apic.irr) == {VEC}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_tmict_write_in_the_reserved_timer_mode_stops_the_count__TIMER_2(profile: str) -> None:
+    """Timer mode 11b counts nothing: after a TMICT write there, a switch to periodic mode
+    does not revive a period (the timer's repr shows period=0)."""
+    apic = make_apic(profile)
+    arm(apic, lvtt=VEC, tdcr=0xB, tmict=1000)
+    apic.mmio_write(LVTT, RESERVED_MODE | VEC)
+    apic.mmio_write(TMICT, 500)
+    assert apic.timer.period == 0
+    assert "period=0," in repr(apic.timer)
+    apic.mmio_write(LVTT, PERIODIC | VEC)
+    assert apic.timer.period == 0
+    apic.advance(10_000_000)
+    assert not apic.irr
+
+
+def test_clock_advance_takes_0_to_2_pow_63_ns_and_names_ns() -> None:
+    clock = Clock()
+    clock.advance(0)
+    clock.advance(1 << 63)
+    assert clock.now == 1 << 63
+    with pytest.raises(ApicValueError, match=r"^ns=0x8000000000000001 is outside "):
+        Clock().advance((1 << 63) + 1)
+    with pytest.raises(ApicValueError, match=r"^ns=-0x1 is outside "):
+        clock.advance(-1)
+    with pytest.raises(ApicTypeError, match=r"^ns must be an int, not float$"):
+        clock.advance(1.0)  # type: ignore[arg-type]
+    assert clock.now == 1 << 63
+
+
+@pytest.mark.parametrize(("tsc_khz", "tsc", "ns"), [(3, 1, 333_334), (3, 3, 1_000_000), (7, 0, 0)])
+def test_the_first_instant_the_tsc_reaches_a_value_is_a_whole_ns__TIMER_4(
+    tsc_khz: int, tsc: int, ns: int
+) -> None:
+    clock = Clock(tsc_khz=tsc_khz)
+    got = clock.ns_until_tsc(tsc)
+    assert type(got) is int
+    assert got == ns
+    clock.advance(got)
+    assert clock.tsc >= tsc
