@@ -1,0 +1,341 @@
+"""Hypothesis strategies: random topologies and random operation sequences.
+
+``programs(kinds=...)`` draws a :class:`Program`: a :class:`Topology` (1-8 vCPUs, now and then
+32; contiguous or sparse vCPU ids, some above 0xFF; the VM's ``x2apic_format`` and broadcast
+quirk), a set-up that gives each vCPU an xAPIC ID, LDR, DFR, a mode (xAPIC, x2APIC by the
+guest or by the host, disabled), SVR and TPR, then random operations of the given kinds.
+Every operation passes through :func:`tests.differential.exclusions.permitted`.  Values are
+drawn from a few interesting ones or at random; hypothesis shrinks toward the first of each
+list, so the interesting values come first and the simplest operations first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from tests.differential.exclusions import FAR_DEADLINE, permitted
+from tests.differential.ops import (
+    APIC_BASE_MSR,
+    DEFAULT_BASE,
+    ICR_MSR,
+    SELF_IPI_MSR,
+    TSC_DEADLINE_MSR,
+    GetMsr,
+    Icr,
+    InitSipi,
+    MmioRead,
+    MmioWrite,
+    Msi,
+    Op,
+    Rdmsr,
+    RegRead,
+    RegWrite,
+    Restore,
+    SetBase,
+    SetMsr,
+    Wrmsr,
+)
+
+U32 = 0xFFFFFFFF
+U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The VM: its vCPU ids (creation order) and its KVM_CAP_X2APIC_API flags."""
+
+    vcpu_ids: tuple[int, ...]
+    x2apic_format: bool = False
+    broadcast_quirk: bool = True
+
+    @property
+    def contiguous(self) -> bool:
+        return self.vcpu_ids == tuple(range(len(self.vcpu_ids)))
+
+    def vm_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``tests.kvm.support.Factory`` (both backends)."""
+        args: dict[str, Any] = {
+            "x2apic_format": self.x2apic_format,
+            "broadcast_quirk": self.broadcast_quirk,
+        }
+        if self.contiguous:
+            args["vcpus"] = len(self.vcpu_ids)
+        else:
+            args["vcpu_ids"] = list(self.vcpu_ids)
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A topology, its set-up operations and the random operations, run in that order."""
+
+    topology: Topology
+    setup: tuple[Op, ...]
+    ops: tuple[Op, ...]
+
+    @property
+    def steps(self) -> tuple[Op, ...]:
+        return self.setup + self.ops
+
+
+# =============================================================================================
+# Values
+# =============================================================================================
+REGISTER_OFFSETS = (
+    0x080, 0x0F0, 0x020, 0x0D0, 0x0E0, 0x0B0, 0x300, 0x310, 0x030, 0x090, 0x0A0, 0x0C0,
+    0x280, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x2F0, 0x380, 0x390, 0x3E0, 0x3F0,
+    0x100, 0x170, 0x180, 0x1F0, 0x200, 0x270, 0x000, 0x010, 0x040, 0x0140, 0x3A0, 0x3D0,
+)  # fmt: skip
+"""Register offsets, the usual ones first; then vector words and offsets with no register."""
+
+IMAGE_DWORDS = (
+    0x080, 0x0F0, 0x020, 0x0D0, 0x0E0, 0x100, 0x110, 0x170, 0x180, 0x1F0, 0x200, 0x270,
+    0x280, 0x300, 0x304, 0x310, 0x320, 0x350, 0x360, 0x370, 0x380, 0x390, 0x3E0, 0x030,
+    0x090, 0x0A0, 0x0B0, 0x3F0, 0x024, 0x104, 0x2F0, 0x000,
+)  # fmt: skip
+"""Dwords of the KVM_GET_LAPIC image a restore may change (registers, their upper halves and
+the bytes between the vector words)."""
+
+VALUES32 = (
+    0, 0x1FF, 0xFF, 0x20, 0xF0, 0x10, 0x0FFFFFFF, 0xFFFFFFFF, 0x01000000, 0x000100F1,
+    0x000400F3, 0x00008031, 0x00000700, 0x00000400, 0x12345678, 0x100, 0x1000, 0x3FF,
+)  # fmt: skip
+
+VECTORS = (0x31, 0xF1, 0x20, 0x10, 0x0F, 0x00, 0xFF, 0x80, 0x41)
+DELIVERY_MODES = (0, 4, 1, 5, 6, 2, 3, 7)
+"""Fixed, NMI, lowest priority, INIT, STARTUP, SMI, remote read, ExtINT."""
+ICR_RESERVED = (0, 1 << 12, 1 << 13, 1 << 16, 1 << 17, 1 << 20, 0xFFF00000, 0xFFF32000)
+MSRS = (
+    APIC_BASE_MSR, 0x802, 0x803, 0x808, 0x80A, 0x80B, 0x80D, 0x80E, 0x80F, 0x810, 0x818,
+    0x820, 0x828, 0x830, 0x831, 0x832, 0x835, 0x837, 0x838, 0x839, 0x83E, 0x83F,
+    TSC_DEADLINE_MSR, 0x800, 0x801, 0x809, 0x80C, 0x82F, 0x840, 0x8FF, 0x900, 0xBFF,
+)  # fmt: skip
+WRITE_VALUES = (
+    0, 0x1FF, 0xFF, 0x20, 0x31, 0xFFFFFFFF, 0x100, 0x10000, 0x000100F1, 0x000400F3,
+    1 << 32, 0x1_000000F1, U64, FAR_DEADLINE,
+)  # fmt: skip
+BASE_ADDRESSES = (DEFAULT_BASE, 0xFED00000, 0xFEE01000, 0x1_0000_0000, 0x8000_0000_0000)
+BASE_RESERVED = (0, 0x200, 0x80, 0x1, 0x2FF)
+
+
+def _pick(values: Sequence[int], lo: int, hi: int) -> st.SearchStrategy[int]:
+    """One of ``values`` (shrinks to the first), or any integer in ``[lo, hi]``."""
+    return _pick_cached(tuple(values), lo, hi)
+
+
+@functools.cache
+def _pick_cached(values: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy[int]:
+    return st.one_of(st.sampled_from(values), st.integers(lo, hi))
+
+
+# =============================================================================================
+# Topology and set-up
+# =============================================================================================
+@st.composite
+def topologies(draw: st.DrawFn, *, large: bool = True, vcpus: int | None = None) -> Topology:
+    """1-8 vCPUs (now and then 32, when ``large``), ids 0..n-1 or sparse (up to 0x1FF); or
+    exactly ``vcpus`` vCPUs with ids 0..n-1."""
+    if vcpus is not None:
+        count = vcpus
+    else:
+        roll = draw(st.integers(0, 99))  # shrinks to 0: the small VMs
+        count = 32 if large and roll >= 97 else draw(st.integers(1, 8))
+    if count <= 8 and vcpus is None and draw(st.integers(0, 4)) == 4:
+        ids = sorted(draw(st.sets(st.integers(0, 0x1FF), min_size=count, max_size=count)))
+    else:
+        ids = list(range(count))
+    return Topology(
+        tuple(ids), x2apic_format=draw(st.booleans()), broadcast_quirk=draw(st.booleans())
+    )
+
+
+MODES = ("xapic", "x2apic", "x2apic-host", "disabled", "x2apic-then-disabled")
+
+
+@st.composite
+def vcpu_setup(draw: st.DrawFn, i: int, ids: Sequence[int]) -> list[Op]:
+    """xAPIC ID, LDR and DFR (while in xAPIC mode), a mode, then SVR and TPR (through the
+    interface of that mode)."""
+    ops: list[Op] = []
+    if draw(st.booleans()):
+        xapic_id = draw(_pick([ids[i] & 0xFF, *(v & 0xFF for v in ids), 0xFF], 0, 0xFF))
+        ops.append(RegWrite(i, 0x20, xapic_id << 24))
+    if draw(st.booleans()):
+        ldr = draw(_pick([1 << (i % 8), 1, 2, 4, 8, 3, 0x11, 0x21, 0xF1, 0xFF, 0], 0, 0xFF))
+        ops.append(RegWrite(i, 0xD0, ldr << 24))
+    if draw(st.booleans()):
+        ops.append(RegWrite(i, 0xE0, draw(_pick([0x0FFFFFFF, 0xFFFFFFFF], 0, U32))))
+    mode = draw(st.sampled_from(MODES))
+    if mode in ("x2apic", "x2apic-then-disabled"):
+        ops.append(SetBase(i, False, "x2apic"))
+    elif mode == "x2apic-host":
+        ops.append(SetBase(i, True, "x2apic"))
+    if mode in ("disabled", "x2apic-then-disabled"):
+        ops.append(SetBase(i, False, "disabled"))
+    if draw(st.integers(0, 4)) != 0:
+        ops.append(RegWrite(i, 0xF0, draw(_pick([0x1FF, 0xFF, 0x10F, 0x3FF, 0x11FF], 0, 0x3FF))))
+    if draw(st.booleans()):
+        ops.append(RegWrite(i, 0x80, draw(_pick([0x20, 0xF0, 0x50, 0x00], 0, 0xFF))))
+    return ops
+
+
+# =============================================================================================
+# Operations
+# =============================================================================================
+def _destinations(ids: Sequence[int]) -> st.SearchStrategy[int]:
+    """A vCPU's x2APIC or xAPIC ID, a broadcast, a logical mask (flat or cluster) three times
+    in four; any 32-bit value otherwise."""
+    known = st.sampled_from(
+        [*ids, *(v & 0xFF for v in ids), 0xFF, U32, 1, 3, 0xF, 0x10001, 0x10003, 0x2000F]
+    )
+    return st.one_of(known, known, known, st.integers(0, U32))
+
+
+def icr_low() -> st.SearchStrategy[int]:
+    return st.builds(
+        lambda v, mode, dm, level, trig, sh, res: (
+            v | mode << 8 | dm << 11 | level << 14 | trig << 15 | sh << 18 | res
+        ),
+        _pick(VECTORS, 0, 0xFF),
+        st.sampled_from(DELIVERY_MODES),
+        st.integers(0, 1),
+        st.sampled_from((1, 0)),
+        st.integers(0, 1),
+        st.sampled_from((0, 1, 2, 3)),
+        st.one_of(*[st.just(0)] * 4, st.sampled_from(ICR_RESERVED)),
+    )
+
+
+@st.composite
+def msis(draw: st.DrawFn, ids: Sequence[int]) -> Msi:
+    dest = draw(_destinations(ids))
+    lo = 0xFEE00000 | (dest & 0xFF) << 12
+    lo |= draw(st.sampled_from((0, 4, 8, 0xC)))  # dest mode logical, redirection hint
+    if draw(st.integers(0, 9)) == 9:
+        lo |= draw(st.sampled_from((0x3, 0xFF0, 0x0010_0000, 0x1000_0000)))  # junk
+    hi = draw(st.sampled_from((0, 0, dest & ~0xFF, dest & ~0xFF, 0x100, 0x12300, 0xFF, dest)))
+    data = (
+        draw(_pick(VECTORS, 0, 0xFF))
+        | draw(st.sampled_from(DELIVERY_MODES)) << 8
+        | draw(st.sampled_from((1, 0))) << 14
+        | draw(st.integers(0, 1)) << 15
+    )
+    if draw(st.integers(0, 9)) == 9:
+        data |= draw(st.sampled_from((0x800, 0x1000, 0x2000, 0xFFFF0000)))
+    flags = draw(st.sampled_from((0, 0, 0, 0, 0, 0, 1, 2)))
+    return Msi(lo & U32, hi & U32, data, flags)
+
+
+@st.composite
+def mmio_reads(draw: st.DrawFn, vcpu: st.SearchStrategy[int]) -> MmioRead:
+    size = draw(st.sampled_from((4, 1, 2, 8)))
+    offset = draw(_pick(REGISTER_OFFSETS, 0, 0x1000 - size))
+    if draw(st.integers(0, 5)) == 5:
+        offset += draw(st.integers(1, 3))
+    return MmioRead(draw(vcpu), min(offset, 0x1000 - size), size)
+
+
+@st.composite
+def mmio_writes(draw: st.DrawFn, vcpu: st.SearchStrategy[int]) -> MmioWrite:
+    size = draw(st.sampled_from((4, 1, 2, 8)))
+    offset = min(draw(_pick(REGISTER_OFFSETS, 0, 0x1000 - size)), 0x1000 - size)
+    value = draw(_pick(VALUES32, 0, U32)) & ((1 << (8 * size)) - 1)
+    return MmioWrite(draw(vcpu), offset, value, size)
+
+
+def restores(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[Restore]:
+    value = st.one_of(st.none(), _pick(VALUES32, 0, U32))
+    writes = st.lists(st.tuples(st.sampled_from(IMAGE_DWORDS), value), min_size=1, max_size=4)
+    return st.builds(lambda i, w: Restore(i, tuple(w)), vcpu, writes)
+
+
+def set_bases(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[SetBase]:
+    return st.builds(
+        SetBase,
+        vcpu,
+        st.booleans(),
+        st.sampled_from(("x2apic", "xapic", "disabled", "extd")),
+        st.sampled_from(BASE_ADDRESSES),
+        st.sampled_from(("keep", "clear", "set")),
+        st.sampled_from(BASE_RESERVED),
+    )
+
+
+KINDS = (
+    "ipi", "init_sipi", "msi", "eoi", "self_ipi", "reg_write", "reg_read", "mmio_read",
+    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "restore",
+)  # fmt: skip
+
+
+def operations(topology: Topology, kinds: Sequence[str] = KINDS) -> st.SearchStrategy[Op]:
+    """One operation of one of ``kinds`` (repeat a kind to weight it)."""
+    return _operations(topology.vcpu_ids, tuple(kinds))
+
+
+@functools.cache
+def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrategy[Op]:
+    vcpu = st.integers(0, len(ids) - 1)
+    by_kind: dict[str, st.SearchStrategy[Op]] = {
+        "ipi": st.builds(Icr, vcpu, _destinations(ids), icr_low()),
+        "init_sipi": st.builds(
+            InitSipi, vcpu, _destinations(ids), st.sampled_from((0x12, 0x9F, 0)), st.booleans()
+        ),
+        "msi": msis(ids),
+        "eoi": st.builds(RegWrite, vcpu, st.just(0xB0), st.sampled_from((0, 0, 0, 1, 0x31))),
+        "self_ipi": st.builds(Wrmsr, vcpu, st.just(SELF_IPI_MSR), _pick(VECTORS, 0, 0x1FF)),
+        "reg_write": st.builds(
+            RegWrite, vcpu, st.sampled_from(REGISTER_OFFSETS), _pick(WRITE_VALUES, 0, U64)
+        ),
+        "reg_read": st.builds(RegRead, vcpu, st.sampled_from(REGISTER_OFFSETS)),
+        "mmio_read": mmio_reads(vcpu),
+        "mmio_write": mmio_writes(vcpu),
+        "rdmsr": st.builds(Rdmsr, vcpu, st.sampled_from(MSRS)),
+        "wrmsr": st.builds(Wrmsr, vcpu, st.sampled_from(MSRS), _pick(WRITE_VALUES, 0, U64)),
+        "set_msr": st.builds(
+            SetMsr,
+            vcpu,
+            st.sampled_from([m for m in MSRS if m != APIC_BASE_MSR]),
+            _pick(WRITE_VALUES, 0, U64),
+        ),
+        "get_msr": st.builds(GetMsr, vcpu, st.sampled_from(MSRS)),
+        "apic_base": set_bases(vcpu),
+        "restore": restores(vcpu),
+        "icr_raw": st.builds(
+            Wrmsr,
+            vcpu,
+            st.just(ICR_MSR),
+            st.builds(lambda d, lo: d << 32 | lo, _destinations(ids), icr_low()),
+        ),
+    }
+    return st.one_of([by_kind[k] for k in kinds]).filter(permitted)
+
+
+@st.composite
+def programs(
+    draw: st.DrawFn,
+    kinds: Sequence[str] = KINDS,
+    *,
+    max_ops: int = 16,
+    chunks_max: int = 6,
+    large: bool = True,
+    vcpus: int | None = None,
+) -> Program:
+    """A random topology (``vcpus``: that many), its set-up, and up to ``chunks_max`` chunks
+    of up to ``max_ops`` operations (about 20 in all on average)."""
+    topo = draw(topologies(large=large, vcpus=vcpus))
+    setup: list[Op] = []
+    for i in range(len(topo.vcpu_ids)):
+        setup += draw(vcpu_setup(i, topo.vcpu_ids))
+    # Lists of lists: hypothesis draws about 6 elements for a list of any length, so a few
+    # chunks give longer programs, and the shrinker still deletes single operations.
+    one = operations(topo, kinds)
+    chunks = draw(
+        st.lists(st.lists(one, min_size=1, max_size=max_ops), min_size=1, max_size=chunks_max)
+    )
+    ops = [op for chunk in chunks for op in chunk]
+    return Program(topo, tuple(op for op in setup if permitted(op)), tuple(ops))
