@@ -325,6 +325,7 @@ class Vm:
 
     def set_lapic(self, i: int, data: bytes) -> None:
         self.lapic(i).set_state(data, x2apic_format=self.x2apic_format)
+        self._vcpus[i].preempt()  # a vCPU ioctl runs outside guest mode; the next access re-enters
 
     def get_msr(self, i: int, msr: int) -> int:
         apic = self.lapic(i)

@@ -368,7 +368,7 @@ class LocalApic:
         mask = (1 << (8 * size)) - 1
         if not self.hw_enabled or self.x2apic_mode:
             if self.profile.mmio_hole_quirk:
-                self._mmio_data = mask
+                self._mmio_data |= mask
                 return mask
             return self._unserviced(mask)
         align = offset & 0xF
@@ -378,7 +378,8 @@ class LocalApic:
                 self._log_error(ESR_ILLEGAL_REGISTER)
             return self._unserviced(mask)
         value = (self._read(reg) >> (8 * align)) & mask
-        self._mmio_data = value
+        # KVM's emulator buffer is byte-wise: a read of n bytes replaces its first n bytes.
+        self._mmio_data = (self._mmio_data & ~mask) | value
         return value
 
     def _unserviced(self, mask: int) -> int:
@@ -908,7 +909,11 @@ class LocalApic:
             self._tmr_bits[bit] = 1 if trigger else 0  # PRIO-6: TMR follows the trigger mode
             self._irr_bits[bit] = 1
         elif mode == 4:  # NMI
-            self.nmi_pending += 1
+            # KVM process_nmi(): at most two NMIs pending (one to inject, one latched, as the
+            # CPU latches one NMI while another is handled); further ones are dropped but
+            # still reported as accepted (measured on Linux 6.18 by tests/differential).
+            if self.nmi_pending < 2:
+                self.nmi_pending += 1
         elif mode == 5:  # INIT
             if trigger and not level:  # INIT level de-assert
                 return self.profile.init_deassert_accepted

@@ -182,7 +182,8 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "The PPR a KVM_SET_LAPIC leaves stale (Profile.set_state_stale_ppr), until the model "
         "recomputes it: KVM's PPR may be the model's stale value or the one recomputed from "
         "TPR and ISR",
-        "open disagreement: KVM recomputes PPR whenever it processes KVM_REQ_EVENT with the "
+        "resolved (kept as a tolerance for the instant of the KVM_SET_LAPIC): "
+        "KVM recomputes PPR whenever it processes KVM_REQ_EVENT with the "
         "APIC hardware-enabled (kvm_check_and_inject_events() -> kvm_apic_has_interrupt() -> "
         "apic_update_ppr()); kvm_apic_set_state() requests one for the vCPU's next entry, and "
         "an accepted interrupt or an exception for the guest requests another. The model keeps "
@@ -196,7 +197,8 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "executed",
         "NMIs pending beyond two: the engine drops the model's excess after each step, as "
         "KVM's process_nmi() does when its state is read",
-        "open disagreement: KVM keeps at most two NMIs pending (process_nmi(): limit 2, or 1 "
+        "resolved, now modelled (the model keeps at most two too): "
+        "KVM keeps at most two NMIs pending (process_nmi(): limit 2, or 1 "
         "while an NMI is being injected or NMIs are blocked) and drops the rest; the model "
         "counts every accepted NMI: 2 vCPUs, three NMI IPIs to vCPU 1 -> NMIs pending 3 in the "
         "model, 2 in KVM_GET_VCPU_EVENTS. Each NMI is still counted as accepted by both "
@@ -208,7 +210,8 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "The value of an MMIO read the APIC does not service (KVMB-4) where the model's "
         "whole-read buffer and KVM's byte-wise one differ: the engine keeps the byte-wise "
         "buffer, compares KVM's value with it, and not with the model's",
-        "open disagreement: KVM's emulator buffer is byte-wise: a serviced read of n bytes "
+        "resolved, now modelled (the model's buffer is byte-wise too): "
+        "KVM's emulator buffer is byte-wise: a serviced read of n bytes "
         "replaces only its first n bytes, and an unserviced read returns the first `size` "
         "bytes, older ones included; the model's buffer is the whole value of the last read: "
         "read +0x30 (LVR 0x50014), read +0x80 /1 (0), read +0x24 -> 0x50000 on KVM, 0 in the "
