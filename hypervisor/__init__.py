@@ -4,7 +4,8 @@
 """
 
 from hypervisor.exits import Exit, ExitReason
+from hypervisor.host import Host, Pcpu
 from hypervisor.vcpu import MpState, RunState, Vcpu
 from hypervisor.vm import MsrError, Vm
 
-__all__ = ["Exit", "ExitReason", "MpState", "MsrError", "RunState", "Vcpu", "Vm"]
+__all__ = ["Exit", "ExitReason", "Host", "MpState", "MsrError", "Pcpu", "RunState", "Vcpu", "Vm"]

@@ -22,6 +22,11 @@ are KVM's defaults; ``broadcast_quirk``/``vector_hashing`` default to the profil
 Whether the optimized map (fast path) is used comes from ``profile.optimized_apic_map``; the
 ``sdm`` profile delivers everything by the architectural rules (the slow path).
 
+The VM runs on a ``hypervisor.host.Host`` (``host=``; by default a private host whose pCPU
+ids are 0..2**20, vCPU ``i`` first loaded on pCPU ``i``), whose clock its APIC timers use and
+whose step scheduler runs its multi-step protocols (``hypervisor.sched``).  ``snapshot()`` /
+``restore()`` capture and reinstate everything simulated (``hypervisor.snapshot``).
+
 Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_SREGS.
 """
 
@@ -32,14 +37,17 @@ from collections.abc import Iterable, Sequence
 
 from hypervisor import accel as accel_mod
 from hypervisor.apic_map import ApicMap, Inhibits, build
-from hypervisor.delivery import deliver
+from hypervisor.delivery import AcceptFn, deliver
 from hypervisor.exits import Exit
+from hypervisor.host.machine import MAX_PCPUS, Host
 from hypervisor.pv_ipi import (
     KVM_FEATURE_PV_SCHED_YIELD,
     KVM_FEATURE_PV_SEND_IPI,
     KVM_FEATURE_PV_UNHALT,
     pv_send_ipi,
 )
+from hypervisor.sched import Scheduler
+from hypervisor.snapshot import VmSnapshot, restore_vm, snapshot_vm
 from hypervisor.trace import (
     KvmApicAcceptIrq,
     KvmApicIpi,
@@ -56,7 +64,6 @@ from lapic.icr import DeliveryMode, Interrupt, Msi
 from lapic.profile import LowestPriorityPolicy, Profile, resolve
 from lapic.registers import APIC_DEFAULT_BASE
 from lapic.slowpath import resolve_policy
-from lapic.timer import Clock
 
 KVM_MAX_VCPU_IDS = 4096
 EINVAL = 22
@@ -90,6 +97,7 @@ class Vm:
         aps_started: bool = True,
         exit_log: int = 4096,
         trace: bool = False,
+        host: Host | None = None,
     ) -> None:
         self.profile = resolve(profile)
         for name, flag in (
@@ -113,13 +121,11 @@ class Vm:
         self.enforce_pv_cpuid = enforce_pv_cpuid
         self.pv_features = frozenset(pv_features)
         self.aps_started = aps_started
-        self.clock = Clock()
+        self._init_host(host)
         self.stats = Stats()
         self.tracer = Tracer(trace)
         check_int("exit_log", exit_log, 0, 1 << 32)
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
-        self.current: Vcpu | None = None
-        """The vCPU whose guest code is executing (set by each guest access)."""
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
         # The map, its dirty bit and its inhibits are first set by add_vcpu (every VM has a
@@ -139,6 +145,35 @@ class Vm:
             self.add_vcpu(vid)
         if not self._vcpus:
             raise ApicValueError("vcpu_ids must name at least one vCPU")
+
+    # ===================================================================================
+    # Host and scheduling
+    # ===================================================================================
+    def _init_host(self, host: Host | None) -> None:
+        if host is None:
+            host = Host(MAX_PCPUS)
+        elif not isinstance(host, Host):
+            raise ApicTypeError(f"host must be a Host, not {type(host).__name__}")
+        self.host = host
+        self.clock = host.clock
+        self.sched = Scheduler(self, host)
+        self._steps = host.steps
+
+    @property
+    def current(self) -> Vcpu | None:
+        """The vCPU of this VM whose guest code is executing (on the host's executing pCPU)."""
+        v = self.host.executing_vcpu()
+        if isinstance(v, Vcpu) and v.vm is self:
+            return v
+        return None
+
+    def snapshot(self) -> VmSnapshot:
+        """Everything simulated, as an immutable, hashable, versioned value."""
+        return snapshot_vm(self)
+
+    def restore(self, snap: VmSnapshot) -> None:
+        """Make this VM (and its pCPUs, clock, counters) equal to ``snap``."""
+        restore_vm(self, snap)
 
     # ===================================================================================
     # vCPUs
@@ -243,9 +278,17 @@ class Vm:
             raise ApicTypeError(f"source must be a LocalApic, not {type(source).__name__}")
         return self._deliver(source, irq)
 
-    def _deliver(self, source: LocalApic | None, irq: Interrupt) -> int:
+    def _deliver(
+        self, source: LocalApic | None, irq: Interrupt, accept: AcceptFn | None = None
+    ) -> int:
         """One interrupt message through KVM's delivery.  Also every APIC's ``send_hook``
-        (KVM ``kvm_apic_send_ipi``), so the source comes first."""
+        (KVM ``kvm_apic_send_ipi``), so the source comes first.  With the host's steps
+        queued, the delivery waits as a protocol (``Scheduler.delivery_steps``), whose
+        resolve step calls this with an ``accept`` that only records the targets."""
+        if accept is None:
+            if self._steps.queued:
+                return self.sched.start_delivery(source, irq)
+            accept = self._accept
         stats = self.stats
         if source is not None:
             stats.ipis += 1
@@ -260,7 +303,7 @@ class Vm:
             self.profile,
             self.broadcast_quirk,
             self.lowest_priority,
-            self._accept,
+            accept,
             use_map,
         )
         if fast:
@@ -349,8 +392,12 @@ class Vm:
     # Time
     # ===================================================================================
     def advance(self, ns: int) -> int:
-        """Advance the VM clock; fire due APIC timers.  Returns the number that fired."""
+        """Advance the host clock; fire this VM's due APIC timers.  Returns how many fired."""
         self.clock.advance(ns)
+        return self.poll_timers()
+
+    def poll_timers(self) -> int:
+        """Fire this VM's due APIC timers (after the shared clock moved); how many fired."""
         return sum(a.poll_timer() for a in self._apics)
 
     def dump(self) -> str:

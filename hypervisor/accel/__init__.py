@@ -11,10 +11,11 @@ a posted-interrupt notification, a wake-up).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from hypervisor.host.pcpu import Pcpu
     from hypervisor.vcpu import Vcpu
     from hypervisor.vm import Vm
     from lapic.apic import LocalApic
@@ -41,13 +42,30 @@ class Accelerator(Protocol):
         became pending in that APIC (an accepted interrupt, NMI, INIT, SIPI...)."""
         ...
 
-    def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None: ...
+    def vcpu_load(self, vcpu: Vcpu, pcpu: Pcpu) -> None:
+        """``vcpu`` was loaded on host pCPU ``pcpu`` (KVM ``kvm_arch_vcpu_load``)."""
+        ...
 
-    def vcpu_put(self, vcpu: Vcpu) -> None: ...
+    def vcpu_put(self, vcpu: Vcpu) -> None:
+        """``vcpu`` left its pCPU, still runnable (KVM ``kvm_arch_vcpu_put``)."""
+        ...
 
-    def vcpu_blocking(self, vcpu: Vcpu) -> None: ...
+    def vcpu_blocking(self, vcpu: Vcpu) -> None:
+        """``vcpu`` is about to block (halt); it leaves its pCPU (``vcpu.last_pcpu``) for that
+        pCPU's wake-up list (KVM ``kvm_arch_vcpu_blocking``)."""
+        ...
 
-    def vcpu_unblocking(self, vcpu: Vcpu) -> None: ...
+    def vcpu_unblocking(self, vcpu: Vcpu) -> None:
+        """``vcpu`` stopped blocking: woken or entered (KVM ``kvm_arch_vcpu_unblocking``)."""
+        ...
+
+    def state(self) -> Hashable:
+        """The accelerator's own simulated state as a hashable value (for ``vm.snapshot()``)."""
+        ...
+
+    def set_state(self, state: Hashable) -> None:
+        """Reinstate what :meth:`state` returned (``vm.restore``)."""
+        ...
 
 
 def _emulated() -> Accelerator:
