@@ -52,6 +52,11 @@ class Scheduler:
         self.steps = host.steps
         self.halt_recheck = True
         """KVM's order (block, then re-check).  False: the broken check-then-block variant."""
+        self._vcpu_of: dict[LocalApic, Vcpu] = {}
+
+    def attach(self, vcpu: Vcpu) -> None:
+        """Register a new vCPU (so :meth:`notify` finds it from its APIC)."""
+        self._vcpu_of[vcpu.apic] = vcpu
 
     # ===================================================================================
     # Load / put (KVM vcpu_load / vcpu_put)
@@ -103,6 +108,11 @@ class Scheduler:
     # ===================================================================================
     def kick(self, vcpu: Vcpu) -> None:
         """Something became pending for ``vcpu``: wake it, or force it out of guest mode."""
+        self.notify(vcpu.apic)
+
+    def notify(self, apic: LocalApic) -> None:
+        """:meth:`kick` by APIC: the ``notify_hook`` the emulated accelerator installs."""
+        vcpu = self._vcpu_of[apic]
         if self.steps.queued:
             self.steps.start(f"kick.vcpu{vcpu.index}", self.kick_steps(vcpu))
             return

@@ -191,6 +191,7 @@ class Vm:
             clock=self.clock,
         )
         vcpu = Vcpu(self, len(self._vcpus), apic, started=self.aps_started)
+        self.sched.attach(vcpu)
         apic.send_hook = self._deliver
         apic.map_hook = self._mark_map_dirty
         apic.notify_hook = self.accel.notifier(vcpu)

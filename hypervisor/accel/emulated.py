@@ -51,7 +51,7 @@ class Emulated:
         vcpu.emulate_wrmsr(msr, value)
 
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        return vcpu.kick
+        return vcpu.sched.notify  # kvm_vcpu_kick (hypervisor.sched), one call from the APIC
 
     def vcpu_load(self, vcpu: Vcpu, pcpu: Pcpu) -> None:
         return None
