@@ -170,7 +170,9 @@ class Vcpu:
                     "INIT/SIPI start it (or Vm(aps_started=True))"
                 )
             self.enter()
-        self.sched.executing(self)
+        p = self.last_pcpu  # Scheduler.executing, inlined: every guest access runs this
+        self.host.executing = p
+        p.current = self  # type: ignore[union-attr]  # entered just above
 
     # ===================================================================================
     # KVM's side of an exit
