@@ -87,7 +87,7 @@ def test_an_nmi_is_counted_by_the_guest_and_is_not_a_fault__KVMB_3() -> None:
 def test_the_apic_map_lacks_the_vcpu_created_last_until_it_is_rebuilt__KVMB_8(
     backend: str,
 ) -> None:
-    """KVMB-8 (measured on this host, modelled by ``Profile.map_excludes_new_vcpu``): the APIC
+    """KVMB-8 (measured on this host, modelled by ``KvmOptions.map_excludes_new_vcpu``): the APIC
     map KVM builds while creating a vCPU does not contain that vCPU, so until something marks
     the map dirty (an ID/LDR/DFR/SVR change, KVM_SET_LAPIC, another KVM_CREATE_VCPU) the fast
     path finds no APIC at its ID: an NMI MSI to it returns 0 and is lost."""
