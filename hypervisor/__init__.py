@@ -3,9 +3,26 @@
 ``from hypervisor import Vm`` is the entry point; see ``hypervisor.vm``.
 """
 
+from hypervisor.api import HostApi, MsrError, VcpuApi
+from hypervisor.config import AccelConfig, KvmOptions, VmConfig
 from hypervisor.exits import Exit, ExitReason
 from hypervisor.host import Host, Pcpu
 from hypervisor.vcpu import MpState, RunState, Vcpu
-from hypervisor.vm import MsrError, Vm
+from hypervisor.vm import Vm
 
-__all__ = ["Exit", "ExitReason", "Host", "MpState", "MsrError", "Pcpu", "RunState", "Vcpu", "Vm"]
+__all__ = [
+    "AccelConfig",
+    "Exit",
+    "ExitReason",
+    "Host",
+    "HostApi",
+    "KvmOptions",
+    "MpState",
+    "MsrError",
+    "Pcpu",
+    "RunState",
+    "Vcpu",
+    "VcpuApi",
+    "Vm",
+    "VmConfig",
+]
