@@ -97,11 +97,8 @@ class Scheduler:
             self.vm.accel.vcpu_put(vcpu)
 
     def executing(self, vcpu: Vcpu) -> None:
-        """``vcpu``'s guest code executes now, on its pCPU."""
-        p = vcpu.last_pcpu
-        assert p is not None
-        self.host.executing = p
-        p.current = vcpu
+        """``vcpu``'s guest code executes now, on its pCPU (``host.running``)."""
+        self.host.running = vcpu
 
     # ===================================================================================
     # Kick (kvm_vcpu_kick = kvm_vcpu_wake_up, then an IPI to a vCPU in guest mode)
@@ -116,10 +113,17 @@ class Scheduler:
         if self.steps.queued:
             self.steps.start(f"kick.vcpu{vcpu.index}", self.kick_steps(vcpu))
             return
-        # The two steps of kick_steps, called directly (each is a no-op in the other's state).
+        # The two steps of kick_steps, called directly (each is a no-op in the other's state);
+        # kick_ipi's common case (no INIT pending) inlined, as this runs once per IPI.
         state = vcpu.run_state
         if state is RunState.IN_GUEST:
-            self.kick_ipi(vcpu)
+            if vcpu.apic.init_pending:
+                self.kick_ipi(vcpu)
+            elif self.host.running is not vcpu:
+                self.vm.stats.kicks += 1
+                hs = self.host.stats
+                hs.kicks += 1
+                hs.host_ipis += 1
         elif state is RunState.BLOCKED:
             self.wake_up(vcpu)
 
@@ -134,7 +138,7 @@ class Scheduler:
         if not woken:
             yield Step(
                 f"kick.ipi[{i}]",
-                _names(f"run_state[{i}]", f"events[{i}]", "executing"),
+                _names(f"run_state[{i}]", f"events[{i}]", "running"),
                 _names(f"run_state[{i}]"),
                 lambda: self.kick_ipi(vcpu),
             )
@@ -155,8 +159,7 @@ class Scheduler:
             return
         if vcpu.apic.init_pending:
             self.put(vcpu)
-        p = self.host.executing
-        if p is None or p.current is not vcpu:
+        if self.host.running is not vcpu:
             self.vm.stats.kicks += 1
             hs = self.host.stats
             hs.kicks += 1

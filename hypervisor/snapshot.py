@@ -3,13 +3,13 @@
 ``snapshot_vm(vm)`` (``vm.snapshot()``) captures, per vCPU, its APIC (the register page, the
 pending events and the private latches: ``apic_state``), run state, mp_state, last pCPU,
 exit count, SIPI entry and handled vectors; the host (clock, pCPUs with their host APIC ids,
-what is loaded and current on each, wake-up lists, the executing pCPU, host counters); the
+what is loaded on each, wake-up lists, the running vCPU, host counters); the
 VM's counters, exit log and trace; the accelerator's state; the optimized map as built
 (it can differ from a rebuild, KVMB-8), its dirty bit and inhibits.  ``restore_vm(vm, snap)``
 (``vm.restore``) makes the VM equal to it, so the same operations then give the same results
 (the property in ``tests/hypervisor/test_snapshot.py``).  ``snap.diff(other)`` lists the
 differences as readable lines (vCPU, register name, old -> new, hex).  The pCPUs recorded are
-the ones holding something (a loaded, current or waiting vCPU); the others are empty.
+the ones holding something (a loaded or a waiting vCPU); the others are empty.
 
 The APIC's state goes through one narrow pair, :func:`apic_state` / :func:`set_apic_state`,
 which reads the page and the latches of ``lapic/apic.py`` directly until ``LocalApic`` gets
@@ -96,7 +96,6 @@ class PcpuState:
     apic_id: int
     loaded: int | None
     """vCPU index of this VM, FOREIGN for another VM's vCPU, None when nothing is loaded."""
-    current: int | None
     wakeup_list: tuple[int, ...]
 
 
@@ -104,7 +103,8 @@ class PcpuState:
 class HostState:
     now: int
     tsc_khz: int
-    executing: int | None
+    running: int | None
+    """vCPU index of the running vCPU (FOREIGN: another VM's), None when none ran yet."""
     pcpus: tuple[PcpuState, ...]
     stats: tuple[int, int, int, int]
     """``HostStats.as_tuple()``: doorbells, host IPIs, kicks, wake-ups."""
@@ -276,17 +276,15 @@ def _host_state(vm: Vm, host: Host) -> HostState:
             p.id,
             p.apic_id,
             _index(vm, p.loaded),
-            _index(vm, p.current),
             tuple(i for i in (_index(vm, w) for w in p.wakeup_list) if i is not None),
         )
         for p in host.pcpus
-        if p.loaded is not None or p.current is not None or p.wakeup_list
+        if p.loaded is not None or p.wakeup_list
     )
-    ex = host.executing
     return HostState(
         host.clock.now,
         host.clock.tsc_khz,
-        None if ex is None else ex.id,
+        _index(vm, host.running),
         pcpus,
         host.stats.as_tuple(),
     )
@@ -392,16 +390,13 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
         if p.id not in saved:
             if _index(vm, p.loaded) not in (None, FOREIGN):
                 p.loaded = None
-            if _index(vm, p.current) not in (None, FOREIGN):
-                p.current = None
             p.wakeup_list[:] = [w for w in p.wakeup_list if _index(vm, w) == FOREIGN]
     for ps in hs.pcpus:
         p = host.pcpu(ps.id)
         p.loaded = back(ps.loaded, p.loaded)  # type: ignore[assignment]
-        p.current = back(ps.current, p.current)  # type: ignore[assignment]
         foreign = [w for w in p.wakeup_list if _index(vm, w) == FOREIGN]
         p.wakeup_list[:] = [vcpus[i] for i in ps.wakeup_list] + foreign
-    host.executing = None if hs.executing is None else host.pcpu(hs.executing)
+    host.running = back(hs.running, host.running)  # type: ignore[assignment]
     st = vm.stats
     for name, value in snap.stats:
         if name == "exits_by_reason":

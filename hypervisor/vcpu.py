@@ -114,9 +114,7 @@ class Vcpu:
             value = int(check_int("value", value, 0, (1 << 64) - 1))
         if self.run_state is not RunState.IN_GUEST:
             self._executing()
-        p = self.last_pcpu
-        self.host.executing = p
-        p.current = self  # type: ignore[union-attr]  # set by the entry just checked
+        self.host.running = self
         self.vm.accel.wrmsr(self, msr, value)
 
     def hypercall(
@@ -170,9 +168,7 @@ class Vcpu:
                     "INIT/SIPI start it (or Vm(aps_started=True))"
                 )
             self.enter()
-        p = self.last_pcpu  # Scheduler.executing, inlined: every guest access runs this
-        self.host.executing = p
-        p.current = self  # type: ignore[union-attr]  # entered just above
+        self.host.running = self  # Scheduler.executing, inlined: every guest access runs this
 
     # ===================================================================================
     # KVM's side of an exit

@@ -213,8 +213,8 @@ class Vm:
 
     @property
     def current(self) -> Vcpu | None:
-        """The vCPU of this VM whose guest code is executing (on the host's executing pCPU)."""
-        v = self.host.executing_vcpu()
+        """The vCPU of this VM whose guest code is executing (``host.running``), or None."""
+        v = self.host.running
         if isinstance(v, Vcpu) and v.vm is self:
             return v
         return None

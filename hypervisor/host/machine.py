@@ -2,9 +2,9 @@
 
 A host has ``pcpus`` physical CPUs (created on first use, so a large host costs nothing until
 its pCPUs are touched), one virtual clock shared by every APIC timer of every VM on it
-(``lapic.timer.Clock``), the pCPU whose guest code is executing (``executing``: what KVM's
-per-CPU ``kvm_running_vcpu`` says on the CPU the simulation is "on"), the step scheduler
-(``steps``) and counters that are always on (:class:`HostStats`).
+(``lapic.timer.Clock``), the vCPU whose guest code is executing (``running``: what KVM's
+``kvm_get_running_vcpu()`` returns on the CPU the simulation is "on"; ``executing`` is its
+pCPU), the step scheduler (``steps``) and counters that are always on (:class:`HostStats`).
 
 Host APIC ids (KVM ``kvm_cpu_get_apicid``, the target of AVIC doorbells and of the PID's NDST)
 come from a documented, overridable mapping: by default host APIC id = pCPU id; pass
@@ -86,8 +86,8 @@ class Host:
         self.clock = clock if clock is not None else Clock()
         self.stats = HostStats()
         self.steps = Steps()
-        self.executing: Pcpu | None = None
-        """The pCPU whose guest code is executing (set by each guest access)."""
+        self.running: Runnable | None = None
+        """The vCPU whose guest code is executing (set by each guest access)."""
         self._pcpus: dict[int, Pcpu] = {}
 
     def apic_id_of(self, pcpu_id: int) -> int:
@@ -118,10 +118,11 @@ class Host:
                 return p
         return None
 
-    def executing_vcpu(self) -> Runnable | None:
-        """The vCPU whose guest code is executing (on ``executing``), if any."""
-        p = self.executing
-        return None if p is None else p.current
+    @property
+    def executing(self) -> Pcpu | None:
+        """The pCPU whose guest code is executing (the ``running`` vCPU's)."""
+        v = self.running
+        return None if v is None else v.last_pcpu
 
     def advance(self, ns: int) -> None:
         """Advance the shared clock (every VM then polls its own timers)."""

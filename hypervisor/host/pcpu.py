@@ -16,8 +16,8 @@ from typing import Protocol
 
 
 class Runnable(Protocol):
-    """What the host needs of a vCPU: a stable name for traces and snapshots, and a way to
-    put it (KVM ``vcpu_put``) when another vCPU is loaded on its pCPU."""
+    """What the host needs of a vCPU: a stable name for traces and snapshots, the pCPU it was
+    last loaded on, and a way to put it (KVM ``vcpu_put``) when another vCPU is loaded there."""
 
     @property
     def index(self) -> int: ...
@@ -25,23 +25,24 @@ class Runnable(Protocol):
     @property
     def vcpu_id(self) -> int: ...
 
+    @property
+    def last_pcpu(self) -> Pcpu | None: ...
+
     def preempt(self) -> None: ...
 
 
 class Pcpu:
     """One physical CPU.  ``loaded`` is the vCPU loaded here (KVM ``kvm_running_vcpu``, set by
-    ``vcpu_load``, cleared by ``vcpu_put`` or when the vCPU blocks); ``current`` is the vCPU
-    whose guest code last executed here (it stays after a put, until another executes);
-    ``wakeup_list`` holds the blocked vCPUs last loaded here (``wakeup_vcpus_on_cpu``)."""
+    ``vcpu_load``, cleared by ``vcpu_put`` or when the vCPU blocks); ``wakeup_list`` holds the
+    blocked vCPUs last loaded here (``wakeup_vcpus_on_cpu``)."""
 
-    __slots__ = ("apic_id", "current", "id", "loaded", "wakeup_list")
+    __slots__ = ("apic_id", "id", "loaded", "wakeup_list")
 
     def __init__(self, pcpu_id: int, apic_id: int) -> None:
         self.id = pcpu_id
         self.apic_id = apic_id
         """Host APIC id (KVM ``kvm_cpu_get_apicid``): doorbell and NDST target."""
         self.loaded: Runnable | None = None
-        self.current: Runnable | None = None
         self.wakeup_list: list[Runnable] = []
 
     def __repr__(self) -> str:

@@ -117,7 +117,7 @@ def test_diff_names_the_vcpu_the_register_and_old_and_new_values_in_hex__SNAP_3(
     assert "vcpu 0 ICR: 0x00000000 -> 0x00004041" in lines
     assert "vcpu 0 ICR+0x4: 0x00000000 -> 0x00000001" in lines  # x2APIC: one 64-bit ICR
     assert "vcpu 0 exits: 0x3 -> 0x4" in lines
-    assert "host executing: 0x1 -> 0x0" in lines
+    assert "host running: 0x1 -> 0x0" in lines
     assert "vm stats.kicks: 0x0 -> 0x1" in lines and "vm stats.ipis: 0x0 -> 0x1" in lines
     assert before.diff(before) == []
     assert before.diff(replace(before, version=9))[0] == "version: 1 -> 9"
