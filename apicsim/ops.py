@@ -81,6 +81,11 @@ class OpCpu(Protocol):
 
     def wrmsr(self, msr: int, value: int) -> None: ...
 
+
+class HypercallCpu(OpCpu, Protocol):
+    """A vCPU whose guest can also execute VMCALL (both backends' vCPUs; ``hypercall`` looks
+    for it at run time, so a host API without it still runs every other operation)."""
+
     def hypercall(
         self,
         nr: int,
@@ -221,8 +226,6 @@ class Op:
     """The type of the result a scenario's ``expect.result`` compares (None: no result)."""
     READS: ClassVar[bool] = False
     """The result is a value read (``expect.value``)."""
-    GUEST_ACCESS: ClassVar[bool] = False
-    """One access by the guest of ``vcpu`` (an INIT/SIPI or NMI may be taken at its entry)."""
 
     def perform(self, backend: OpBackend) -> Any:
         """Carry the operation out on ``backend``; its result (None: it has none)."""
@@ -246,9 +249,9 @@ class Op:
         out: dict[str, Any] = {"action": self.ACTION}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
-                continue
             spec = self.FIELDS[f.name]
+            if value is None or (spec.default is not None and value == spec.default):
+                continue
             if spec.kind == "writes":
                 out[f.name] = _hex_keys(value)
             elif spec.kind == "restore":
@@ -321,7 +324,6 @@ class Wrmsr(Op):
 
     ACTION = "wrmsr"
     FIELDS = {"vcpu": VCPU, "msr": MSR, "value": VALUE}  # noqa: RUF012
-    GUEST_ACCESS = True
 
     def perform(self, backend: OpBackend) -> None:
         backend.vm.vcpu(self.vcpu).wrmsr(self.msr, self.value)
@@ -341,7 +343,6 @@ class Rdmsr(Op):
     FIELDS = {"vcpu": VCPU, "msr": MSR}  # noqa: RUF012
     RESULT = int
     READS = True
-    GUEST_ACCESS = True
 
     def perform(self, backend: OpBackend) -> int:
         return backend.vm.vcpu(self.vcpu).rdmsr(self.msr)
@@ -350,15 +351,26 @@ class Rdmsr(Op):
         return f"rdmsr cpu{self.vcpu} {self.msr:#x}"
 
 
-def _mmio_where(offset: int | None, gpa: int | None, size: int) -> tuple[str, str]:
-    where = f"+{offset:#05x}" if offset is not None else f"{gpa or 0:#x}"
+def _mmio_where(offset: int, gpa: int | None, size: int) -> tuple[str, str]:
+    where = f"+{offset:#05x}" if gpa is None else f"{gpa:#x}"
     return where, "" if size == 4 else f" /{size}"
 
 
-def _gpa(backend: OpBackend, vcpu: int, offset: int | None, gpa: int | None) -> int:
+def _gpa(backend: OpBackend, vcpu: int, offset: int, gpa: int | None) -> int:
     if gpa is not None:
         return gpa
-    return window(backend.vm, vcpu) + (offset or 0)
+    return window(backend.vm, vcpu) + offset
+
+
+def _check_gpa(op: MmioRead | MmioWrite) -> None:
+    if op.gpa is not None and op.offset:
+        raise ApicValueError(f"offset={op.offset:#x}: give an offset or a gpa, not both")
+
+
+def _mmio_toml(table: dict[str, Any], gpa: int | None) -> dict[str, Any]:
+    if gpa is not None:
+        table.pop("offset", None)
+    return table
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,14 +379,14 @@ class MmioWrite(Op):
     APIC window, or at guest-physical address ``gpa``."""
 
     vcpu: int
-    offset: int | None
+    offset: int
     value: int
     size: int = 4
     gpa: int | None = None
+    """A guest-physical address instead of ``offset`` (then 0)."""
 
     ACTION = "mmio_write"
     FIELDS = {"vcpu": VCPU, "offset": OFFSET, "gpa": GPA, "value": VALUE, "size": SIZE}  # noqa: RUF012
-    GUEST_ACCESS = True
 
     def perform(self, backend: OpBackend) -> None:
         gpa = _gpa(backend, self.vcpu, self.offset, self.gpa)
@@ -384,10 +396,16 @@ class MmioWrite(Op):
         where, size = _mmio_where(self.offset, self.gpa, self.size)
         return f"mmio_write cpu{self.vcpu} {where} = {self.value:#x}{size}"
 
+    def __post_init__(self) -> None:
+        _check_gpa(self)
+
+    def to_toml(self) -> dict[str, Any]:
+        return _mmio_toml(Op.to_toml(self), self.gpa)
+
     @classmethod
     def from_toml(cls, table: Mapping[str, Any]) -> Op:
         return cls(
-            table["vcpu"], table.get("offset"), table["value"], table.get("size", 4),
+            table["vcpu"], table.get("offset", 0), table["value"], table.get("size", 4),
             table.get("gpa"),
         )  # fmt: skip
 
@@ -398,15 +416,15 @@ class MmioRead(Op):
     or at guest-physical address ``gpa``."""
 
     vcpu: int
-    offset: int | None
+    offset: int
     size: int = 4
     gpa: int | None = None
+    """A guest-physical address instead of ``offset`` (then 0)."""
 
     ACTION = "mmio_read"
     FIELDS = {"vcpu": VCPU, "offset": OFFSET, "gpa": GPA, "size": SIZE}  # noqa: RUF012
     RESULT = int
     READS = True
-    GUEST_ACCESS = True
 
     def perform(self, backend: OpBackend) -> int:
         gpa = _gpa(backend, self.vcpu, self.offset, self.gpa)
@@ -416,9 +434,15 @@ class MmioRead(Op):
         where, size = _mmio_where(self.offset, self.gpa, self.size)
         return f"mmio_read cpu{self.vcpu} {where}{size}"
 
+    def __post_init__(self) -> None:
+        _check_gpa(self)
+
+    def to_toml(self) -> dict[str, Any]:
+        return _mmio_toml(Op.to_toml(self), self.gpa)
+
     @classmethod
     def from_toml(cls, table: Mapping[str, Any]) -> Op:
-        return cls(table["vcpu"], table.get("offset"), table.get("size", 4), table.get("gpa"))
+        return cls(table["vcpu"], table.get("offset", 0), table.get("size", 4), table.get("gpa"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +471,6 @@ class Icr(Op):
         "level": Field("choice", False, 1, hi=len(LEVELS) - 1, choices=LEVELS),
         "trigger": Field("choice", False, 0, hi=len(TRIGGERS) - 1, choices=TRIGGERS),
     }
-    GUEST_ACCESS = True
 
     @property
     def low(self) -> int:
@@ -508,12 +531,13 @@ class Hypercall(Op):
         "cpl": Field("int", False, 0, hi=3),
     }
     RESULT = int
-    GUEST_ACCESS = True
 
     def perform(self, backend: OpBackend) -> int:
-        return backend.vm.vcpu(self.vcpu).hypercall(
-            self.nr, self.a0, self.a1, self.a2, self.a3, long_mode=self.long_mode, cpl=self.cpl
-        )
+        call = getattr(backend.vm.vcpu(self.vcpu), "hypercall", None)
+        if call is None:
+            raise Unsupported("this backend's vCPUs execute no VMCALL")
+        args = (self.nr, self.a0, self.a1, self.a2, self.a3)
+        return int(call(*args, long_mode=self.long_mode, cpl=self.cpl))
 
     def describe(self) -> str:
         args = ",".join(f"{a:#x}" for a in (self.a0, self.a1, self.a2, self.a3))
@@ -531,6 +555,10 @@ class Msi(Op):
     address_hi: int
     data: int
     flags: int = 0
+
+    @property
+    def target(self) -> int | None:
+        return None
 
     ACTION = "msi"
     FIELDS = {  # noqa: RUF012
@@ -776,7 +804,6 @@ class RegWrite(Macro):
 
     ACTION = "reg_write"
     FIELDS = {"vcpu": VCPU, "offset": Field("int", True, hi=0xFF0), "value": VALUE}  # noqa: RUF012
-    GUEST_ACCESS = True
 
     def expand(self, vm: OpVm) -> list[Op]:
         if _x2apic_of(vm, self.vcpu):
@@ -798,7 +825,6 @@ class RegRead(Macro):
     FIELDS = {"vcpu": VCPU, "offset": Field("int", True, hi=0xFF0)}  # noqa: RUF012
     RESULT = int
     READS = True
-    GUEST_ACCESS = True
 
     def expand(self, vm: OpVm) -> list[Op]:
         if _x2apic_of(vm, self.vcpu):
@@ -825,7 +851,6 @@ class Ipi(Macro):
         "dest": Field("int", True, hi=U32),
         "low": Field("int", True, hi=U32),
     }
-    GUEST_ACCESS = True
 
     def expand(self, vm: OpVm) -> list[Op]:
         if _x2apic_of(vm, self.vcpu):
@@ -856,7 +881,6 @@ class InitSipi(Macro):
         "vector": Field("int", True, hi=0xFF),
         "logical": Field("bool", False, False),
     }
-    GUEST_ACCESS = True
 
     def expand(self, vm: OpVm) -> list[Op]:
         dm = DestMode.LOGICAL << 11 if self.logical else 0
@@ -946,6 +970,13 @@ MACROS: tuple[type[Op], ...] = (RegWrite, RegRead, Ipi, InitSipi, SetBase, Resto
 OPS: dict[str, type[Op]] = {cls.ACTION: cls for cls in (*PRIMITIVES, *MACROS)}
 """Every operation by its scenario action name."""
 GUEST_ACTIONS = frozenset({"send_ipi", "set_tpr", "eoi"})
+
+Primitive = MmioRead | MmioWrite | Rdmsr | Wrmsr | SetMsr | GetMsr | Msi | SetLapic
+"""The primitives of a differential program: one guest access or one host ioctl each, which
+both backends perform alike (``tests/differential``)."""
+PRIMITIVE_TYPES = (MmioRead, MmioWrite, Rdmsr, Wrmsr, SetMsr, GetMsr, Msi, SetLapic)
+GUEST_PRIMITIVES = (MmioRead, MmioWrite, Rdmsr, Wrmsr)
+"""The primitives that are one access by the guest of their ``vcpu``."""
 """Actions that call the Python guest (a scenario needs ``[guest]``)."""
 
 

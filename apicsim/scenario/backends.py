@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from apicsim.ops import (
     APIC_BASE_MSR,
     HostOnly,
-    OpCpu,
+    HypercallCpu,
     OpVm,
     Unsupported,
     x2apic_mode,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from apicsim.kvm import KvmVm, LapicView
     from guest import Guest, GuestCpu
 
-ScenarioCpu = OpCpu
+ScenarioCpu = HypercallCpu
 """What a step has a vCPU execute: ``hypervisor.Vcpu`` and ``apicsim.kvm.KvmVcpu``."""
 ScenarioVm = OpVm
 """The host API a scenario uses: ``hypervisor.Vm`` and ``apicsim.kvm.KvmVm``."""
