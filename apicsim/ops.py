@@ -57,7 +57,6 @@ LEVELS = tuple(m.name.lower() for m in Level)
 TRIGGERS = tuple(m.name.lower() for m in Trigger)
 IPI_KINDS = ("mask", "mask_allbutself", "allbutself", "all", "self")
 BASE_MODES = {"disabled": 0, "xapic": EN, "x2apic": EN | EXTD, "extd": EXTD}
-MODE_BITS = BASE_MODES
 BSP_CHOICES = ("keep", "set", "clear")
 AS_READ = "as read"
 

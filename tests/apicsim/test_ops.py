@@ -103,7 +103,7 @@ def test_every_action_has_one_operation_and_a_description() -> None:
         "reg_write", "reg_read", "ipi", "init_sipi", "set_base", "restore", "get_msr",
     }  # fmt: skip
     for name, cls in OPS.items():
-        assert cls.ACTION == name
+        assert name == cls.ACTION
         assert cls.__doc__, name
 
 
@@ -118,8 +118,16 @@ def test_the_icr_choice_lists_are_the_lapic_icr_enums__ICR_1() -> None:
 
 
 def test_the_icr_low_dword_packs_the_fields_at_their_sdm_positions__ICR_1() -> None:
-    op = Icr(0, 3, 0xF1, mode=DeliveryMode.LOWEST, dest_mode=DestMode.LOGICAL,
-             shorthand=Shorthand.ALL_EXCLUDING_SELF, level=Level.ASSERT, trigger=Trigger.LEVEL)  # fmt: skip
+    op = Icr(
+        0,
+        3,
+        0xF1,
+        mode=DeliveryMode.LOWEST,
+        dest_mode=DestMode.LOGICAL,
+        shorthand=Shorthand.ALL_EXCLUDING_SELF,
+        level=Level.ASSERT,
+        trigger=Trigger.LEVEL,
+    )
     assert op.low == 0xF1 | 1 << 8 | 1 << 11 | 1 << 14 | 1 << 15 | 3 << 18
     assert op.describe() == "icr cpu0 -> 0x3 log lowest 0xf1 allbutself"
 

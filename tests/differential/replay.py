@@ -6,7 +6,7 @@ part carries KVM's values: its result (value read, fault, MSI count, ...), and I
 APIC_BASE of each vCPU that differs; each other differing dword of the state image follows as a
 ``get_lapic`` step expecting KVM's word.  So ``apicsim run FILE`` passes every earlier step and
 fails where the model departs from KVM.  What a scenario cannot express is written as comments:
-NMI counts, a host KVM_GET_MSRS (no such action), a step skipped by an exclusion.  A guest
+NMI counts, a host KVM_GET_MSRS (kept as a comment), a step skipped by an exclusion.  A guest
 access both backends refused (the vCPU waits for SIPI) becomes a ``run`` step expecting ``[]``:
 it processes the pending INIT the same way and executes nothing.
 
@@ -195,7 +195,7 @@ def write(
         is_bad = s is bad
         out = s.subject if is_bad else s.reference
         if isinstance(s.prim, GetMsr):
-            # No scenario action reads an MSR from the host: a comment, then on to the next.
+            # A host MSR read stays a comment: the file replays what was done to the VM.
             note = f"host KVM_GET_MSRS {s.prim.msr:#x}: kvm {outcome_text(out)}" + (
                 f", model {outcome_text(s.reference)}" if is_bad else ""
             )
