@@ -66,18 +66,13 @@ class Unsupported(Exception):
     skipped from that point, with this reason."""
 
 
-# =============================================================================================
-# The backend an operation performs itself on
-# =============================================================================================
+# -- The backend an operation performs itself on -----------------------------------------------
 class OpCpu(Protocol):
     """What a guest access needs of a vCPU: ``hypervisor.Vcpu`` and ``apicsim.kvm.KvmVcpu``."""
 
     def mmio_read(self, gpa: int, size: int = 4) -> int: ...
-
     def mmio_write(self, gpa: int, value: int, size: int = 4) -> None: ...
-
     def rdmsr(self, msr: int) -> int: ...
-
     def wrmsr(self, msr: int, value: int) -> None: ...
 
 
@@ -102,17 +97,11 @@ class OpVm(Protocol):
     """The host API an operation uses: ``hypervisor.Vm`` and ``apicsim.kvm.KvmVm``."""
 
     def __len__(self) -> int: ...
-
     def vcpu(self, i: int) -> OpCpu: ...
-
     def get_lapic(self, i: int) -> bytes: ...
-
     def set_lapic(self, i: int, data: bytes) -> None: ...
-
     def get_msr(self, i: int, msr: int) -> int: ...
-
     def set_msr(self, i: int, msr: int, value: int) -> bool: ...
-
     def signal_msi(
         self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
     ) -> int: ...
@@ -122,17 +111,11 @@ class GuestDriver(Protocol):
     """The guest's IPI entry points (``guest.GuestCpu``)."""
 
     def send_IPI_mask(self, cpus: Sequence[int], vector: int) -> None: ...
-
     def send_IPI_mask_allbutself(self, cpus: Sequence[int], vector: int) -> None: ...
-
     def send_IPI_allbutself(self, vector: int) -> None: ...
-
     def send_IPI_all(self, vector: int) -> None: ...
-
     def send_IPI_self(self, vector: int) -> None: ...
-
     def set_tpr(self, value: int) -> None: ...
-
     def eoi(self) -> None: ...
 
 
@@ -142,11 +125,8 @@ class OpBackend(Protocol):
 
     @property
     def vm(self) -> OpVm: ...
-
     def run_vcpu(self, i: int) -> list[int]: ...
-
     def advance(self, ns: int) -> int: ...
-
     def guest_cpu(self, i: int) -> GuestDriver: ...
 
 
@@ -178,9 +158,7 @@ def x2apic_mode(apic_base: int) -> bool:
     return apic_base & (EN | EXTD) == EN | EXTD
 
 
-# =============================================================================================
-# Field declarations: what a [[step]] table may hold for each action
-# =============================================================================================
+# -- Field declarations: what a [[step]] table may hold for each action ------------------------
 @dataclass(frozen=True, slots=True)
 class Field:
     """One field of an action: its kind (``int``, ``bool``, ``choice``, ``cpus``, ``writes``,
@@ -212,9 +190,7 @@ def _hex_keys(pairs: Sequence[tuple[int, Any]]) -> dict[str, Any]:
     return {f"{off:#x}": v for off, v in pairs}
 
 
-# =============================================================================================
-# The operations
-# =============================================================================================
+# -- The operations ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Op:
     """The base of every operation (not itself an operation)."""
@@ -236,12 +212,6 @@ class Op:
 
     def describe(self) -> str:
         raise NotImplementedError
-
-    @property
-    def target(self) -> int | None:
-        """The vCPU index the operation acts on (None for an MSI or the clock)."""
-        v = getattr(self, "vcpu", getattr(self, "cpu", None))
-        return v if isinstance(v, int) else None
 
     def to_toml(self) -> dict[str, Any]:
         """The ``[[step]]`` table (without ``expect``): ``action`` and the fields."""
@@ -312,7 +282,7 @@ def _toml_value(key: str, value: Any) -> str:
     raise ApicValueError(f"value={value!r} of {key!r} has no TOML form here")
 
 
-# -- guest accesses --------------------------------------------------------------------------
+# -- guest accesses ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Wrmsr(Op):
     """The guest of ``vcpu`` executes WRMSR ``msr`` <- ``value``."""
@@ -545,7 +515,7 @@ class Hypercall(Op):
         return f"hypercall cpu{self.vcpu} nr={self.nr} ({args}){mode}{cpl}"
 
 
-# -- host ioctls ---------------------------------------------------------------------------
+# -- host ioctls -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Msi(Op):
     """The host injects an MSI with KVM_SIGNAL_MSI; the result is KVM's return value."""
@@ -554,10 +524,6 @@ class Msi(Op):
     address_hi: int
     data: int
     flags: int = 0
-
-    @property
-    def target(self) -> int | None:
-        return None
 
     ACTION = "msi"
     FIELDS = {  # noqa: RUF012
@@ -664,7 +630,7 @@ class SetLapic(Op):
         return f"set_lapic cpu{self.vcpu} {{{w}}}"
 
 
-# -- the model's run, clock and guest driver ------------------------------------------------
+# -- the model's run, halt, clock and guest driver ---------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Run(Op):
     """One VM entry of ``vcpu`` (the guest's handler if a guest is booted): the vectors
@@ -681,6 +647,27 @@ class Run(Op):
 
     def describe(self) -> str:
         return f"run cpu{self.vcpu}"
+
+
+@dataclass(frozen=True, slots=True)
+class Halt(Op):
+    """The guest of ``vcpu`` executes HLT: true if the vCPU blocked (nothing deliverable was
+    pending, WAKE-1).  The model's vCPUs only: a KVM backend without HLT is unsupported."""
+
+    vcpu: int
+
+    ACTION = "halt"
+    FIELDS = {"vcpu": VCPU}  # noqa: RUF012
+    RESULT = bool
+
+    def perform(self, backend: OpBackend) -> bool:
+        halt = getattr(backend.vm.vcpu(self.vcpu), "halt", None)
+        if halt is None:
+            raise Unsupported("this backend's vCPUs execute no HLT")
+        return bool(halt())
+
+    def describe(self) -> str:
+        return f"halt cpu{self.vcpu}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -774,7 +761,7 @@ class Eoi(Op):
         return f"eoi cpu{self.cpu}"
 
 
-# -- macros: expanded against a VM's state when they run ------------------------------------
+# -- macros: expanded against a VM's state when they run ---------------------------------------
 class Macro(Op):
     """An operation carried out as the primitives :meth:`expand` gives."""
 
@@ -963,7 +950,7 @@ class Restore(Macro):
 
 PRIMITIVES: tuple[type[Op], ...] = (
     Wrmsr, Rdmsr, MmioWrite, MmioRead, Icr, Hypercall, Msi, SetMsr, GetMsr, GetLapic, SetLapic,
-    Run, Advance, SendIpi, SetTpr, Eoi,
+    Run, Halt, Advance, SendIpi, SetTpr, Eoi,
 )  # fmt: skip
 MACROS: tuple[type[Op], ...] = (RegWrite, RegRead, Ipi, InitSipi, SetBase, Restore)
 OPS: dict[str, type[Op]] = {cls.ACTION: cls for cls in (*PRIMITIVES, *MACROS)}

@@ -55,6 +55,7 @@ set_msr        vcpu, msr, value (host-initiated KVM_SET_MSRS)         true if se
 get_lapic      vcpu, offset (a dword of the 1 KiB KVM_GET_LAPIC)      value read
 set_lapic      vcpu, writes = { "0x20" = 0x05000000, ... }            0 or -errno
 run            vcpu                                                   vectors handled
+halt           vcpu (HLT; the model only)                             true if it blocked
 advance        ns                                                     timers fired
 send_ipi       cpu, kind, [cpus], vector   (needs [guest])            (none)
 set_tpr        cpu, value                  (needs [guest])            (none)

@@ -167,6 +167,8 @@ _KVM_CANNOT = {
     "run": "KvmVm has no 'run': its guest runs with RFLAGS.IF=0 and no interrupt handlers of "
     "its own, so it cannot acknowledge and EOI interrupts as the model's VM entry does",
     "advance": "the virtual clock is the model's; KVM's APIC timer runs on host time",
+    "halt": "KvmVm's guest executes one access at a time with RFLAGS.IF=0: a HLT there would "
+    "never be woken",
     "send_ipi": _KVM_NO_GUEST,
     "set_tpr": _KVM_NO_GUEST,
     "eoi": _KVM_NO_GUEST,

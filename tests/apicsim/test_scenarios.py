@@ -658,3 +658,45 @@ def test_a_restore_value_must_be_a_dword_or_as_read(
     err = capsys.readouterr().err
     assert f"{path}:{line_of(path, 'writes')}: step 1, field 'writes'" in err
     assert '"as read"' in err
+
+
+def test_halt_blocks_until_a_deliverable_ipi_wakes_the_vcpu__WAKE_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        svr = 0x1FF
+
+        [[step]]
+        action = "halt"               # nothing pending: the vCPU blocks (one HLT exit)
+        vcpu = 1
+        expect = { result = true, exits = 1, stats = { HLT = 1 } }
+
+        [[step]]
+        action = "icr"                # a fixed IPI above PPR wakes it (WAKE-1)
+        vcpu = 0
+        dest = 1
+        vector = 0x41
+        expect = { irr = { "1" = [0x41] }, stats = { wakeups = 1 } }
+
+        [[step]]
+        action = "halt"               # a deliverable vector is pending: HLT does not block
+        vcpu = 1
+        expect = { result = false }
+
+        [[step]]
+        action = "run"
+        vcpu = 1
+        expect = { result = [0x41] }
+        """,
+    )
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    assert "halt cpu1" in capsys.readouterr().out
+    sc = scenario.load(path)
+    from apicsim.scenario import open_backend
+
+    with pytest.raises(scenario.Unsupported, match=r"step 1 \(halt, line \d+\): KvmVm's guest"):
+        open_backend(sc, "kvm")
