@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
+from hypervisor.api import HostApi, VcpuApi
 from lapic.faults import ApicValueError
 from lapic.icr import DeliveryMode, DestMode, Level, Shorthand, Trigger
 from lapic.registers import APIC_BASE_ADDR_MASK, APIC_BASE_EN, APIC_BASE_EXTD
@@ -67,16 +68,15 @@ class Unsupported(Exception):
 
 
 # -- The backend an operation performs itself on -----------------------------------------------
-class OpCpu(Protocol):
-    """What a guest access needs of a vCPU: ``hypervisor.Vcpu`` and ``apicsim.kvm.KvmVcpu``."""
+OpCpu = VcpuApi
+"""What a guest access needs of a vCPU (``hypervisor.api.VcpuApi``: ``hypervisor.Vcpu`` and
+``apicsim.kvm.KvmVcpu``)."""
+OpVm = HostApi
+"""The host API an operation uses (``hypervisor.api.HostApi``: ``hypervisor.Vm`` and
+``apicsim.kvm.KvmVm``)."""
 
-    def mmio_read(self, gpa: int, size: int = 4) -> int: ...
-    def mmio_write(self, gpa: int, value: int, size: int = 4) -> None: ...
-    def rdmsr(self, msr: int) -> int: ...
-    def wrmsr(self, msr: int, value: int) -> None: ...
 
-
-class HypercallCpu(OpCpu, Protocol):
+class HypercallCpu(VcpuApi, Protocol):
     """A vCPU whose guest can also execute VMCALL (both backends' vCPUs; ``hypercall`` looks
     for it at run time, so a host API without it still runs every other operation)."""
 
@@ -90,20 +90,6 @@ class HypercallCpu(OpCpu, Protocol):
         *,
         long_mode: bool = True,
         cpl: int = 0,
-    ) -> int: ...
-
-
-class OpVm(Protocol):
-    """The host API an operation uses: ``hypervisor.Vm`` and ``apicsim.kvm.KvmVm``."""
-
-    def __len__(self) -> int: ...
-    def vcpu(self, i: int) -> OpCpu: ...
-    def get_lapic(self, i: int) -> bytes: ...
-    def set_lapic(self, i: int, data: bytes) -> None: ...
-    def get_msr(self, i: int, msr: int) -> int: ...
-    def set_msr(self, i: int, msr: int, value: int) -> bool: ...
-    def signal_msi(
-        self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
     ) -> int: ...
 
 

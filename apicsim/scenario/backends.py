@@ -26,6 +26,7 @@ from apicsim.ops import (
 from apicsim.scenario.expect import STAT_NAMES, ApicState
 from apicsim.scenario.format import BACKENDS, GuestSpec, Scenario, Step, VmSpec
 from hypervisor import Vm
+from hypervisor.config import VmConfig
 from hypervisor.exits import ExitReason
 from hypervisor.trace import Stats
 from lapic.apic import Features, LocalApic
@@ -44,11 +45,11 @@ ScenarioVm = OpVm
 
 
 def build_vm(spec: VmSpec) -> Vm:
-    """The model VM of ``[vm]``, with ``mode`` and ``svr`` applied."""
+    """The model VM of ``[vm]``, with ``kvm_options``, ``mode`` and ``svr`` applied."""
     kw: dict[str, Any] = {}
     if spec.pv_features is not None:
         kw["pv_features"] = spec.pv_features
-    vm = Vm(
+    config = VmConfig.build(
         spec.vcpus,
         spec.profile,
         x2apic_format=spec.x2apic_format,
@@ -62,6 +63,9 @@ def build_vm(spec: VmSpec) -> Vm:
         accelerator=spec.accelerator,
         **kw,
     )
+    if spec.kvm_options:
+        config = config.replace(kvm=config.kvm.replace(**dict(spec.kvm_options)))
+    vm = Vm(config)
     apply_setup(vm, spec)
     return vm
 
@@ -232,6 +236,9 @@ def _kvm_refusal(spec: VmSpec) -> str | None:
     ]
     if changed:
         return f"profile_changes ({', '.join(changed)}) describe a KVM that is not this one"
+    if spec.kvm_options:
+        names = ", ".join(name for name, _ in spec.kvm_options)
+        return f"kvm_options ({names}) describe a KVM that is not this one"
     if spec.enforce_pv_cpuid or spec.pv_features is not None:
         return "KvmVm gives the guest KVM's supported PV CPUID; it does not enforce it"
     if not spec.aps_started:

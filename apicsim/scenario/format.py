@@ -157,6 +157,10 @@ def _strip_comment(line: str) -> str:
 # =========================================================================================
 # The parsed scenario
 # =========================================================================================
+KVM_OPTION_KEYS = ("lowest_priority", "optimized_apic_map", "map_excludes_new_vcpu")
+"""The ``[vm] kvm_options`` keys (the rest of ``KvmOptions`` has ``[vm]`` keys of its own)."""
+
+
 @dataclass(frozen=True, slots=True)
 class VmSpec:
     vcpus: int = 1
@@ -174,6 +178,8 @@ class VmSpec:
     svr: int | None = None
     accelerator: str = "emulated"
     """``hypervisor.accel.ACCELERATORS`` name, passed to ``Vm(accelerator=...)``."""
+    kvm_options: tuple[tuple[str, Any], ...] = ()
+    """``[vm] kvm_options``: ``hypervisor.config.KvmOptions`` fields changed (name, value)."""
     given: frozenset[str] = frozenset()
     """The ``[vm]`` keys the file sets (the rest are defaults)."""
     features_given: frozenset[str] = frozenset()
@@ -360,6 +366,7 @@ class _Parser:
             "mode",
             "svr",
             "accelerator",
+            "kvm_options",
         )
         self.check_table(raw, keys, "vm")
         kw: dict[str, Any] = {}
@@ -421,22 +428,13 @@ class _Parser:
             changes = raw["profile_changes"]
             if not isinstance(changes, dict):
                 raise self.fail("vm", "profile_changes", "must be a table of Profile fields")
-            fixed: dict[str, Any] = {}
-            for key, value in changes.items():
-                if key == "lowest_priority" and isinstance(value, str):
-                    try:
-                        value = LowestPriorityPolicy(value)
-                    except ValueError:
-                        choices = ", ".join(p.value for p in LowestPriorityPolicy)
-                        raise self.fail(
-                            "vm.profile_changes", key, f"must be one of {choices}"
-                        ) from None
-                fixed[key] = value
             try:
-                profile = profile.replace(**fixed)
+                profile = profile.replace(**changes)
             except (ApicValueError, ApicTypeError) as e:
                 bad = next((k for k in changes if k in str(e)), "")
                 raise self.fail("vm.profile_changes", bad, str(e)) from None
+        if "kvm_options" in raw:
+            kw["kvm_options"] = self.parse_kvm_options(raw["kvm_options"])
         kw["profile"] = profile
         if "features" in raw:
             feats = raw["features"]
@@ -455,6 +453,26 @@ class _Parser:
         if spec.vcpu_ids is not None and max(spec.vcpu_ids) >= spec.max_vcpu_ids:
             raise self.fail("vm", "vcpu_ids", "an id is not below max_vcpu_ids")
         return spec
+
+    def parse_kvm_options(self, raw: object) -> tuple[tuple[str, Any], ...]:
+        """``[vm] kvm_options``: the KVM-level knobs of ``hypervisor.config.KvmOptions`` that
+        have no ``[vm]`` key of their own (``lowest_priority``, ``optimized_apic_map``,
+        ``map_excludes_new_vcpu``)."""
+        if not isinstance(raw, dict):
+            raise self.fail("vm", "kvm_options", "must be a table of KvmOptions fields")
+        self.check_table(raw, KVM_OPTION_KEYS, "vm.kvm_options")
+        out: list[tuple[str, Any]] = []
+        for key, value in raw.items():
+            if key == "lowest_priority":
+                try:
+                    value = LowestPriorityPolicy(value)
+                except ValueError:
+                    choices = ", ".join(p.value for p in LowestPriorityPolicy)
+                    raise self.fail("vm.kvm_options", key, f"must be one of {choices}") from None
+            elif not isinstance(value, bool):
+                raise self.fail("vm.kvm_options", key, f"must be true or false, got {value!r}")
+            out.append((key, value))
+        return tuple(out)
 
     def parse_guest(self, raw: Mapping[str, Any]) -> GuestSpec:
         self.check_table(raw, ("driver", "base", "bits_per_long"), "guest")

@@ -15,6 +15,7 @@ import pytest
 
 from apicsim import scenario
 from apicsim.cli import main
+from lapic.profile import LowestPriorityPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "specs" / "scenarios"
@@ -700,3 +701,70 @@ def test_halt_blocks_until_a_deliverable_ipi_wakes_the_vcpu__WAKE_1(
 
     with pytest.raises(scenario.Unsupported, match=r"step 1 \(halt, line \d+\): KvmVm's guest"):
         open_backend(sc, "kvm")
+
+
+# =========================================================================================
+# [vm] kvm_options: the KVM-level knobs of hypervisor.config.KvmOptions
+# =========================================================================================
+@pytest.mark.parametrize(("optimized", "fast", "slow"), [(True, 1, 0), (False, 0, 1)])
+def test_kvm_options_choose_whether_the_optimized_map_delivers__FAST_1(
+    tmp_path: Path, optimized: bool, fast: int, slow: int
+) -> None:
+    stats = f"{{ fast_path = {fast}, slow_path = {slow} }}"
+    path = write(
+        tmp_path,
+        f"""
+        [vm]
+        vcpus = 2
+        svr = 0x1FF
+        kvm_options = {{ optimized_apic_map = {str(optimized).lower()} }}
+
+        [[step]]
+        action = "msi"
+        address_lo = 0xFEE01000
+        data = 0x41
+        expect = {{ result = 1, irr = {{ 1 = [0x41] }}, stats = {stats} }}
+        """,
+    )
+    assert main(["run", str(path)]) == 0
+
+
+def test_kvm_options_lowest_priority_takes_a_policy_name_and_rejects_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        kvm_options = { lowest_priority = "fastest" }
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[vm.kvm_options] field 'lowest_priority'" in err
+    assert "vector_hashing, arb_counter, lowest_tpr" in err
+    assert scenario.load(
+        write(
+            tmp_path,
+            '[vm]\nkvm_options = { lowest_priority = "arb_counter" }\n'
+            '[[step]]\naction = "run"\nvcpu = 0\n',
+            "ok.toml",
+        )
+    ).vm.kvm_options == (("lowest_priority", LowestPriorityPolicy.ARB_COUNTER),)
+
+
+def test_kvm_options_reject_an_unknown_knob_and_a_non_boolean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for body, field in (
+        ("kvm_options = { broadcast = true }", "broadcast"),
+        ("kvm_options = { optimized_apic_map = 1 }", "optimized_apic_map"),
+        ("kvm_options = 3", "kvm_options"),
+    ):
+        path = write(tmp_path, f"[vm]\n{body}\n[[step]]\naction = \"run\"\nvcpu = 0\n")
+        assert main(["run", str(path)]) == 2
+        assert f"'{field}'" in capsys.readouterr().err
