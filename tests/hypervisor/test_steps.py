@@ -233,3 +233,29 @@ def test_run_now_runs_a_protocol_to_completion_and_names_unknown_threads__STEP_1
         s.step(t)
     s.clear()
     assert s.threads == [] and s.history == []
+
+
+def test_the_eager_path_builds_no_step_and_no_protocol__STEP_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hypervisor.sched as sched_mod
+
+    built: list[str] = []
+    real_step = Step
+
+    def counting_step(*args: object) -> Step:
+        built.append(str(args[0]))
+        return real_step(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sched_mod, "Step", counting_step)
+    vm = x2apic_vm([0, 1])
+    for vector in (0x41, 0x42):
+        vm.vcpu(1).halt()
+        vm.vcpu(0).wrmsr(MSR_ICR, (1 << 32) | ICR_ASSERT | vector)
+        vm.signal_msi(0xFEE00000 | (1 << 12), 0, vector + 0x10)
+        vm.vcpu(1).run()
+    assert built == [] and vm.vcpu(1).handled == [0x51, 0x41, 0x52, 0x42]  # by priority
+    vm.host.steps.queued = True
+    vm.vcpu(1).halt()
+    vm.host.steps.run_all()
+    assert built == ["halt.check[1]", "halt.block[1]", "halt.recheck[1]"]
