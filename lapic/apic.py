@@ -7,15 +7,21 @@ Implements (reference ``kvm_lapic.md`` section numbers; SDM Vol. 3 APIC chapter)
   ``irr``/``isr``/``tmr`` sets, MMIO reads, MSR reads and the 1 KiB state image are views of it;
 * xAPIC MMIO access rules (§3) and x2APIC MSR access rules (§4), dispatched through the
   register table in ``lapic.registers``;
-* per-register write semantics (§5), priorities, acknowledge and EOI (§6), the ICR and SELF IPI
-  send path (§7), acceptance per delivery mode (§8), EOI-broadcast suppression (§9.7);
+* the ICR and SELF IPI send path (§7), acceptance per delivery mode (§8);
 * IA32_APIC_BASE (MSR 0x1B) transitions, guest- and host-initiated (§2);
-* RESET and INIT (§15); the LVT timer (``lapic.timer``);
-* the ``kvm_lapic_state`` image with KVM's x2APIC fix-ups (§14).
+* RESET and INIT (§15); the LVT timer (``lapic.timer``); the pending events
+  (``lapic.events``) behind the ``*_pending`` attribute names.
+
+The class is assembled from mixins along ``lapic.c``'s seams: per-register write semantics
+(§5) in ``lapic.writers``; priorities, acknowledge and EOI (§6, §9.7) in ``lapic.priority``;
+the ``kvm_lapic_state`` image (§14), snapshots and pickling in ``lapic.state``; shared
+attributes in ``lapic.core``.  Every method is reachable as ``LocalApic.<name>``.
 
 Where an interrupt goes after an ICR write is not decided here: the decoded
-:class:`~lapic.icr.Interrupt` goes to ``send_hook`` (a ``lapic.bus.ApicBus`` or the
-hypervisor).  A lone APIC with no hook delivers only to itself, if it is a destination.
+:class:`~lapic.icr.Interrupt` goes to the APIC's ops (``lapic.ops``; by default ``send_hook``:
+a ``lapic.bus.ApicBus`` or the hypervisor).  A lone APIC with no hook delivers only to itself,
+if it is a destination.  How IRR is set, read, acknowledged and EOI'd, and how the vCPU hears
+of it, is the ops' too (inline when they are the defaults).
 
 Not modelled: the 8259 PIC path of LINT0 ExtINT (``accept`` answers False for EXTINT, as KVM's
 ``__apic_accept_irq`` does); Hyper-V SynIC auto-EOI; PV EOI; the remote IRR and delivery-status
@@ -28,6 +34,8 @@ Choices settled here (each is also in ``specs/lapic.md``):
   ``__apic_accept_irq`` would queue an NMI, but no KVM caller reaches it: every delivery path
   first filters on ``kvm_apic_present``.
 * A lone APIC without ``send_hook`` delivers to itself when it matches (as one APIC on a bus).
+* ``icr_split`` (the vendor's x2APIC ICR layout) is a constructor keyword, not a profile field:
+  it is a fact of the CPU vendor (AMD x2AVIC), not a choice between ``lapic.c`` and the SDM.
 """
 
 from __future__ import annotations
@@ -85,7 +93,7 @@ from lapic.registers import (
 from lapic.state import GAPS, ApicSnapshot, StateError, StateMixin
 from lapic.timer import ApicTimer, Clock
 from lapic.vectors import SPAN_BYTES, VectorBitmap, VectorSet
-from lapic.writers import ICR2_OFF, ICR_OFF, LVT_ORDER, RegisterMixin
+from lapic.writers import ICR2_OFF, ICR_OFF, LVT_ORDER, LVT_WORDS, RegisterMixin
 
 if sys.byteorder != "little":  # pragma: no cover - x86 models run on little-endian hosts
     raise ImportError("lapic needs a little-endian host (the register page is x86 layout)")
@@ -107,10 +115,15 @@ _ICR_HIGH = (ICR_OFF + 4) >> 2
 _ICR2 = ICR2_OFF >> 2
 _LINT0 = REGISTER_BY_NAME["LVT0"].offset >> 2
 _XAPIC_ID = XAPIC_ID["id"]
+_EV_INTERRUPT = ApicEvent.INTERRUPT  # enum member lookups cost ~100 ns; globals do not
+_EV_NMI = ApicEvent.NMI
+_EV_SMI = ApicEvent.SMI
+_EV_INIT = ApicEvent.INIT
+_EV_SIPI = ApicEvent.SIPI
+_EV_PV_UNHALT = ApicEvent.PV_UNHALT
 _LVT_VECTOR = LVT["vector"]
 _LVT_MODE = LVT["delivery_mode"]
 _MAX_LVT = LVR["max_lvt"]
-_LVT_MASKED_WORDS = {n: REGISTER_BY_NAME[n].offset >> 2 for n in LVT_ORDER}
 # _accept and _local_deliver are hot paths: they use these constants' literal values
 # (SVR dword 0xF0 >> 2, LVT vector 7:0, delivery mode 10:8), pinned here.
 assert _SVR == 0xF0 >> 2 and _LVT_VECTOR.mask == 0xFF and _LVT_MODE.shift == 8
@@ -566,7 +579,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         self.timer.cancel()
         self._set_version()
         for name in LVT_ORDER[: self.lvt_count]:
-            w[_LVT_MASKED_WORDS[name]] = LVT_MASKED
+            w[LVT_WORDS[name]] = LVT_MASKED
         if self.bsp and self.profile.lint0_reenabled_quirk:
             w[_LINT0] = _LVT_MODE.place(DeliveryMode.EXTINT)
         w[_DFR] = DFR_FLAT
@@ -604,15 +617,15 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
     def _send(self, low: int, dest: int) -> None:
         """Decode an ICR write (KVM ``kvm_icr_to_lapic_irq``) and hand it on (``ApicOps.send``:
         by default ``send_hook``, or this APIC alone when it is a destination)."""
+        irq = interrupt_of_icr(low, dest)
         if self._sender_checks:
-            mode = (low >> 8) & 7  # ICR delivery mode (lapic.icr.ICR_LOW)
-            if not self.profile.accept_illegal_vectors and mode <= 1 and (low & 0xFF) < 16:
+            mode = irq[1]
+            if not self.profile.accept_illegal_vectors and mode <= 1 and irq[0] < 16:
                 self._log_error(ESR_SEND_ILLEGAL_VECTOR)
                 return
             if mode == 1 and self.x2apic_mode and not self.profile.x2apic_lowest_priority_ipi:
                 self._log_error(ESR_REDIRECTABLE_IPI)
                 return
-        irq = interrupt_of_icr(low, dest)
         op = self._op_send
         if op is not None:
             op(self, irq)
@@ -670,7 +683,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
                 self._irr_bits[bit] = 1
             elif not ready(self, vector, bool(trigger)):
                 return True  # the accelerator notified the vCPU itself
-            event = ApicEvent.INTERRUPT
+            event = _EV_INTERRUPT
         elif mode == 4:  # NMI
             # KVM process_nmi(): at most two NMIs pending (one to inject, one latched, as the
             # CPU latches one NMI while another is handled); further ones are dropped but
@@ -678,29 +691,29 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
             ev = self.events
             if ev.nmi < 2:
                 ev.nmi += 1
-            event = ApicEvent.NMI
+            event = _EV_NMI
         elif mode == 5:  # INIT
             if trigger and not level:  # INIT level de-assert
                 return self.profile.init_deassert_accepted
             ev = self.events
             ev.init = True
             ev.sipi = False
-            event = ApicEvent.INIT
+            event = _EV_INIT
         elif mode == 6:  # STARTUP
             ev = self.events
             ev.sipi_vector = vector
             ev.sipi = True
-            event = ApicEvent.SIPI
+            event = _EV_SIPI
         elif mode == 2:  # SMI
             if not self.features.smm:
                 return False
             self.events.smi = True
-            event = ApicEvent.SMI
+            event = _EV_SMI
         elif mode == 3:  # remote read / KVM PV unhalt
             if not self.profile.remote_read_is_pv_kick:
                 return False
             self.events.pv_unhalted = True
-            event = ApicEvent.PV_UNHALT
+            event = _EV_PV_UNHALT
         else:  # EXTINT: only through the PIC path, not modelled
             return False
         op = self._op_raise_event
@@ -781,7 +794,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
             f"DFR={self.dfr:#010x} SVR={self.svr:#x} ESR={self.esr:#x}",
             f"  IRR={_fmt(self._irr)} ISR={_fmt(self._isr)} TMR={_fmt(self._tmr)}",
             "  LVT " + " ".join(
-                f"{n}={self._w[_LVT_MASKED_WORDS[n]]:#x}" for n in LVT_ORDER[: self.lvt_count]
+                f"{n}={self._w[LVT_WORDS[n]]:#x}" for n in LVT_ORDER[: self.lvt_count]
             ),
             f"  ICR={self.icr:#018x} TMICT={self._w[_TMICT]:#x} "
             f"TDCR={self._w[_TDCR]:#x} timer={self.timer!r}",

@@ -24,7 +24,7 @@ from bitarray import bitarray
 from lapic.events import PendingEvents
 from lapic.ops import ApicEvent, ApicOps
 from lapic.profile import Profile
-from lapic.registers import APIC_BASE_EN, APIC_BASE_EXTD, SVR_ENABLE, Register
+from lapic.registers import APIC_BASE_EN, APIC_BASE_EXTD, REGISTER_BY_NAME, SVR_ENABLE, Register
 from lapic.timer import ApicTimer, Clock
 from lapic.vectors import VectorBitmap
 
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 SendHook = Callable[["LocalApic", "Interrupt"], object]
 EoiHook = Callable[["LocalApic", int, bool, bool], None]
 ApicHook = Callable[["LocalApic"], None]
+
+_SVR = REGISTER_BY_NAME["SVR"].offset >> 2
 
 
 class ApicMode(IntEnum):
@@ -151,12 +153,12 @@ class ApicCore:
     @property
     def sw_enabled(self) -> bool:
         """SVR bit 8."""
-        return bool(self._w[0xF0 >> 2] & SVR_ENABLE)
+        return bool(self._w[_SVR] & SVR_ENABLE)
 
     @property
     def enabled(self) -> bool:
         """Hardware- and software-enabled (KVM ``apic_enabled``)."""
-        return bool(self.apic_base & APIC_BASE_EN) and bool(self._w[0xF0 >> 2] & SVR_ENABLE)
+        return bool(self.apic_base & APIC_BASE_EN) and bool(self._w[_SVR] & SVR_ENABLE)
 
     # ===================================================================================
     # Notifications (lapic.ops)

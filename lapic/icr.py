@@ -171,7 +171,8 @@ class Icr(NamedTuple):
         """KVM ``kvm_icr_to_lapic_irq`` (reference ICR-4); bits 16-17 and 12-13 are ignored."""
         check_int("value", value, 0, (1 << 64) - 1)
         high = value >> 32
-        return cls(*interrupt_of_icr(value & 0xFFFFFFFF, high if x2apic else high >> 24)[:7])
+        dest = high if x2apic else ICR2["dest"].get(high)
+        return cls(*interrupt_of_icr(value & 0xFFFFFFFF, dest)[:7])
 
     def encode(self, *, x2apic: bool) -> int:
         _validate(self, 0xFFFFFFFF if x2apic else 0xFF)

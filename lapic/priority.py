@@ -26,6 +26,7 @@ from lapic.registers import (
 )
 
 _U64_MAX = (1 << 64) - 1
+_EV_INTERRUPT = ApicEvent.INTERRUPT
 _TPR = REGISTER_BY_NAME["TPR"].offset >> 2
 _PPR = REGISTER_BY_NAME["PPR"].offset >> 2
 _SVR = REGISTER_BY_NAME["SVR"].offset >> 2
@@ -54,7 +55,7 @@ class PriorityMixin(ApicCore):
         old = int(self._w[_PPR])
         ppr = self._update_ppr()
         if ppr < old and self._deliverable(ppr) >= 0:
-            self._raise_event(ApicEvent.INTERRUPT)
+            self._raise_event(_EV_INTERRUPT)
 
     def _deliverable(self, ppr: int) -> int:
         """The highest requested vector if its class is above ``ppr`` (PRIO-3), else -1."""

@@ -39,6 +39,7 @@ from lapic.registers import (
     REGISTER_BY_OFFSET,
     STATE_SIZE,
     TMR_BASE,
+    XAPIC_ID,
 )
 
 GAPS = tuple(
@@ -67,6 +68,7 @@ _VIEWS = (
 )
 """Attributes rebuilt on unpickling instead of pickled."""
 
+_XAPIC_ID = XAPIC_ID["id"]
 _PPR = REGISTER_BY_OFFSET[0xA0].offset >> 2
 _TMICT = REGISTER_BY_OFFSET[0x380].offset >> 2
 _TMCCT = REGISTER_BY_OFFSET[0x390].offset >> 2
@@ -183,7 +185,7 @@ class StateMixin(ApicCore):
         s[0x390:0x394] = tmcct.to_bytes(4, "little")
         if self.x2apic_mode:
             if not x2apic_format:
-                s[0x20:0x24] = ((self.vcpu_id << 24) & 0xFFFFFFFF).to_bytes(4, "little")
+                s[0x20:0x24] = _XAPIC_ID.place(self.vcpu_id & 0xFF).to_bytes(4, "little")
             if not self.icr_split:
                 s[0x310:0x314] = s[0x304:0x308]
         return bytes(s)

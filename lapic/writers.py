@@ -61,6 +61,8 @@ _ESR = REGISTER_BY_NAME["ESR"].offset >> 2
 _LVTT = REGISTER_BY_NAME["LVTT"].offset >> 2
 _TMICT = REGISTER_BY_NAME["TMICT"].offset >> 2
 _TDCR = REGISTER_BY_NAME["TDCR"].offset >> 2
+LVT_WORDS = {n: REGISTER_BY_NAME[n].offset >> 2 for n in LVT_ORDER}
+"""LVT entry name -> index of its dword in the page."""
 
 
 class RegisterMixin(ApicCore):
@@ -142,7 +144,7 @@ class RegisterMixin(ApicCore):
         if not stored & SVR_ENABLE:
             w = self._w
             for name in LVT_ORDER[: self.lvt_count]:
-                w[REGISTER_BY_NAME[name].offset >> 2] |= LVT_MASKED
+                w[LVT_WORDS[name]] |= LVT_MASKED
             self._timer_mode_changed()
 
     def _set_svr(self, value: int) -> None:
