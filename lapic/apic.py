@@ -58,6 +58,7 @@ from lapic.ops import DEFAULT_OPS, ApicEvent, ApicOps, overridden
 from lapic.priority import PriorityMixin
 from lapic.profile import Profile, resolve
 from lapic.registers import (
+    APIC_BASE,
     APIC_BASE_ADDR_MASK,
     APIC_BASE_BSP,
     APIC_BASE_EN,
@@ -82,6 +83,7 @@ from lapic.registers import (
     REGISTER_BY_MSR,
     REGISTER_BY_NAME,
     REGISTER_BY_OFFSET,
+    SVR,
     SVR_ENABLE,
     TIMER_PERIODIC,
     TMR_BASE,
@@ -124,6 +126,9 @@ _EV_PV_UNHALT = ApicEvent.PV_UNHALT
 _LVT_VECTOR = LVT["vector"]
 _LVT_MODE = LVT["delivery_mode"]
 _MAX_LVT = LVR["max_lvt"]
+_BASE_RESERVED_LOW = APIC_BASE.reserved
+"""IA32_APIC_BASE bits 7:0 and 9 (0x2FF); the bits above MAXPHYADDR are added per APIC."""
+_SVR_RESET = SVR.pack(vector=0xFF)
 # _accept and _local_deliver are hot paths: they use these constants' literal values
 # (SVR dword 0xF0 >> 2, LVT vector 7:0, delivery mode 10:8), pinned here.
 assert _SVR == 0xF0 >> 2 and _LVT_VECTOR.mask == 0xFF and _LVT_MODE.shift == 8
@@ -506,7 +511,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         check_int("value", value, 0, _U64_MAX)
         if value == self.apic_base:
             return
-        reserved = (_U64_MAX & ~((1 << self.features.maxphyaddr) - 1)) | 0x2FF
+        reserved = (_U64_MAX & ~((1 << self.features.maxphyaddr) - 1)) | _BASE_RESERVED_LOW
         if not self.features.x2apic:
             reserved |= APIC_BASE_EXTD
         if value & reserved:
@@ -583,7 +588,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         if self.bsp and self.profile.lint0_reenabled_quirk:
             w[_LINT0] = _LVT_MODE.place(DeliveryMode.EXTINT)
         w[_DFR] = DFR_FLAT
-        w[_SVR] = 0xFF
+        w[_SVR] = _SVR_RESET
         w[_TPR] = 0
         x2 = self.x2apic_mode
         if not x2:

@@ -26,6 +26,7 @@ from lapic.registers import (
     LVT_REMOTE_IRR,
     LVT_TIMER_MODE,
     REGISTER_BY_NAME,
+    SVR,
     SVR_ENABLE,
     SVR_SUPPRESS_EOI_BROADCAST,
     TDCR,
@@ -50,6 +51,8 @@ _SELF_IPI = ICR_LOW["shorthand"].place(Shorthand.SELF)
 _XAPIC_ID = XAPIC_ID["id"]
 _LDR_MASK = XAPIC_LDR["logical_id"].mask
 _DFR_RESERVED = ~DFR["model"].mask & 0xFFFFFFFF
+_SVR_WRITABLE = SVR["vector"].mask | SVR_ENABLE | SVR["focus_disable"].mask
+"""SVR bits every APIC stores (0x3FF); bit 12 only with directed EOI in LVR."""
 _TDCR_MASK = TDCR["divide_low"].mask | TDCR["divide_high"].mask
 _ID = REGISTER_BY_NAME["ID"].offset >> 2
 _LVR = REGISTER_BY_NAME["LVR"].offset >> 2
@@ -131,7 +134,7 @@ class RegisterMixin(ApicCore):
         self._map_changed()
 
     def _svr_mask(self) -> int:
-        mask = 0x3FF
+        mask = _SVR_WRITABLE
         if self._w[_LVR] & LVR_DIRECTED_EOI:
             mask |= SVR_SUPPRESS_EOI_BROADCAST
         return mask
