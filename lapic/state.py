@@ -16,7 +16,8 @@ Implements:
   handlers (closures) and the bound ops out of the pickled state and rebuild them.  The hooks
   and the ops object are pickled as they are: a bound method of a picklable object (e.g. a
   ``hypervisor.Vm``) survives, a lambda or a local function does not (``pickle`` raises; that
-  is the caller's to avoid).  ``copy.deepcopy`` copies what the hooks are bound to as well.
+  is the caller's to avoid).  ``copy.deepcopy`` copies what bound hooks are bound to as well;
+  it shares plain functions and lambdas (Python copies functions by reference).
 
 Not modelled: configuration (``vcpu_id``, profile, features, ``icr_split``, hooks, ops) is
 not part of a snapshot; ``restore`` requires the same ``vcpu_id`` and leaves wiring alone.

@@ -168,3 +168,19 @@ def test_binding_an_object_that_lacks_an_operation_raises_a_type_error_naming_it
 def test_the_default_ops_object_is_typed_as_an_apic_ops__OPS_1() -> None:
     ops: ApicOps = DEFAULT_OPS
     assert callable(ops.eoi_reported)
+
+
+def test_an_apic_copied_with_its_ops_rebinds_the_copied_ops__SNAP_1() -> None:
+    import copy
+    import pickle
+
+    apic = LocalApic(0, ops=PostedOps())
+    apic.mmio_write(0xF0, 0x1FF)
+    apic.accept(0x41)
+    for clone in (copy.deepcopy(apic), pickle.loads(pickle.dumps(apic))):
+        ops = clone.ops
+        assert isinstance(ops, PostedOps) and ops is not apic.ops
+        assert ops.pir == {0x41}
+        assert clone.accept(0x52)
+        assert ops.pir == {0x41, 0x52} and apic.ops.pir == {0x41}  # type: ignore[attr-defined]
+        assert clone.ack() == 0x52
