@@ -148,3 +148,19 @@ def test_a_64_bit_layout_round_trips_like_an_avic_physical_id_table_entry__FIELD
     assert entry.reserved == 0x3FF0_0000_0000_0000
     with pytest.raises(ApicValueError, match="word"):
         entry.unpack(1 << 64)
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
+def test_the_send_paths_inlined_icr_decode_is_interrupt_of_icr__FIELDS_2(
+    low: int, dest: int
+) -> None:
+    from lapic import LocalApic
+
+    apic = LocalApic(0)
+    sent: list[Interrupt] = []
+    apic.send_hook = lambda a, irq: sent.append(irq)
+    apic.mmio_write(0xF0, 0x1FF)
+    apic.wrmsr(0x1B, 0xFEE00C00)
+    low &= ~X2APIC_ICR_RESERVED
+    apic.wrmsr(0x830, dest << 32 | low)
+    assert sent == [interrupt_of_icr(low, dest)]
