@@ -39,6 +39,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Protocol
 
 from lapic import destination
+from lapic.faults import ApicTypeError
 
 if TYPE_CHECKING:
     from lapic.apic import LocalApic
@@ -160,8 +161,6 @@ def overridden(ops: object) -> dict[str, object]:
     """``{name: bound method}`` for each operation ``ops`` implements differently from
     :class:`DefaultApicOps` (every operation, for an ops object that does not subclass it).
     Raises :class:`~lapic.faults.ApicTypeError` if an operation is missing."""
-    from lapic.faults import ApicTypeError
-
     out: dict[str, object] = {}
     for name in OP_NAMES:
         method = getattr(ops, name, None)
