@@ -33,6 +33,8 @@ _SVR = REGISTER_BY_NAME["SVR"].offset >> 2
 _CLASS = PRIORITY["klass"]
 _CLASS_MASK = _CLASS.mask
 """Priority class bits 7:4 of TPR/PPR/ISRV (0xF0)."""
+# PPR, acknowledge and EOI run on every interrupt: they use these values as literals.
+assert (_TPR, _PPR, _CLASS_MASK) == (0x80 >> 2, 0xA0 >> 2, 0xF0)
 
 
 class PriorityMixin(ApicCore):
@@ -40,15 +42,15 @@ class PriorityMixin(ApicCore):
 
     def _ppr_for(self, isrv: int) -> int:
         """PRIO-2: PPR from TPR and the highest in-service vector ``isrv`` (-1: none)."""
-        tpr = int(self._w[_TPR])
+        tpr = int(self._w[0x80 >> 2])  # TPR; literals on this hot path, pinned below
         if isrv < 0:
             isrv = 0
-        return tpr & 0xFF if (tpr & _CLASS_MASK) >= (isrv & _CLASS_MASK) else isrv & _CLASS_MASK
+        return tpr & 0xFF if (tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0
 
     def _update_ppr(self) -> int:
         """KVM ``__apic_update_ppr``; returns the new PPR."""
         ppr = self._ppr_for(self._isr.highest())
-        self._w[_PPR] = ppr
+        self._w[0xA0 >> 2] = ppr  # PPR
         return ppr
 
     def _update_ppr_and_notify(self) -> None:
@@ -61,7 +63,7 @@ class PriorityMixin(ApicCore):
         """The highest requested vector if its class is above ``ppr`` (PRIO-3), else -1."""
         op = self._op_pending_intr
         v = self._irr.highest() if op is None else op(self)  # type: ignore[arg-type]
-        if v < 0 or (v & _CLASS_MASK) <= ppr:
+        if v < 0 or (v & 0xF0) <= ppr:  # priority class (_CLASS_MASK)
             return -1
         return v
 
