@@ -160,6 +160,17 @@ def check_file(path: Path, backend: str, out: TextIO, *, quiet: bool = False) ->
     return result
 
 
+def _check_file_safely(path: Path, backend: str, out: TextIO, *, quiet: bool) -> FileResult:
+    """``check_file``, with anything it did not foresee reported as an ERROR of this file (no
+    traceback; the remaining files still run)."""
+    try:
+        return check_file(path, backend, out, quiet=quiet)
+    except Exception as e:
+        reason = f"{path}: internal error: {type(e).__name__}: {e}"
+        out.write(f"ERROR {reason}\n")
+        return FileResult(path, path.stem, "ERROR", reason)
+
+
 def check(
     paths: Sequence[Path], backend: str, out: TextIO, err: TextIO, *, quiet: bool = False
 ) -> tuple[int, list[FileResult]]:
@@ -175,7 +186,7 @@ def check(
         if not ok:
             err.write(f"apicsim check: the kvm backend cannot run here: {why}\n")
             return 2, []
-    results = [check_file(p, backend, out, quiet=quiet) for p in files]
+    results = [_check_file_safely(p, backend, out, quiet=quiet) for p in files]
     by_status = {s: [r for r in results if r.status == s] for s in STATUSES}
     expectations = {s: sum(r.count(s) for r in results) for s in ("PASS", "FAIL", "SKIP")}
     out.write(

@@ -202,6 +202,9 @@ def main(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except ReplayError as e:
         print(f"apicsim mutants: {e}", file=err)
         return 2
+    if args.ids and not ids:
+        print(f"apicsim mutants: --ids {args.ids[-1]!r} names no replay", file=err)
+        return 2
     if not (ROOT / "tests").is_dir():
         print(f"apicsim mutants: no tests/ folder next to the package ({ROOT})", file=err)
         return 2

@@ -49,11 +49,11 @@ from guest.drivers import (
 )
 from guest.kvm_pv import KvmPv, pv_ipi_supported
 from hypervisor.vcpu import MpState
-from lapic.faults import ApicTypeError, ApicValueError, check_int
+from hypervisor.vm import Vm
+from lapic.faults import ApicTypeError, ApicValueError, check_instance, check_int
 
 if TYPE_CHECKING:
     from hypervisor.vcpu import Vcpu
-    from hypervisor.vm import Vm
 
 DRIVERS: tuple[str, ...] = ("flat", "physflat", "x2apic_phys", "x2apic_cluster", "kvm_pv")
 """The names ``Guest(vm, driver=...)`` accepts."""
@@ -197,8 +197,11 @@ class Guest:
         base: str | None = None,
         bits_per_long: int = 64,
     ) -> None:
-        if not isinstance(driver, str):
-            raise ApicTypeError(f"driver must be a str, not {type(driver).__name__}")
+        check_instance("vm", vm, Vm)
+        check_instance("driver", driver, str)
+        if base is not None:
+            check_instance("base", base, str)
+        check_int("bits_per_long", bits_per_long, 32, 64)
         if driver not in DRIVERS:
             raise ApicValueError(f"driver={driver!r} is not one of {DRIVERS}")
         if base is not None and driver != "kvm_pv":
@@ -267,8 +270,10 @@ class Guest:
 
     def cpumask(self, cpus: Iterable[int]) -> Sequence[int]:
         """A cpumask: the CPU numbers of ``cpus``, checked, without repeats, ascending."""
-        if isinstance(cpus, int | str | bytes):
-            raise ApicTypeError(f"cpus must be an iterable of CPU numbers, not {cpus!r}")
+        if isinstance(cpus, int | str | bytes) or not isinstance(cpus, Iterable):
+            raise ApicTypeError(
+                f"cpus must be an iterable of CPU numbers, not {type(cpus).__name__}"
+            )
         n = len(self.cpus)
         return sorted({check_int("cpu", c, 0, n - 1) for c in cpus})
 

@@ -14,6 +14,12 @@ Implements ``kvm_recalculate_apic_map``, ``kvm_recalculate_phys_map``,
 * MAP-4: the logical mode (SW_DISABLED, XAPIC_CLUSTER, XAPIC_FLAT, X2APIC, MAP_DISABLED) and
   the flat[8] / cluster[16][4] tables; x2APIC logical lookups reuse ``phys_map``.
 
+* MAP-5 (allocation): ``new = kvzalloc(sizeof(*new) + sizeof(ptr) * (max_id + 1))``; when
+  that fails (``kvmalloc`` refuses more than ``INT_MAX`` bytes, or memory is short) KVM goes
+  straight to ``out:`` and publishes a NULL map, so every message takes the slow path.  The
+  model sizes the request the same way and answers ``None`` above :data:`MAP_ALLOC_LIMIT`
+  (no inhibit is set: KVM computes them only for a map it built).
+
 The map is derived data: it owns no state of its own and is rebuilt from the vCPUs' APICs,
 never edited in place.  Also computed: the APICv inhibit reasons KVM derives from it (§10.4),
 which the APICv/AVIC accelerators consult.
@@ -43,6 +49,19 @@ class LogicalMode(IntEnum):
 
 
 Slots = list[LocalApic | None]
+
+MAP_ALLOC_LIMIT = 0x7FFFFFFF
+"""INT_MAX: the largest ``kvmalloc`` request the kernel serves (``kvmalloc_node`` warns and
+returns NULL above it); a map needing more bytes is not allocated (MAP-5)."""
+MAP_HEADER_BYTES = 16 + 4 + 4 + 16 * 4 * 8
+"""``sizeof(struct kvm_apic_map)`` before ``phys_map[]`` on x86-64: the rcu head, the logical
+mode, ``max_apic_id`` and the union of ``xapic_flat_map[8]`` / ``xapic_cluster_map[16][4]``."""
+POINTER_BYTES = 8
+
+
+def map_bytes(max_apic_id: int) -> int:
+    """The size of the kvzalloc request for a map whose largest ID is ``max_apic_id``."""
+    return MAP_HEADER_BYTES + POINTER_BYTES * (max_apic_id + 1)
 
 
 class ApicMap:
@@ -101,6 +120,8 @@ def build(apics: Sequence[LocalApic], *, x2apic_format: bool) -> tuple[ApicMap |
     for a in present:
         if a.vcpu_id > max_id:
             max_id = a.vcpu_id
+    if map_bytes(max_id) > MAP_ALLOC_LIMIT:
+        return None, 0  # MAP-5: kvzalloc failed; the NULL map sends everything the slow way
     new: ApicMap | None = ApicMap(max_id)
     inhibits = 0
     for a in present:

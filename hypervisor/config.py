@@ -33,7 +33,14 @@ from hypervisor.pv_ipi import (
     KVM_FEATURE_PV_UNHALT,
 )
 from lapic.apic import Features
-from lapic.faults import ApicTypeError, ApicValueError, check_int
+from lapic.faults import (
+    ApicTypeError,
+    ApicValueError,
+    check_bool,
+    check_instance,
+    check_int,
+    check_optional_bool,
+)
 from lapic.profile import KVM, LowestPriorityPolicy, Profile, resolve
 from lapic.slowpath import apply_vector_hashing, reference_defaults
 
@@ -49,23 +56,19 @@ DEFAULT_PV_FEATURES = frozenset(
 # ===========================================================================================
 # Checkers (exact types, the field's name in every message)
 # ===========================================================================================
-def check_bool(name: str, value: object) -> bool:
-    """``value`` if it is a bool (not an int, not a truthy string); else raise naming it."""
-    if not isinstance(value, bool):
-        raise ApicTypeError(f"{name} must be a bool, not {type(value).__name__}")
+def check_max_vcpu_ids(value: object) -> int:
+    """KVM_CAP_MAX_VCPU_ID for a VM being made: an int in [1, 2**32] (the capability's
+    argument), and at most ``KVM_MAX_VCPU_IDS``: KVM's ``kvm_vm_ioctl_enable_cap`` refuses a
+    larger one with -EINVAL, which also bounds every vCPU id and so the optimized map's size
+    (MAP-5).  A ``VmConfig`` may describe more (another host's KVM); ``Vm`` refuses it."""
+    check_int("max_vcpu_ids", value, 1, 1 << 32)
+    assert isinstance(value, int)
+    if value > KVM_MAX_VCPU_IDS:
+        raise ApicValueError(
+            f"max_vcpu_ids={value:#x} is above KVM_MAX_VCPU_IDS ({KVM_MAX_VCPU_IDS:#x}): "
+            "KVM_ENABLE_CAP(KVM_CAP_MAX_VCPU_ID) fails with EINVAL"
+        )
     return value
-
-
-def check_optional_bool(name: str, value: object) -> bool | None:
-    """``value`` if it is a bool or None; else raise naming it."""
-    if value is not None and not isinstance(value, bool):
-        raise ApicTypeError(f"{name} must be a bool or None, not {type(value).__name__}")
-    return value
-
-
-def check_instance(name: str, value: object, kind: type[Any]) -> None:
-    if not isinstance(value, kind):
-        raise ApicTypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
 
 
 def _check_fields(record: object, checks: Mapping[str, type[Any]]) -> None:
@@ -309,13 +312,28 @@ class VmConfig:
         check_bool("aps_started", aps_started)
         check_bool("trace", trace)
         check_optional_bool("broadcast_quirk", broadcast_quirk)
-        check_int("max_vcpu_ids", max_vcpu_ids, 1, 1 << 32)
+        check_max_vcpu_ids(max_vcpu_ids)
         if vcpu_ids is None:
             check_int("vcpus", vcpus, 1, max_vcpu_ids)
             vcpu_ids = range(vcpus)
+        elif isinstance(vcpu_ids, (str, bytes)) or not isinstance(vcpu_ids, Sequence):
+            raise ApicTypeError(
+                f"vcpu_ids must be a sequence of ints, not {type(vcpu_ids).__name__}"
+            )
         if isinstance(pv_features, (str, bytes)) or not isinstance(pv_features, Iterable):
             raise ApicTypeError(
                 f"pv_features must be an iterable of ints, not {type(pv_features).__name__}"
+            )
+        pv_features = tuple(pv_features)
+        for bit in pv_features:
+            check_int("pv_features", bit, 0, 31)
+        check_int("bsp_vcpu_id", bsp_vcpu_id, 0, max_vcpu_ids - 1)
+        if bsp_vcpu_id and bsp_vcpu_id not in vcpu_ids:
+            # KVM_SET_BOOT_CPU_ID accepts any id below max_vcpu_ids (a BSP hotplugged later);
+            # a BSP chosen with the VM's own vCPUs must be one of them.
+            raise ApicValueError(
+                f"bsp_vcpu_id={bsp_vcpu_id} is not one of the VM's vcpu_ids: "
+                "the VM would have no BSP"
             )
         base = KvmOptions.for_profile(prof)
         options = base.replace(

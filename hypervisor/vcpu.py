@@ -30,7 +30,7 @@ from hypervisor.exits import Exit, ExitReason
 from hypervisor.pv_ipi import emulate_hypercall
 from hypervisor.trace import KvmExit, KvmHypercall
 from lapic.apic import LocalApic
-from lapic.faults import ApicValueError, check_int, gp
+from lapic.faults import ApicValueError, check_callable, check_int, check_size, gp
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
 
 if TYPE_CHECKING:
@@ -93,11 +93,13 @@ class Vcpu:
     # ===================================================================================
     def mmio_read(self, gpa: int, size: int = 4) -> int:
         check_int("gpa", gpa, 0, (1 << 52) - 1)
+        check_size("size", size)
         self._executing()
         return self.vm.accel.mmio_read(self, gpa, size)
 
     def mmio_write(self, gpa: int, value: int, size: int = 4) -> None:
         check_int("gpa", gpa, 0, (1 << 52) - 1)
+        check_int("value", value, 0, (1 << (8 * check_size("size", size))) - 1)
         self._executing()
         self.vm.accel.mmio_write(self, gpa, value, size)
 
@@ -156,17 +158,25 @@ class Vcpu:
         if state is not RunState.IN_GUEST:
             if state is RunState.BLOCKED:
                 raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
-            if self.apic.init_pending or self.apic.sipi_pending:
-                self.accept_events()
-            if self.apic.hw_enabled:
-                # Every entry processes KVM_REQ_EVENT, which recomputes PPR
-                # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
-                _ = self.apic.ppr
-            if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+            apic = self.apic
+            # Where the pending INIT/SIPI will leave the vCPU (accept_events), worked out
+            # first: a vCPU that will wait for SIPI refuses the access before anything changes.
+            mp = self.mp_state
+            if apic.init_pending:
+                mp = MpState.RUNNABLE if apic.apic_base & APIC_BASE_BSP else MpState.INIT_RECEIVED
+            if apic.sipi_pending and mp is MpState.INIT_RECEIVED:
+                mp = MpState.RUNNABLE
+            if mp in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
                 raise ApicValueError(
-                    f"vcpu {self.index} is {self.mp_state.name}: it executes nothing until "
+                    f"vcpu {self.index} is {mp.name}: it executes nothing until "
                     "INIT/SIPI start it (or Vm(aps_started=True))"
                 )
+            if apic.init_pending or apic.sipi_pending:
+                self.accept_events()
+            if apic.hw_enabled:
+                # Every entry processes KVM_REQ_EVENT, which recomputes PPR
+                # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
+                _ = apic.ppr
             self.enter()
         self.host.running = self  # Scheduler.executing, inlined: every guest access runs this
 
@@ -271,6 +281,8 @@ class Vcpu:
 
         A blocked vCPU with nothing pending stays blocked (returns ``[]``).
         """
+        check_callable("handler", handler, optional=True)
+        check_callable("nmi_handler", nmi_handler, optional=True)
         if self.run_state is RunState.BLOCKED and not self.has_events():
             return []
         self.accept_events()

@@ -59,6 +59,7 @@ from hypervisor.config import (
     AccelConfig,
     KvmOptions,
     VmConfig,
+    check_max_vcpu_ids,
 )
 from hypervisor.delivery import AcceptFn, deliver
 from hypervisor.exits import Exit
@@ -78,7 +79,7 @@ from hypervisor.trace import (
 from hypervisor.vcpu import Vcpu
 from lapic.apic import Features, LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
-from lapic.icr import DeliveryMode, Icr, Interrupt, Msi
+from lapic.icr import DeliveryMode, Icr, Interrupt, Msi, check_interrupt
 from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.registers import APIC_DEFAULT_BASE
 
@@ -157,6 +158,7 @@ class Vm:
                 exit_log=exit_log,
                 trace=trace,
             )
+        check_max_vcpu_ids(config.max_vcpu_ids)
         self._init_host(host)
         self._setup(config)
 
@@ -186,11 +188,11 @@ class Vm:
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
-        # The map, its dirty bit and its inhibits are first set by add_vcpu (every VM has a
-        # vCPU), and read only through apic_map, which rebuilds a dirty map first.
-        self._map: ApicMap | None
-        self._map_dirty: bool
-        self._map_inhibits: int
+        # The map, its dirty bit and its inhibits are read only through apic_map, which
+        # rebuilds a dirty map first (a snapshot of a VM whose map was never built sees these).
+        self._map: ApicMap | None = None
+        self._map_dirty = True
+        self._map_inhibits = 0
         self._apic_base_modified = False
         """APICV_INHIBIT_REASON_APIC_BASE_MODIFIED: set by an APIC_BASE write, never cleared."""
         self.accel = accel
@@ -324,8 +326,7 @@ class Vm:
 
     def deliver(self, irq: Interrupt, source: LocalApic | None = None) -> int:
         """KVM ``kvm_irq_delivery_to_apic``: -1 if nothing matched, else the accepted count."""
-        if not isinstance(irq, Interrupt):
-            raise ApicTypeError(f"irq must be an Interrupt, not {type(irq).__name__}")
+        check_interrupt(irq)
         if source is not None and not isinstance(source, LocalApic):
             raise ApicTypeError(f"source must be a LocalApic, not {type(source).__name__}")
         return self._deliver(source, irq)
@@ -407,7 +408,8 @@ class Vm:
 
     def kick_cpu(self, apic_id: int) -> None:
         """KVM_HC_KICK_CPU: a remote-read-mode message to ``apic_id`` (PV unhalt)."""
-        self.deliver(Interrupt(0, DeliveryMode.REMOTE_READ, dest=apic_id))
+        check_int("apic_id", apic_id, 0, 0xFFFFFFFF)
+        self._deliver(None, Interrupt(0, DeliveryMode.REMOTE_READ, dest=apic_id))
 
     # ===================================================================================
     # Host API (ioctls)

@@ -45,7 +45,15 @@ import sys
 from lapic import destination
 from lapic.core import ApicCore, ApicHook, ApicMode, EoiHook, Features, SendHook
 from lapic.events import PendingEvents
-from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int, gp
+from lapic.faults import (
+    ApicTypeError,
+    ApicValueError,
+    GuestFault,
+    check_instance,
+    check_int,
+    check_size,
+    gp,
+)
 from lapic.icr import (
     _DM,
     _DST,
@@ -172,6 +180,8 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
             raise ApicTypeError(f"features must be Features, not {type(features).__name__}")
         check_int("features.maxphyaddr", features.maxphyaddr, 32, 52)
         self.features = features
+        if clock is not None:
+            check_instance("clock", clock, Clock)
         self.clock = clock if clock is not None else Clock()
         if not isinstance(icr_split, bool):
             raise ApicTypeError(f"icr_split must be a bool, not {type(icr_split).__name__}")
@@ -395,8 +405,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
     def mmio_read(self, offset: int, size: int = 4) -> int:
         """A guest read of ``size`` bytes at ``offset`` in the APIC page (MMIO-1..4)."""
         check_int("offset", offset, 0, APIC_PAGE_SIZE - 1)
-        if size not in (1, 2, 4, 8):
-            raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
+        check_size("size", size)
         mask = (1 << (8 * size)) - 1
         if not self.hw_enabled or self.x2apic_mode:
             if self.profile.mmio_hole_quirk:
@@ -423,8 +432,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
     def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
         """A guest write at ``offset`` (MMIO-2/3/5): only aligned 4-byte writes do anything."""
         check_int("offset", offset, 0, APIC_PAGE_SIZE - 1)
-        if size not in (1, 2, 4, 8):
-            raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
+        check_size("size", size)
         check_int("value", value, 0, (1 << (8 * size)) - 1)
         if not self.hw_enabled or self.x2apic_mode:
             return
@@ -495,7 +503,10 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
                 raise gp(f"WRMSR {msr:#x}: no writable x2APIC register")
             if reg.name == "ICR":
                 if value & X2APIC_ICR_RESERVED:
-                    raise gp(f"WRMSR ICR {value:#x}: reserved bits {X2APIC_ICR_RESERVED:#x}")
+                    raise gp(
+                        f"WRMSR ICR {value:#x}: reserved bits {value & X2APIC_ICR_RESERVED:#x} "
+                        f"set (reserved mask {X2APIC_ICR_RESERVED:#x})"
+                    )
             elif value >> 32:
                 raise gp(f"WRMSR {msr:#x}: bits 63:32 are reserved")
             elif reg.name == "ESR" and value:

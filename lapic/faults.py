@@ -9,9 +9,16 @@ Two different things go wrong in a model like this one, and they must never be m
 * the *caller* passes something that is not a value of the modelled machine at all (a vector of
   300, an offset outside the APIC page, a state image of the wrong length).  That raises a
   subclass of the built-in ``ValueError``/``TypeError`` whose message names the argument.
+
+The checkers (``check_*``) are the one shared set every layer uses at its public entry points,
+before the first side effect: types exactly (no bool for an int, no float for an int, no truthy
+object for a bool), then ranges, lengths and choices.  Internal hot paths do not call them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 GP_VECTOR = 13
 """#GP, general-protection exception."""
@@ -55,3 +62,51 @@ def check_int(name: str, value: object, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ApicValueError(f"{name}={value:#x} is outside [{lo:#x}, {hi:#x}]")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (not an int, not a truthy string); else raise naming it."""
+    if not isinstance(value, bool):
+        raise ApicTypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
+def check_optional_bool(name: str, value: object) -> bool | None:
+    """``value`` if it is a bool or None; else raise naming it."""
+    if value is not None and not isinstance(value, bool):
+        raise ApicTypeError(f"{name} must be a bool or None, not {type(value).__name__}")
+    return value
+
+
+def check_instance(name: str, value: object, kind: type[Any]) -> None:
+    """Raise naming ``name`` unless ``value`` is a ``kind``."""
+    if not isinstance(value, kind):
+        raise ApicTypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
+
+
+def check_size(name: str, value: object) -> int:
+    """An access width in bytes: exactly the int 1, 2, 4 or 8 (not ``True``, not ``4.0``)."""
+    if type(value) is not int:
+        raise ApicTypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value not in (1, 2, 4, 8):
+        raise ApicValueError(f"{name}={value!r} must be 1, 2, 4 or 8")
+    return value
+
+
+def check_callable(name: str, value: object, *, optional: bool = False) -> None:
+    """Raise naming ``name`` unless ``value`` is callable (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not callable(value):
+        what = "callable or None" if optional else "callable"
+        raise ApicTypeError(f"{name} must be {what}, not {type(value).__name__}")
+
+
+def check_enum(name: str, value: object, kind: Callable[[int], Any]) -> None:
+    """An IntEnum member of ``kind`` (a plain int that names a member is accepted too)."""
+    if type(value) is bool or not isinstance(value, int):
+        raise ApicTypeError(f"{name} must be an int, not {type(value).__name__}")
+    try:
+        kind(value)
+    except ValueError:
+        raise ApicValueError(f"{name}={value!r} is not a valid {name}") from None

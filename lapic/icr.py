@@ -262,7 +262,21 @@ def _validate(msg: Icr | Interrupt, dest_limit: int) -> None:
         ("shorthand", Shorthand),
     ):
         if not isinstance(getattr(msg, name), enum):
-            raise ApicTypeError(f"{name} must be a {enum.__name__}")
+            raise ApicTypeError(
+                f"{name} must be a {enum.__name__}, not {type(getattr(msg, name)).__name__}"
+            )
+
+
+def check_interrupt(irq: object, dest_limit: int = 0xFFFFFFFF) -> Interrupt:
+    """``irq`` if it is an :class:`Interrupt` whose fields are values of the machine: vector
+    0..255, ``dest`` 0..``dest_limit``, each mode field a member of its enum (not a string,
+    not a bare int), ``redir_hint`` a bool; else raise naming the field."""
+    if not isinstance(irq, Interrupt):
+        raise ApicTypeError(f"irq must be an Interrupt, not {type(irq).__name__}")
+    _validate(irq, dest_limit)
+    if not isinstance(irq.redir_hint, bool):
+        raise ApicTypeError(f"redir_hint must be a bool, not {type(irq.redir_hint).__name__}")
+    return irq
 
 
 _DM = tuple(DeliveryMode)

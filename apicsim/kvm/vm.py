@@ -44,9 +44,8 @@ from hypervisor.api import (
     check_state_data,
     check_vcpu_id,
 )
-from hypervisor.config import check_bool
 from lapic.apic import Features, StateError
-from lapic.faults import ApicValueError, GuestFault, check_int
+from lapic.faults import ApicValueError, GuestFault, check_bool, check_int
 from lapic.registers import APIC_BASE_ADDR_MASK, APIC_BASE_MSR
 
 KVM_DEVICE = "/dev/kvm"

@@ -498,6 +498,10 @@ class _Parser:
         if "action" not in raw:
             raise ScenarioError(self.path, line, f"step {n}", "missing required field 'action'")
         action = raw["action"]
+        if not isinstance(action, str):
+            raise self.fail(
+                "", "action", f"action must be a string, got {_type_name(action)}", n
+            )
         if action not in ACTIONS:
             raise self.fail(
                 "", "action", f"unknown action {action!r} (one of {', '.join(ACTIONS)})", n
@@ -737,9 +741,16 @@ def load(path: str | Path) -> Scenario:
     """Parse and validate one scenario file; raises :class:`ScenarioError`."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as e:
         raise ScenarioError(p, None, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ScenarioError(
+            p, line, "", f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -747,5 +758,10 @@ def load(path: str | Path) -> Scenario:
         raise ScenarioError(
             p, int(m.group(1)) if m else None, "", f"TOML syntax error: {e}"
         ) from None
+    except RecursionError:
+        raise ScenarioError(
+            p, None, "", "TOML nested too deeply (arrays or inline tables) to parse"
+        ) from None
     return _Parser(p, text).parse(data)
+
 
