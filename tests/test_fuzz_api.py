@@ -118,21 +118,23 @@ def _call(
         # INIT/SIPI and recomputes PPR): the APICs' registers must be as they were, unless an
         # INIT was pending (the entry resets that APIC).
         after = vm.snapshot()
-        entered_with_init = any(c.apic.events.init for c in before.vcpus)
-        if not entered_with_init and _registers(after) != _registers(before):
+        if not _entry_only(before, after):
             raise Misbehaviour(f"{name}{args}: a GuestFault changed {before.diff(after)}") from None
     except (ApicValueError, ApicTypeError) as e:
         tally.rejected += 1
         message = str(e)
-        # A vCPU that cannot execute (halted, waiting for SIPI) names itself ("vcpu N"); a
-        # guest access to an APIC page the fuzzing moved or disabled names its address.
-        if args and not any(a in message for a in (*args, "vcpu ", "outside the APIC page")):
+        # A vCPU that cannot execute (halted, waiting for SIPI) names itself ("vcpu N"), so
+        # does a guest CPU ("CPU N") whose APIC the fuzzing left unusable; a guest access to
+        # an APIC page the fuzzing moved or disabled names its address.
+        receiver = ("vcpu ", "CPU ", "outside the APIC page")
+        if args and not any(a in message for a in (*args, *receiver)):
             raise Misbehaviour(f"{name}{args}: message names no argument: {message!r}") from e
         after = vm.snapshot()
-        if "outside the APIC page" in message:
+        if "outside the APIC page" in message or message.startswith("CPU "):
             # EXIT-1: any 52-bit gpa is a valid access; it exits (EPT misconfig, counted),
-            # then no device answers.  Only the exit may have been recorded.
-            if _registers(after) != _registers(before):
+            # then no device answers.  A guest CPU that gives up (its ICR stays busy) has
+            # executed its reads.  Only exits may have been recorded: no register changed.
+            if not _entry_only(before, after):
                 raise Misbehaviour(
                     f"{name}{args}: {message} changed {before.diff(after)}"
                 ) from e
@@ -155,6 +157,14 @@ def _registers(snap: VmSnapshot) -> list[tuple[int, bytes, int]]:
         (c.apic.apic_base, c.apic.page[:0xA0] + c.apic.page[0xB0:], c.apic.esr_pending)
         for c in snap.vcpus
     ]
+
+
+def _entry_only(before: VmSnapshot, after: VmSnapshot) -> bool:
+    """Whether ``after`` differs from ``before`` only by what entering the guest and exiting
+    do: exits counted, PPR recomputed, a pending INIT taken (which resets that APIC)."""
+    if any(c.apic.events.init for c in before.vcpus):
+        return True
+    return _registers(after) == _registers(before)
 
 
 def _make_vm(rng: random.Random, tally: Tally) -> Vm:
