@@ -5,9 +5,10 @@
     kvm_pv, with its cost (VM exits, hypercalls, MSR writes) side by side.  See
     :mod:`apicsim.demo`.
 
-``apicsim run FILE.toml [FILE|DIR ...] [--quiet]``
+``apicsim run FILE.toml [FILE|DIR ...] [--quiet] [--backend model|kvm]``
     Run declarative scenarios (format: :mod:`apicsim.scenario`, ``specs/scenarios/README.md``).
-    A directory stands for the ``*.toml`` files in it.
+    A directory stands for the ``*.toml`` files in it.  ``--backend kvm`` runs them on the
+    host's KVM, as ``apicsim check --backend kvm`` does.
 
 ``apicsim check [--backend model|kvm] [--quiet] PATH...``
     Run scenarios on the model or on the host's KVM, one PASS/FAIL/SKIP line per expectation.
@@ -18,7 +19,8 @@
     each one.  See :mod:`apicsim.mutants`.
 
 Exit status: 0 when everything passed, 1 when an expectation (or a demo check) failed, 2 when
-a file is malformed or cannot be read, or the command line is wrong.
+a file is malformed or cannot be read, or the command line is wrong.  Every error of a file is
+one ``ERROR file[:line]: message`` line (never a traceback), and the other files still run.
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ def _one_op(rng: random.Random, tally: Tally, vm: Vm, guest: Guest | None) -> No
     v = vm.vcpus[k]
     apic = vm.lapic(k)
     base = apic.base_address
-    choice = rng.randrange(18)
+    choice = rng.randrange(21)
     if choice == 0:
         gpa, size = _int(rng, base, base + 0xFFF), _size(rng)
         _call(tally, vm, "Vcpu.mmio_read", {"gpa": gpa, "size": size},
@@ -274,14 +274,33 @@ def _one_op(rng: random.Random, tally: Tally, vm: Vm, guest: Guest | None) -> No
         vid = _int(rng, 0, 64)
         _call(tally, vm, "Vm.add_vcpu", {"vcpu_id": vid},
               lambda: vm.add_vcpu(vid))  # type: ignore[arg-type]  # fmt: skip
+    elif choice == 15:
+        offset, size = _int(rng, 0, 0xFFF), _size(rng)
+        value = _int(rng, 0, 0xFFFFFFFF)
+        _call(tally, vm, "LocalApic.mmio_write", {"offset": offset, "value": value, "size": size},
+              lambda: apic.mmio_write(offset, value, size))  # type: ignore[arg-type]  # fmt: skip
+    elif choice == 16:
+        msr = rng.choice((0x1B, 0x6E0, 0x808, 0x80B, 0x80F, 0x830, _int(rng, 0x800, 0x8FF)))
+        value = _int(rng, 0, 2**64 - 1)
+        host = rng.choice((False, True, 1))
+        _call(tally, vm, "LocalApic.wrmsr", {"msr": msr, "value": value, "host_initiated": host},
+              lambda: apic.wrmsr(msr, value, host))  # type: ignore[arg-type]  # fmt: skip
+    elif choice == 17:
+        vector = _int(rng, 0, 0xFF)
+        mode = rng.choice((*DeliveryMode, 0, "fixed"))
+        trigger = rng.choice((*Trigger, 1))
+        level = rng.choice((*Level, True, 1))
+        _call(tally, vm, "LocalApic.accept",
+              {"vector": vector, "mode": mode, "trigger": trigger, "level": level},
+              lambda: apic.accept(vector, mode, trigger, level))  # type: ignore[arg-type]  # fmt: skip
     elif guest is not None and len(guest) == len(vm):
         cpu = guest.cpus[k]
         vector = _int(rng, 0x20, 0xFF)
-        if choice == 15:
+        if choice == 18:
             target = _int(rng, 0, n - 1)
             _call(tally, vm, "GuestCpu.send_IPI", {"target": target, "vector": vector},
                   lambda: cpu.send_IPI(target, vector))  # type: ignore[arg-type]  # fmt: skip
-        elif choice == 16:
+        elif choice == 19:
             cpus = rng.choice(([0], list(range(n)), None, 3, [n], ["a"]))
             _call(tally, vm, "GuestCpu.send_IPI_mask", {"cpus": cpus, "cpu": 0, "vector": vector},
                   lambda: cpu.send_IPI_mask(cpus, vector))  # type: ignore[arg-type]  # fmt: skip
