@@ -270,12 +270,16 @@ class Guest:
 
     def cpumask(self, cpus: Iterable[int]) -> Sequence[int]:
         """A cpumask: the CPU numbers of ``cpus``, checked, without repeats, ascending."""
-        if isinstance(cpus, int | str | bytes) or not isinstance(cpus, Iterable):
+        try:
+            if isinstance(cpus, int | str | bytes):
+                raise TypeError
+            numbers = iter(cpus)
+        except TypeError:
             raise ApicTypeError(
                 f"cpus must be an iterable of CPU numbers, not {type(cpus).__name__}"
-            )
+            ) from None
         n = len(self.cpus)
-        return sorted({check_int("cpu", c, 0, n - 1) for c in cpus})
+        return sorted({check_int("cpu", c, 0, n - 1) for c in numbers})
 
     def __len__(self) -> int:
         return len(self.cpus)

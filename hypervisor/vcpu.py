@@ -158,25 +158,17 @@ class Vcpu:
         if state is not RunState.IN_GUEST:
             if state is RunState.BLOCKED:
                 raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
-            apic = self.apic
-            # Where the pending INIT/SIPI will leave the vCPU (accept_events), worked out
-            # first: a vCPU that will wait for SIPI refuses the access before anything changes.
-            mp = self.mp_state
-            if apic.init_pending:
-                mp = MpState.RUNNABLE if apic.apic_base & APIC_BASE_BSP else MpState.INIT_RECEIVED
-            if apic.sipi_pending and mp is MpState.INIT_RECEIVED:
-                mp = MpState.RUNNABLE
-            if mp in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
-                raise ApicValueError(
-                    f"vcpu {self.index} is {mp.name}: it executes nothing until "
-                    "INIT/SIPI start it (or Vm(aps_started=True))"
-                )
-            if apic.init_pending or apic.sipi_pending:
+            if self.apic.init_pending or self.apic.sipi_pending:
                 self.accept_events()
-            if apic.hw_enabled:
+            if self.apic.hw_enabled:
                 # Every entry processes KVM_REQ_EVENT, which recomputes PPR
                 # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
-                _ = apic.ppr
+                _ = self.apic.ppr
+            if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+                raise ApicValueError(
+                    f"vcpu {self.index} is {self.mp_state.name}: it executes nothing until "
+                    "INIT/SIPI start it (or Vm(aps_started=True))"
+                )
             self.enter()
         self.host.running = self  # Scheduler.executing, inlined: every guest access runs this
 
