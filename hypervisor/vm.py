@@ -402,3 +402,12 @@ def uses_optimized_map(profile: Profile) -> bool:
         and profile.xapic_matches_x2apic_id
         and profile.lowest_priority is not LowestPriorityPolicy.LOWEST_TPR
     )
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "Vm.pv_feature",  # BUG-7: guest_pv_has, PV features only if in the guest's CPUID
+        "Vm.apic_map",  # BUG-16 4364b287982b: the map sized and filled in one consistent pass
+    }
+)

@@ -1123,3 +1123,20 @@ __all__ = [
     "LocalApic",
     "StateError",
 ]
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "LocalApic._apply_apic_base",  # BUG-10 map after re-enable; BUG-23 xAPIC ID reinit
+        "LocalApic.set_apic_base",  # BUG-30 58d269d8cccc: BSP is writable
+        "LocalApic.get_state",  # BUG-17 4b7c3f6d04bd, BUG-19 73b42dc69be8: the state image
+        "LocalApic.set_state",  # BUG-17 (x2APIC ID read-only), BUG-19 (ICR re-split)
+        "LocalApic.wrmsr",  # BUG-20 SELF IPI #GP; BUG-21 bits 63:32 #GP
+        "LocalApic.rdmsr",  # BUG-22: DFR non-existent in x2APIC mode
+        "LocalApic._local_deliver",  # BUG-24 a16eb25b09c0: mask LVTPC on a PMI
+        "LocalApic._set_version",  # BUG-25 0bcc3fb95b97: no directed EOI with in-kernel IOAPIC
+        "LocalApic.eoi",  # BUG-26 suppress EOI broadcast; BUG-29 highest-ISR cache purge
+        "LocalApic.ack",  # BUG-29: the highest-ISR cache
+    }
+)

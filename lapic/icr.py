@@ -231,3 +231,12 @@ _DST = tuple(DestMode)
 _LVL = tuple(Level)
 _TRG = tuple(Trigger)
 _SH = tuple(Shorthand)
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        # BUG-18 71bf395a276f: the x2APIC ICR's must-be-zero bits (swapped where imported).
+        "X2APIC_ICR_RESERVED",
+    }
+)
