@@ -67,13 +67,21 @@ class ApicMap:
             return self.cluster[(dest >> 4) & 0xF], 0, dest & 0xF
         if mode == LogicalMode.X2APIC:
             offset = (dest >> 16) * 16
-            if offset > self.max_apic_id:
-                return self.phys_map, 0, 0
-            size = min(self.max_apic_id - offset + 1, 16)
-            return self.phys_map, offset, dest & (0xFFFF >> (16 - size))
+            if offset + 15 > self.max_apic_id:
+                return self._x2apic_cluster_past_map(dest, offset)
+            return self.phys_map, offset, dest & 0xFFFF
         if mode == LogicalMode.SW_DISABLED:
             return self.flat, 0, 0
         return None
+
+    def _x2apic_cluster_past_map(self, dest: int, offset: int) -> tuple[Slots, int, int]:
+        """FAST-6, the CVE-2013-6376 fix: an x2APIC cluster (``dest`` bits 31:16, first ID
+        ``offset``) that does not fit in ``phys_map`` is bounded by ``max_apic_id``: a cluster
+        past the end matches nothing, one that straddles it keeps only the IDs inside."""
+        if offset > self.max_apic_id:
+            return self.phys_map, 0, 0
+        size = min(self.max_apic_id - offset + 1, 16)
+        return self.phys_map, offset, dest & (0xFFFF >> (16 - size))
 
     def __repr__(self) -> str:
         used = {i: a.vcpu_id for i, a in enumerate(self.phys_map) if a is not None}
@@ -200,7 +208,7 @@ __all__ = ["ApicMap", "Inhibits", "LogicalMode", "build", "x2apic_ldr"]
 # What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
 REPLAY_SEAMS: frozenset[str] = frozenset(
     {
-        "ApicMap.logical_dest",  # BUG-8 CVE-2013-6376: the x2APIC cluster bound
+        "ApicMap._x2apic_cluster_past_map",  # BUG-8 CVE-2013-6376: the x2APIC cluster bound
         "_hotplug_hack_maps",  # BUG-11 5bd5db385b3e: map a wide xAPIC-mode vCPU by x2APIC ID
         "_physical_id_aliased",  # BUG-15 5b84b0291702: an aliased physical ID drops the map
         "_logical_id_aliased",  # BUG-13 2970052481b9: an aliased logical ID disables it

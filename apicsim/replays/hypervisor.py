@@ -115,18 +115,15 @@ def bug7(p: Patcher) -> None:
 # The optimized map and the fast path (BUG-8, 11, 13, 14, 15, 16, 28)
 # =============================================================================================
 def bug8(p: Patcher) -> None:
-    """x2APIC logical lookup before the CVE-2013-6376 fix: the cluster is not bounded."""
-    original = p.current(ApicMap, "logical_dest")
+    """x2APIC logical lookup before the CVE-2013-6376 fix: the cluster is not bounded by
+    ``max_apic_id`` and the mask is not clamped, so the guest-controlled cluster (dest bits
+    31:16) indexes past the end of ``phys_map``."""
 
-    def logical_dest(self: ApicMap, dest: int) -> tuple[list[LocalApic | None], int, int] | None:
-        if self.logical_mode == LogicalMode.X2APIC:
-            # No "offset > max_apic_id" test and no size clamp: the guest-controlled cluster
-            # (dest bits 31:16) indexes past the end of the map.
-            return self.phys_map, (dest >> 16) * 16, dest & 0xFFFF
-        result: tuple[list[LocalApic | None], int, int] | None = original(self, dest)
-        return result
+    def _x2apic_cluster_past_map(self: ApicMap, dest: int, offset: int) -> tuple[Slots, int, int]:
+        return self.phys_map, offset, dest & 0xFFFF
 
-    p.set(ApicMap, "logical_dest", logical_dest)
+    p.set(ApicMap, "_x2apic_cluster_past_map", _x2apic_cluster_past_map)
+
 
 def bug11(p: Patcher) -> None:
     """Before 5bd5db385b3e: an xAPIC-mode vCPU is known only by its 8-bit xAPIC ID, both in

@@ -60,7 +60,8 @@ class Swap:
     holder: str
     """Where the swap was made: the module or class, by qualified name."""
     declared: bool
-    """True for the declared swap; False for a copy swapped where it was imported by name."""
+    """True for a swap of the seam itself (for :meth:`Patcher.set_imported`: each importer's
+    binding); False for a function's copy also swapped where it was imported by name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,7 @@ class Patcher:
         if not importers:
             raise ReplayError(f"no model module imports {module.__name__}.{name} by name")
         for other in importers:
-            self._swap(other, name, old, value, Swap(seam_module, seam, other.__name__, False))
+            self._swap(other, name, old, value, Swap(seam_module, seam, other.__name__, True))
 
     def _declared(self, holder: Any, name: str) -> tuple[str, str]:
         if isinstance(holder, ModuleType):
