@@ -22,7 +22,8 @@ Python renders KVM's memory-safety bugs as exceptions: an out-of-bounds read or 
 ``phys_map`` raises ``IndexError`` (what KASAN would report), a NULL dereference raises
 ``AttributeError`` on ``None``, a division by zero raises ``ZeroDivisionError``.
 
-See ``specs/replays.md`` for the table.
+See ``specs/replays.md`` for the table.  Not here: running the tests under each replay
+(:mod:`apicsim.mutants`) and turning the switch on for pytest (``tests/conftest.py``).
 """
 
 from __future__ import annotations
