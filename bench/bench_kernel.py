@@ -20,9 +20,10 @@ x2APIC mode; the model gets the guest CPUID features and ``vector_hashing`` of t
     model at least 5x faster.
 
 Why it is fair: both sides are called from Python, one operation per call, through the same
-interface (``hypervisor.Vm`` and ``KvmVm`` share it), with the same arguments and argument
-checks, and both deliver the same interrupt to the same vCPU state (the destination's IRR
-bit is set by the first call; every later call is delivered onto it, on both).  The model runs
+interface (``hypervisor.api.HostApi``, which ``hypervisor.Vm`` and ``KvmVm`` share), with the
+same arguments and the same argument checks (``hypervisor.api``), and both deliver the same
+interrupt to the same vCPU state (the destination's IRR bit is set by the first call; every
+later call is delivered onto it, on both).  The model runs
 with its exit log and tracer off, as KVM runs with its tracepoints off.  (b) on the kernel side
 includes what any VMM pays to run guest code from Python: the register set-up ioctls and the
 exit back to userspace; it is "one guest ICR write as seen from the host", not KVM's in-kernel

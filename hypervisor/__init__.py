@@ -3,8 +3,23 @@
 ``from hypervisor import Vm`` is the entry point; see ``hypervisor.vm``.
 """
 
+from hypervisor.api import HostApi, MsrError, VcpuApi
+from hypervisor.config import AccelConfig, KvmOptions, VmConfig
 from hypervisor.exits import Exit, ExitReason
 from hypervisor.vcpu import MpState, RunState, Vcpu
-from hypervisor.vm import MsrError, Vm
+from hypervisor.vm import Vm
 
-__all__ = ["Exit", "ExitReason", "MpState", "MsrError", "RunState", "Vcpu", "Vm"]
+__all__ = [
+    "AccelConfig",
+    "Exit",
+    "ExitReason",
+    "HostApi",
+    "KvmOptions",
+    "MpState",
+    "MsrError",
+    "RunState",
+    "Vcpu",
+    "VcpuApi",
+    "Vm",
+    "VmConfig",
+]

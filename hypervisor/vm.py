@@ -13,33 +13,50 @@ The host API mirrors KVM's ioctls, with their semantics and return values:
 ``add_vcpu(vcpu_id)``        KVM_CREATE_VCPU (hotplug)
 ===========================  ===============================================================
 
-VM-wide options are KVM's: ``x2apic_format`` (KVM_X2APIC_API_USE_32BIT_IDS),
-``broadcast_quirk`` (cleared by KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK), ``vector_hashing``
-(module parameter), ``max_vcpu_ids`` (KVM_CAP_MAX_VCPU_ID), ``enforce_pv_cpuid``
-(KVM_CAP_ENFORCE_PV_FEATURE_CPUID) with ``pv_features`` (CPUID 0x40000001 EAX bits).  Defaults
-are KVM's defaults; ``broadcast_quirk``/``vector_hashing`` default to the profile's.
+The configuration is data (``hypervisor.config``): ``Vm(config)`` takes a ``VmConfig``, and
+``Vm(vcpus, profile, **keywords)`` builds one (``VmConfig.build``); ``vm.config`` gives it
+back.  VM-wide options are KVM's (``KvmOptions``): ``x2apic_format``
+(KVM_X2APIC_API_USE_32BIT_IDS), ``broadcast_quirk`` (cleared by
+KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK), ``vector_hashing`` (module parameter),
+``max_vcpu_ids`` (KVM_CAP_MAX_VCPU_ID), ``enforce_pv_cpuid``
+(KVM_CAP_ENFORCE_PV_FEATURE_CPUID) with ``pv_features`` (CPUID 0x40000001 EAX bits).  Without
+explicit options the VM takes the preset of its profile (``KvmOptions.for_profile``): KVM's
+defaults, or under ``sdm`` no broadcast quirk, the SDM's arbitration and no optimized map, so
+every message is delivered by the architectural rules (the slow path).
 
-Whether the optimized map (fast path) is used comes from ``profile.optimized_apic_map``; the
-``sdm`` profile delivers everything by the architectural rules (the slow path).
+The host API is ``hypervisor.api.HostApi``, shared with ``apicsim.kvm.KvmVm`` together with
+its argument checks and ``MsrError``.
 
 Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_SREGS.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Iterable, Sequence
 
 from hypervisor import accel as accel_mod
+from hypervisor.api import (
+    MsrError,
+    check_index,
+    check_msi,
+    check_msr,
+    check_msr_value,
+    check_state_data,
+    check_vcpu_id,
+)
 from hypervisor.apic_map import ApicMap, Inhibits, build
+from hypervisor.config import (
+    DEFAULT_PV_FEATURES,
+    KVM_MAX_VCPU_IDS,
+    AccelConfig,
+    KvmOptions,
+    VmConfig,
+)
 from hypervisor.delivery import deliver
 from hypervisor.exits import Exit
-from hypervisor.pv_ipi import (
-    KVM_FEATURE_PV_SCHED_YIELD,
-    KVM_FEATURE_PV_SEND_IPI,
-    KVM_FEATURE_PV_UNHALT,
-    pv_send_ipi,
-)
+from hypervisor.pv_ipi import pv_send_ipi
 from hypervisor.trace import (
     KvmApicAcceptIrq,
     KvmApicIpi,
@@ -53,26 +70,25 @@ from hypervisor.vcpu import Vcpu
 from lapic.apic import Features, LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
 from lapic.icr import DeliveryMode, Interrupt, Msi
-from lapic.profile import LowestPriorityPolicy, Profile, resolve
+from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.registers import APIC_DEFAULT_BASE
-from lapic.slowpath import resolve_policy
 from lapic.timer import Clock
 
-KVM_MAX_VCPU_IDS = 4096
 EINVAL = 22
 KVM_MSI_VALID_DEVID = 1
 
 
-class MsrError(ApicValueError):
-    """KVM_GET_MSRS/KVM_SET_MSRS could not access the MSR (the ioctl reports 0 processed)."""
-
-
 class Vm:
+    """A KVM VM: ``Vm(config)`` with a :class:`~hypervisor.config.VmConfig`, or
+    ``Vm(vcpus, profile, **keywords)`` with the keywords of :meth:`VmConfig.build`, which
+    makes the config (one code path).  ``vm.config`` gives it back."""
+
     def __init__(
         self,
-        vcpus: int = 1,
+        vcpus: int | VmConfig = 1,
         profile: str | Profile = "kvm",
         *,
+        config: VmConfig | None = None,
         x2apic_format: bool = False,
         broadcast_quirk: bool | None = None,
         vector_hashing: bool | None = None,
@@ -80,43 +96,84 @@ class Vm:
         max_vcpu_ids: int = KVM_MAX_VCPU_IDS,
         bsp_vcpu_id: int = 0,
         features: Features | None = None,
-        accelerator: str = "emulated",
+        accelerator: str | AccelConfig = "emulated",
         enforce_pv_cpuid: bool = False,
-        pv_features: Iterable[int] = (
-            KVM_FEATURE_PV_UNHALT,
-            KVM_FEATURE_PV_SEND_IPI,
-            KVM_FEATURE_PV_SCHED_YIELD,
-        ),
+        pv_features: Iterable[int] = DEFAULT_PV_FEATURES,
         aps_started: bool = True,
         exit_log: int = 4096,
         trace: bool = False,
     ) -> None:
-        self.profile = resolve(profile)
-        for name, flag in (
-            ("x2apic_format", x2apic_format),
-            ("enforce_pv_cpuid", enforce_pv_cpuid),
-            ("aps_started", aps_started),
-            ("trace", trace),
-        ):
-            if not isinstance(flag, bool):
-                raise ApicTypeError(f"{name} must be a bool, not {type(flag).__name__}")
-        self.x2apic_format = x2apic_format
-        self.broadcast_quirk = (
-            self.profile.broadcast_quirk if broadcast_quirk is None else bool(broadcast_quirk)
-        )
-        self.lowest_priority = resolve_policy(self.profile, vector_hashing)
+        keywords: dict[str, object] = {
+            "profile": profile,
+            "x2apic_format": x2apic_format,
+            "broadcast_quirk": broadcast_quirk,
+            "vector_hashing": vector_hashing,
+            "vcpu_ids": vcpu_ids,
+            "max_vcpu_ids": max_vcpu_ids,
+            "bsp_vcpu_id": bsp_vcpu_id,
+            "features": features,
+            "accelerator": accelerator,
+            "enforce_pv_cpuid": enforce_pv_cpuid,
+            "pv_features": pv_features,
+            "aps_started": aps_started,
+            "exit_log": exit_log,
+            "trace": trace,
+        }
+        if isinstance(vcpus, VmConfig):
+            if config is not None:
+                raise ApicValueError("config is given twice (positionally and as config=)")
+            config = vcpus
+        if config is not None:
+            if not isinstance(config, VmConfig):
+                raise ApicTypeError(f"config must be a VmConfig, not {type(config).__name__}")
+            mixed = [k for k, v in keywords.items() if v is not _KEYWORD_DEFAULTS[k]]
+            if mixed or (vcpus is not config and vcpus != 1):
+                names = ", ".join(mixed or ["vcpus"])
+                raise ApicValueError(f"config cannot be combined with keywords ({names})")
+        else:
+            config = VmConfig.build(
+                vcpus,  # type: ignore[arg-type]  # a VmConfig took the other branch
+                profile,
+                x2apic_format=x2apic_format,
+                broadcast_quirk=broadcast_quirk,
+                vector_hashing=vector_hashing,
+                vcpu_ids=vcpu_ids,
+                max_vcpu_ids=max_vcpu_ids,
+                bsp_vcpu_id=bsp_vcpu_id,
+                features=features,
+                accelerator=accelerator,
+                enforce_pv_cpuid=enforce_pv_cpuid,
+                pv_features=pv_features,
+                aps_started=aps_started,
+                exit_log=exit_log,
+                trace=trace,
+            )
+        self._setup(config)
+
+    def _setup(self, config: VmConfig) -> None:
+        """Make the VM ``config`` describes (already checked field by field)."""
+        accel = accel_mod.make(config.accelerator.name)
+        self.config = config
+        """The :class:`~hypervisor.config.VmConfig` this VM was made from."""
+        options = config.kvm
+        self.options = options
+        """KVM's VM-level options (``config.kvm``)."""
+        self.profile = config.profile
+        self.x2apic_format = options.x2apic_format
+        self.broadcast_quirk = options.broadcast_quirk
+        self.lowest_priority = options.lowest_priority
         """The lowest-priority policy (KVM: the ``vector_hashing`` module parameter)."""
-        self.vector_hashing = self.lowest_priority is LowestPriorityPolicy.VECTOR_HASHING
-        self.max_vcpu_ids = check_int("max_vcpu_ids", max_vcpu_ids, 1, 1 << 32)
-        self.bsp_vcpu_id = bsp_vcpu_id
-        self.features = features if features is not None else Features()
-        self.enforce_pv_cpuid = enforce_pv_cpuid
-        self.pv_features = frozenset(pv_features)
-        self.aps_started = aps_started
+        self.vector_hashing = options.vector_hashing
+        self.max_vcpu_ids = config.max_vcpu_ids
+        self.bsp_vcpu_id = config.bsp_vcpu_id
+        self.features = config.features
+        self.enforce_pv_cpuid = options.enforce_pv_cpuid
+        self.pv_features = options.pv_features
+        self.aps_started = config.aps_started
         self.clock = Clock()
         self.stats = Stats()
-        self.tracer = Tracer(trace)
-        check_int("exit_log", exit_log, 0, 1 << 32)
+        self.tracer = Tracer(config.trace)
+        exit_log = config.exit_log
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
         self.current: Vcpu | None = None
         """The vCPU whose guest code is executing (set by each guest access)."""
@@ -129,25 +186,17 @@ class Vm:
         self._map_inhibits: int
         self._apic_base_modified = False
         """APICV_INHIBIT_REASON_APIC_BASE_MODIFIED: set by an APIC_BASE write, never cleared."""
-        self.accel = accel_mod.make(accelerator)
-        self._use_map = uses_optimized_map(self.profile)
-
-        if vcpu_ids is None:
-            check_int("vcpus", vcpus, 1, max_vcpu_ids)
-            vcpu_ids = range(vcpus)
-        for vid in vcpu_ids:
+        self.accel = accel
+        self._use_map = uses_optimized_map(self.profile, options)
+        for vid in config.vcpu_ids:
             self.add_vcpu(vid)
-        if not self._vcpus:
-            raise ApicValueError("vcpu_ids must name at least one vCPU")
 
     # ===================================================================================
     # vCPUs
     # ===================================================================================
     def add_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU: the new vCPU's APIC is in RESET state."""
-        check_int("vcpu_id", vcpu_id, 0, self.max_vcpu_ids - 1)
-        if any(v.vcpu_id == vcpu_id for v in self._vcpus):
-            raise ApicValueError(f"vcpu_id={vcpu_id} already exists")
+        check_vcpu_id(vcpu_id, self.max_vcpu_ids, [v.vcpu_id for v in self._vcpus])
         apic = LocalApic(
             vcpu_id,
             self.profile,
@@ -160,7 +209,7 @@ class Vm:
         apic.map_hook = self._mark_map_dirty
         apic.notify_hook = self.accel.notifier(vcpu)
         apic.eoi_hook = self._on_eoi
-        if self.profile.map_excludes_new_vcpu:
+        if self.options.map_excludes_new_vcpu:
             # KVMB-8: KVM rebuilds the map during KVM_CREATE_VCPU before the vCPU is online
             # and marks it clean, so the new vCPU is not in it until the map is dirtied.
             self._map, self._map_inhibits = build(self._apics, x2apic_format=self.x2apic_format)
@@ -282,10 +331,7 @@ class Vm:
         flags: int = 0,  # pragma: no mutate
     ) -> int:
         """KVM_SIGNAL_MSI (``kvm_send_userspace_msi`` -> ``kvm_set_msi``)."""
-        check_int("address_lo", address_lo, 0, 0xFFFFFFFF)
-        check_int("address_hi", address_hi, 0, 0xFFFFFFFF)
-        check_int("data", data, 0, 0xFFFFFFFF)
-        check_int("flags", flags, 0, 0xFFFFFFFF)
+        check_msi(address_lo, address_hi, data, flags)
         if flags & ~KVM_MSI_VALID_DEVID:
             return -EINVAL
         if self.x2apic_format and address_hi & 0xFF:
@@ -321,24 +367,29 @@ class Vm:
     # Host API (ioctls)
     # ===================================================================================
     def get_lapic(self, i: int) -> bytes:
-        return self.lapic(i).get_state(x2apic_format=self.x2apic_format)
+        check_index(i, len(self._vcpus))
+        return self._apics[i].get_state(x2apic_format=self.x2apic_format)
 
     def set_lapic(self, i: int, data: bytes) -> None:
-        self.lapic(i).set_state(data, x2apic_format=self.x2apic_format)
+        check_index(i, len(self._vcpus))
+        raw = check_state_data(data)
+        self._apics[i].set_state(raw, x2apic_format=self.x2apic_format)
         self._vcpus[i].preempt()  # a vCPU ioctl runs outside guest mode; the next access re-enters
 
     def get_msr(self, i: int, msr: int) -> int:
-        apic = self.lapic(i)
+        check_index(i, len(self._vcpus))
+        check_msr(msr)
         try:
-            return apic.rdmsr(msr)
+            return self._apics[i].rdmsr(msr)
         except (GuestFault, ApicValueError) as e:
             raise MsrError(f"msr={msr:#x} cannot be read on vCPU {i}: {e}") from None
 
     def set_msr(self, i: int, msr: int, value: int) -> bool:
-        apic = self.lapic(i)
-        check_int("value", value, 0, (1 << 64) - 1)
+        check_index(i, len(self._vcpus))
+        check_msr(msr)
+        check_msr_value(value)
         try:
-            apic.wrmsr(msr, value, host_initiated=True)
+            self._apics[i].wrmsr(msr, value, host_initiated=True)
         except GuestFault:
             return False
         except ApicValueError as e:
@@ -391,17 +442,25 @@ def _icr_low(irq: Interrupt) -> int:
     )
 
 
-def uses_optimized_map(profile: Profile) -> bool:
+def uses_optimized_map(profile: Profile, options: KvmOptions) -> bool:
     """Whether delivery tries KVM's optimized map first.  The map encodes KVM's matching and
-    arbitration only; a profile that changes those rules (cluster 15, the hotplug hack, the
-    SDM's lowest-priority policy) is delivered by the slow path alone, so fast and slow
-    answers never mix two rule sets."""
+    arbitration only; a profile or policy that changes those rules (cluster 15, the hotplug
+    hack, the SDM's lowest-priority policy) is delivered by the slow path alone, so fast and
+    slow answers never mix two rule sets."""
     return (
-        profile.optimized_apic_map
+        options.optimized_apic_map
         and profile.cluster15_addressable
         and profile.xapic_matches_x2apic_id
-        and profile.lowest_priority is not LowestPriorityPolicy.LOWEST_TPR
+        and options.lowest_priority is not LowestPriorityPolicy.LOWEST_TPR
     )
+
+
+_KEYWORD_DEFAULTS: dict[str, object] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Vm.__init__).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY or name == "profile"
+}
+"""The defaults of ``Vm``'s keywords: a keyword still at its default may accompany a config."""
 
 
 # What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.

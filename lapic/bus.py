@@ -24,7 +24,7 @@ Implements:
     match and adds each acceptance.
   - LP-1..3: a lowest-priority message considers only the *software-enabled* matches; one of
     them is chosen and offered the message; the result is its acceptance (0 or 1), or -1 when
-    there was no software-enabled match.  Choosing follows ``Profile.lowest_priority``:
+    there was no software-enabled match.  Choosing follows the bus's ``lowest_priority``:
     VECTOR_HASHING takes the ``(vector % n)``-th candidate in index order
     (``kvm_vector_to_index``); ARB_COUNTER the smallest ``arb_prio``, ties to the first
     (``kvm_apic_compare_prio``); LOWEST_TPR is the SDM's rule below.
@@ -54,9 +54,8 @@ Choices settled here:
   the lowest index.  The SDM leaves the tie-break to the chipset.  The class is ``TPR[7:4]``
   (the Pentium 4/Xeon chipset rule), not the P6 APR.
 * ``vector_hashing`` chooses between VECTOR_HASHING and ARB_COUNTER, KVM's module parameter.
-  Under a profile whose policy is LOWEST_TPR it has no meaning, and passing a bool there raises
-  :class:`ApicValueError` rather than being ignored (build
-  ``Profile.custom("sdm", lowest_priority=...)`` to mix).
+  Under the policy LOWEST_TPR it has no meaning, and passing a bool there raises
+  :class:`ApicValueError` rather than being ignored (pass ``lowest_priority=...`` to mix).
 * Built from a list, the APICs must share one ``Clock`` and one ``Profile``, have distinct
   vCPU ids, and not already have a ``send_hook`` (the bus takes it over).
 * ``deliver`` refuses a ``source`` that is not one of the bus's APICs (SELF and
@@ -71,7 +70,7 @@ from lapic.apic import LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, check_int
 from lapic.icr import Interrupt, Msi, _validate
 from lapic.profile import LowestPriorityPolicy, Profile, resolve
-from lapic.slowpath import deliver_slow, resolve_policy
+from lapic.slowpath import apply_vector_hashing, deliver_slow, reference_defaults
 from lapic.timer import Clock
 
 KVM_MAX_VCPUS = 4096
@@ -81,8 +80,12 @@ KVM_MAX_VCPUS = 4096
 class ApicBus:
     """N local APICs on one bus.  ``ApicBus(4)`` or ``ApicBus([apic0, apic1, ...])``.
 
-    ``broadcast_quirk`` (MATCH-1) and ``vector_hashing`` (LP-2/LP-3) are the VM-wide KVM
-    options; ``None`` takes the profile's default.  Every APIC's ``send_hook`` is this bus, so
+    ``broadcast_quirk`` (MATCH-1) and ``lowest_priority`` (LP-1..3) are the bus-level inputs
+    (in a VM, KVM's options: ``hypervisor.config.KvmOptions``); ``None`` takes the default of
+    the preset the profile was built from (``lapic.slowpath.REFERENCE_DEFAULTS``: KVM's
+    quirk on and vector hashing, or the SDM's no quirk and TPR/focus arbitration).
+    ``vector_hashing`` (KVM's module parameter) switches a KVM policy between VECTOR_HASHING
+    and ARB_COUNTER.  Every APIC's ``send_hook`` is this bus, so
     an ICR write on any of them is delivered here with that APIC as the source.
     """
 
@@ -92,6 +95,7 @@ class ApicBus:
         profile: str | Profile | None = None,
         *,
         broadcast_quirk: bool | None = None,
+        lowest_priority: LowestPriorityPolicy | None = None,
         vector_hashing: bool | None = None,
     ) -> None:
         if isinstance(apics, bool):
@@ -113,12 +117,20 @@ class ApicBus:
             raise ApicTypeError(
                 f"broadcast_quirk must be a bool or None, not {type(broadcast_quirk).__name__}"
             )
-        self.broadcast_quirk: bool = (
-            prof.broadcast_quirk if broadcast_quirk is None else broadcast_quirk
-        )
+        if lowest_priority is not None and not isinstance(lowest_priority, LowestPriorityPolicy):
+            raise ApicTypeError(
+                "lowest_priority must be a LowestPriorityPolicy or None, "
+                f"not {type(lowest_priority).__name__}"
+            )
+        default_quirk, default_policy = reference_defaults(prof)
+        self.broadcast_quirk: bool = default_quirk if broadcast_quirk is None else broadcast_quirk
         """MATCH-1 in force on this bus."""
 
-        policy = resolve_policy(prof, vector_hashing)
+        policy = apply_vector_hashing(
+            default_policy if lowest_priority is None else lowest_priority,
+            vector_hashing,
+            prof.name,
+        )
         self.lowest_priority: LowestPriorityPolicy = policy
         """The arbitration policy in force on this bus."""
 

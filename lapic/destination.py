@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from lapic.icr import X2APIC_BROADCAST, XAPIC_BROADCAST, DestMode, Interrupt, Shorthand
-from lapic.profile import Profile
+from lapic.profile import Profile, reference_defaults
 from lapic.registers import DFR_CLUSTER, DFR_FLAT
 
 
@@ -146,8 +146,9 @@ def matches(
     profile: Profile,
     broadcast_quirk: bool | None = None,
 ) -> bool:
-    """``match_dest`` for a decoded message; ``broadcast_quirk`` defaults to the profile's."""
-    quirk = profile.broadcast_quirk if broadcast_quirk is None else broadcast_quirk
+    """``match_dest`` for a decoded message; ``broadcast_quirk`` is MATCH-1 in force, None
+    for the default of the profile's preset (``lapic.profile.REFERENCE_DEFAULTS``)."""
+    quirk = reference_defaults(profile)[0] if broadcast_quirk is None else broadcast_quirk
     return match_dest(
         target,
         source if is_ipi else None,

@@ -13,8 +13,10 @@ Build your own from a preset: ``Profile.preset("kvm").replace(esr_latching=True)
 ``Profile.custom("sdm", xapic_id_writable=True)``.
 
 Not here: properties of the virtual CPU (x2APIC/TSC-deadline/CMCI support, MAXPHYADDR), which are
-:class:`lapic.apic.Features`; and VM-wide KVM options (``x2apic_format``, vector hashing), which
-belong to the hypervisor and are passed where they matter.
+:class:`lapic.apic.Features`; and what concerns several APICs or the VM (the broadcast quirk
+D9, the lowest-priority policy D5, KVM's optimized map D6/D8 and KVMB-8, ``x2apic_format``),
+which are ``hypervisor.config.KvmOptions``; the reference bus takes the first two as explicit
+inputs (``lapic.bus.ApicBus``, defaults in ``lapic.slowpath.REFERENCE_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -110,22 +112,8 @@ class Profile:
     x2APIC ID (MATCH-4).  SDM/hardware (Knights Landing): the target compares ``MDA & 0xFF``
     with its 8-bit ID."""
 
-    broadcast_quirk: bool = True
-    """D9.  KVM (unless KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK): a non-IPI message to 0xFF is a
-    broadcast to x2APIC targets too (MATCH-1).  SDM: 0xFF is only the xAPIC broadcast.  A VM's
-    own option overrides this default."""
 
-    lowest_priority: LowestPriorityPolicy = LowestPriorityPolicy.VECTOR_HASHING
-    """D5.  KVM: vector hashing (module parameter ``vector_hashing``, default on) or the
-    arbitration counter; TPR/PPR are never consulted (LP-1..3).  SDM: TPR/focus-based."""
 
-    optimized_apic_map: bool = True
-    """DIFF-D6/D8, FAST-8/9.  KVM first tries its optimized APIC map (``kvm_apic_map``), whose
-    answers differ from the architectural rules in documented corners (a logical message while
-    every APIC is software-disabled is dropped; aliased xAPIC IDs under x2apic_format reach one
-    vCPU; 0 instead of -1 for no target).  The SDM has no such map: the sdm preset delivers by
-    the architectural rules only.  Read by the hypervisor layer, which also skips the map for
-    a profile whose matching or arbitration knobs are not KVM's (the map encodes KVM's)."""
 
     x2apic_lowest_priority_ipi: bool = True
     """D5.  KVM sends lowest-priority IPIs from x2APIC mode.  SDM 10.5.3 (ESR bit 4) and
@@ -163,12 +151,6 @@ class Profile:
     previous MMIO read of the APIC page (0 on a fresh vCPU).  False: ``unserviced_read_value``
     instead (the sdm preset: the SDM does not define these reads)."""
 
-    map_excludes_new_vcpu: bool = True
-    """KVMB-8 (measured on Linux 6.18): KVM rebuilds its optimized APIC map while creating a
-    vCPU, before that vCPU is online, and marks the map clean; the vCPU created last is
-    missing from the map (fast path) until something dirties it (an ID/LDR/DFR write, a
-    software-enable or APIC_BASE mode change, KVM_SET_LAPIC, another vCPU).  Read by the
-    hypervisor layer; only matters with ``optimized_apic_map``."""
 
     set_state_stale_ppr: bool = True
     """STATE-4 (measured on Linux 6.18 through ``apicsim.kvm``): ``kvm_apic_set_state``
@@ -256,20 +238,40 @@ SDM = Profile(
     disable_resets_state=True,
     host_may_leave_x2apic=False,
     xapic_matches_x2apic_id=False,
-    broadcast_quirk=False,
-    lowest_priority=LowestPriorityPolicy.LOWEST_TPR,
     x2apic_lowest_priority_ipi=False,
-    optimized_apic_map=False,
     tsc_deadline_msr_needs_cpuid=True,
     lint0_reenabled_quirk=False,
     mmio_hole_quirk=False,
     set_state_svr_before_fixup=False,
     set_state_stale_ppr=False,
     unserviced_read_repeats_last=False,
-    map_excludes_new_vcpu=False,
     min_periodic_ns=0,
 )
 PRESETS: dict[str, Profile] = {"kvm": KVM, "sdm": SDM}
+
+
+REFERENCE_DEFAULTS: dict[str, tuple[bool, LowestPriorityPolicy]] = {
+    "kvm": (True, LowestPriorityPolicy.VECTOR_HASHING),
+    "sdm": (False, LowestPriorityPolicy.LOWEST_TPR),
+}
+"""The bus-level inputs a set of APICs is delivered with when the caller names none, by the
+preset a profile was built from: ``(broadcast_quirk, lowest_priority)``.
+
+* ``"kvm"``: KVM's defaults: the broadcast quirk on (MATCH-1; KVM_X2APIC_API_DISABLE_BROADCAST_
+  QUIRK not set) and vector hashing (module parameter ``vector_hashing=1``, LP-2);
+* ``"sdm"``: 0xFF is only the xAPIC broadcast (DIFF-D9) and the SDM's focus/TPR arbitration
+  (10.6.2.4, LP-1).
+
+These are not one-APIC choices, so ``lapic.Profile`` does not carry them; ``lapic.bus.ApicBus``,
+``lapic.destination.matches``
+and ``hypervisor.config.KvmOptions.for_profile`` read this one table."""
+
+
+def reference_defaults(profile: Profile) -> tuple[bool, LowestPriorityPolicy]:
+    """:data:`REFERENCE_DEFAULTS` for ``profile``: by the part of its name before ``+`` (the
+    name ``Profile.custom``/``replace`` give), ``"kvm"``'s for any other name."""
+    base = profile.name.partition("+")[0]
+    return REFERENCE_DEFAULTS.get(base, REFERENCE_DEFAULTS["kvm"])
 
 
 def resolve(profile: str | Profile) -> Profile:

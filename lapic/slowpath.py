@@ -29,8 +29,16 @@ from lapic.apic import LocalApic
 from lapic.destination import match_dest
 from lapic.faults import ApicTypeError, ApicValueError
 from lapic.icr import XAPIC_BROADCAST, DeliveryMode, DestMode, Interrupt
-from lapic.profile import LowestPriorityPolicy, Profile
+from lapic.profile import REFERENCE_DEFAULTS, LowestPriorityPolicy, Profile, reference_defaults
 from lapic.registers import SVR_FOCUS_DISABLE
+
+__all__ = [
+    "REFERENCE_DEFAULTS",
+    "apply_vector_hashing",
+    "choose_lowest_priority",
+    "deliver_slow",
+    "reference_defaults",
+]
 
 AcceptFn = Callable[[LocalApic, Interrupt], bool]
 
@@ -39,11 +47,12 @@ def _accept(apic: LocalApic, irq: Interrupt) -> bool:
     return apic.accept_interrupt(irq)
 
 
-def resolve_policy(profile: Profile, vector_hashing: bool | None) -> LowestPriorityPolicy:
+def apply_vector_hashing(
+    policy: LowestPriorityPolicy, vector_hashing: bool | None, profile_name: str
+) -> LowestPriorityPolicy:
     """The lowest-priority policy in force: KVM's ``vector_hashing`` module parameter picks
     between VECTOR_HASHING and ARB_COUNTER; it has no meaning under LOWEST_TPR (SDM), where
     passing a bool is refused rather than ignored."""
-    policy = profile.lowest_priority
     if vector_hashing is None:
         return policy
     if not isinstance(vector_hashing, bool):
@@ -52,8 +61,8 @@ def resolve_policy(profile: Profile, vector_hashing: bool | None) -> LowestPrior
         )
     if policy is LowestPriorityPolicy.LOWEST_TPR:
         raise ApicValueError(
-            f"vector_hashing={vector_hashing} has no meaning under profile {profile.name!r} "
-            "(lowest_priority=LOWEST_TPR); set Profile.lowest_priority instead"
+            f"vector_hashing={vector_hashing} has no meaning under profile {profile_name!r} "
+            "(lowest_priority=LOWEST_TPR); set lowest_priority instead"
         )
     if vector_hashing:
         return LowestPriorityPolicy.VECTOR_HASHING

@@ -1,12 +1,13 @@
 """``LapicView``: a small read-only look at one APIC, from its 1 KiB ``kvm_lapic_state``.
 
-Works for either backend: ``lapic_view(vm, i)`` needs only ``get_lapic`` and ``get_msr``.
+Works for either backend: ``lapic_view(vm, i)`` needs only ``get_lapic`` and ``get_msr``
+(``hypervisor.api.StateReader``).  The host-API Protocols themselves are declared once, in
+``hypervisor.api``; ``AnyVm`` and ``GuestCpu`` are their names here.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
+from hypervisor.api import HostApi, StateReader, VcpuApi
 from lapic.faults import ApicTypeError, check_int
 from lapic.registers import APIC_BASE_MSR
 
@@ -14,12 +15,6 @@ STATE_SIZE = 0x400
 IRR = 0x200
 ISR = 0x100
 TMR = 0x180
-
-
-class HostApi(Protocol):
-    def get_lapic(self, i: int) -> bytes: ...
-
-    def get_msr(self, i: int, msr: int) -> int: ...
 
 
 def vectors(state: bytes, base: int) -> frozenset[int]:
@@ -59,43 +54,14 @@ class LapicView:
         )
 
 
-def lapic_view(vm: HostApi, i: int) -> LapicView:
+def lapic_view(vm: StateReader, i: int) -> LapicView:
     """A :class:`LapicView` of vCPU ``i`` of ``vm`` (``hypervisor.Vm`` or ``KvmVm``)."""
     return LapicView(vm.get_lapic(i), vm.get_msr(i, APIC_BASE_MSR))
 
 
-class GuestCpu(Protocol):
-    """What a test body may have a vCPU execute (``hypervisor.Vcpu`` and ``KvmVcpu``)."""
+GuestCpu = VcpuApi
+"""What a test body may have a vCPU execute (``hypervisor.api.VcpuApi``)."""
 
-    def mmio_read(self, gpa: int, size: int = 4) -> int: ...
-
-    def mmio_write(self, gpa: int, value: int, size: int = 4) -> None: ...
-
-    def rdmsr(self, msr: int) -> int: ...
-
-    def wrmsr(self, msr: int, value: int) -> None: ...
-
-    @property
-    def nmi_pending(self) -> int:
-        """NMIs accepted and not yet injected."""
-        ...
-
-
-class AnyVm(HostApi, Protocol):
-    """The host API shared by ``hypervisor.Vm`` and ``KvmVm``: one test body runs on both."""
-
-    def __len__(self) -> int: ...
-
-    def vcpu(self, i: int) -> GuestCpu: ...
-
-    def add_vcpu(self, vcpu_id: int) -> object:
-        """KVM_CREATE_VCPU (hotplug)."""
-        ...
-
-    def set_lapic(self, i: int, data: bytes) -> None: ...
-
-    def set_msr(self, i: int, msr: int, value: int) -> bool: ...
-
-    def signal_msi(
-        self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
-    ) -> int: ...
+AnyVm = HostApi
+"""The host API shared by ``hypervisor.Vm`` and ``KvmVm`` (``hypervisor.api.HostApi``): one
+test body runs on both."""

@@ -35,9 +35,18 @@ from typing import Any
 from apicsim.kvm import guest
 from apicsim.kvm import ioctl as k
 from apicsim.kvm.view import LapicView
-from hypervisor.vm import MsrError
+from hypervisor.api import (
+    MsrError,
+    check_index,
+    check_msi,
+    check_msr,
+    check_msr_value,
+    check_state_data,
+    check_vcpu_id,
+)
+from hypervisor.config import check_bool
 from lapic.apic import Features, StateError
-from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
+from lapic.faults import ApicValueError, GuestFault, check_int
 from lapic.registers import APIC_BASE_ADDR_MASK, APIC_BASE_MSR
 
 KVM_DEVICE = "/dev/kvm"
@@ -436,9 +445,8 @@ class KvmVm:
         timeout: float = DEFAULT_TIMEOUT,
         capacity: int = DEFAULT_CAPACITY,
     ) -> None:
-        for name, flag in (("x2apic_format", x2apic_format), ("broadcast_quirk", broadcast_quirk)):
-            if not isinstance(flag, bool):
-                raise ApicTypeError(f"{name} must be a bool, not {type(flag).__name__}")
+        check_bool("x2apic_format", x2apic_format)
+        check_bool("broadcast_quirk", broadcast_quirk)
         self.x2apic_format = x2apic_format
         self.broadcast_quirk = broadcast_quirk
         self.timeout = float(timeout)
@@ -514,13 +522,11 @@ class KvmVm:
     # -- vCPUs ---------------------------------------------------------------------------------
     def add_vcpu(self, vcpu_id: int) -> KvmVcpu:
         """KVM_CREATE_VCPU, then CPUID, 64-bit segment state and mp_state RUNNABLE."""
-        check_int("vcpu_id", vcpu_id, 0, (1 << 32) - 1)
+        check_vcpu_id(vcpu_id, 1 << 32, [v.vcpu_id for v in self._vcpus])
         if vcpu_id >= self.limits.max_vcpu_id:
             raise ApicValueError(
                 f"vcpu_id={vcpu_id} is not below KVM_CAP_MAX_VCPU_ID={self.limits.max_vcpu_id}"
             )
-        if any(v.vcpu_id == vcpu_id for v in self._vcpus):
-            raise ApicValueError(f"vcpu_id={vcpu_id} already exists")
         index = len(self._vcpus)
         if index >= self.capacity:
             raise ApicValueError(f"this KvmVm was made with room for {self.capacity} vCPUs")
@@ -612,38 +618,38 @@ class KvmVm:
 
     # -- host API (ioctls) ---------------------------------------------------------------------
     def get_lapic(self, i: int) -> bytes:
+        check_index(i, len(self._vcpus))
         state = k.KvmLapicState()
-        k.ioctl(self.vcpu(i).fd, k.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        k.ioctl(self._vcpus[i].fd, k.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
         return bytes(ctypes.string_at(ctypes.addressof(state), k.KVM_APIC_REG_SIZE))
 
     def set_lapic(self, i: int, data: bytes) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ApicTypeError(f"data must be bytes, not {type(data).__name__}")
-        raw = bytes(data)
-        if len(raw) != k.KVM_APIC_REG_SIZE:
-            raise ApicValueError(f"data must be {k.KVM_APIC_REG_SIZE} bytes, got {len(raw)}")
+        check_index(i, len(self._vcpus))
+        raw = check_state_data(data)
         state = k.KvmLapicState()
         ctypes.memmove(ctypes.addressof(state), raw, len(raw))
-        r, err = k.raw_ioctl(self.vcpu(i).fd, k.KVM_SET_LAPIC, state)
+        r, err = k.raw_ioctl(self._vcpus[i].fd, k.KVM_SET_LAPIC, state)
         if r < 0:
             raise StateError(err, f"KVM_SET_LAPIC failed: {os.strerror(err)}")
 
     def get_msr(self, i: int, msr: int) -> int:
-        check_int("msr", msr, 0, 0xFFFFFFFF)
+        check_index(i, len(self._vcpus))
+        check_msr(msr)
         msrs = k.KvmMsrs1(nmsrs=1)
         msrs.entries[0].index = msr
-        n = k.ioctl(self.vcpu(i).fd, k.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
+        n = k.ioctl(self._vcpus[i].fd, k.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
         if n != 1:
             raise MsrError(f"msr={msr:#x} cannot be read on vCPU {i}: KVM_GET_MSRS processed {n}")
         return int(msrs.entries[0].data)
 
     def set_msr(self, i: int, msr: int, value: int) -> bool:
-        check_int("msr", msr, 0, 0xFFFFFFFF)
-        check_int("value", value, 0, (1 << 64) - 1)
+        check_index(i, len(self._vcpus))
+        check_msr(msr)
+        check_msr_value(value)
         msrs = k.KvmMsrs1(nmsrs=1)
         msrs.entries[0].index = msr
         msrs.entries[0].data = value
-        return k.ioctl(self.vcpu(i).fd, k.KVM_SET_MSRS, msrs, "KVM_SET_MSRS") == 1
+        return k.ioctl(self._vcpus[i].fd, k.KVM_SET_MSRS, msrs, "KVM_SET_MSRS") == 1
 
     def signal_msi(
         self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
@@ -653,10 +659,7 @@ class KvmVm:
         The kernel's own -1 ("no APIC matched") arrives as the ioctl's -1 with errno 1
         (EPERM), so it comes back as -1, the value ``hypervisor.Vm.signal_msi`` returns.
         """
-        check_int("address_lo", address_lo, 0, 0xFFFFFFFF)
-        check_int("address_hi", address_hi, 0, 0xFFFFFFFF)
-        check_int("data", data, 0, 0xFFFFFFFF)
-        check_int("flags", flags, 0, 0xFFFFFFFF)
+        check_msi(address_lo, address_hi, data, flags)
         msi = k.KvmMsi(address_lo=address_lo, address_hi=address_hi, data=data, flags=flags)
         r, err = k.raw_ioctl(self.fd, k.KVM_SIGNAL_MSI, msi)
         return r if r >= 0 else -err

@@ -24,7 +24,7 @@ from enum import Enum
 import pytest
 from hypothesis import strategies as st
 
-from hypervisor import Vm, accel
+from hypervisor import KvmOptions, Vm, VmConfig, accel
 from lapic.faults import GuestFault
 from lapic.profile import PRESETS, LowestPriorityPolicy, Profile
 
@@ -42,21 +42,33 @@ MIXED = Profile.custom(
     lvt_status_writable=False,
     xapic_id_writable=False,
     disable_resets_state=True,
-    broadcast_quirk=False,
     x2apic_lowest_priority_ipi=False,
-    # ... KVM's optimized map kept for delivery, with KVM's arbitration counter ...
-    lowest_priority=LowestPriorityPolicy.ARB_COUNTER,
     # ... and non-default clocks.
     bus_cycle_ns=3,
     min_periodic_ns=0,
 )
 """A custom profile that mixes knobs from both presets: a combination no preset tests.  It
-leaves out the three knobs KVM's optimized map does not consult (``cluster15_addressable``,
-``xapic_matches_x2apic_id``, ``lowest_priority=LOWEST_TPR``): with the map on, the model
-answers those differently from the slow path, pinned as strict xfails in ``test_matrix.py``."""
+leaves out the knobs KVM's optimized map does not consult (``cluster15_addressable``,
+``xapic_matches_x2apic_id``, and ``lowest_priority=LOWEST_TPR`` of the KVM options): with the
+map on, the model answers those differently from the slow path, pinned as strict xfails in
+``test_matrix.py``."""
+
+MIXED_OPTIONS = KvmOptions(
+    # An SDM answer on the VM side ...
+    broadcast_quirk=False,
+    # ... KVM's optimized map kept for delivery, with KVM's arbitration counter.
+    lowest_priority=LowestPriorityPolicy.ARB_COUNTER,
+)
+"""The KVM options the mixed profile runs with."""
 
 PROFILES: dict[str, Profile] = {**PRESETS, MIXED.name: MIXED}
 """Every preset (read from ``lapic.profile.PRESETS``) plus the mixed custom profile."""
+
+OPTIONS: dict[str, KvmOptions] = {
+    **{name: KvmOptions.for_profile(p) for name, p in PRESETS.items()},
+    MIXED.name: MIXED_OPTIONS,
+}
+"""The KVM options of each profile's VMs (a preset's own, and the mixed ones)."""
 
 
 class Platform:
@@ -64,23 +76,28 @@ class Platform:
     plain class, so that Hypothesis' failure reports show ``<Platform kvm/emulated>`` rather
     than every Profile field)."""
 
-    __slots__ = ("accelerator", "profile")
+    __slots__ = ("accelerator", "kvm", "profile")
 
-    def __init__(self, profile: Profile, accelerator: str) -> None:
+    def __init__(self, profile: Profile, accelerator: str, kvm: KvmOptions) -> None:
         self.profile = profile
         self.accelerator = accelerator
+        self.kvm = kvm
 
     def vm(self, vcpus: int = 1, *, vcpu_ids: Sequence[int] | None = None) -> Vm:
         """A VM on this platform (KVM's defaults for everything the profile does not set)."""
-        return Vm(vcpus, self.profile, vcpu_ids=vcpu_ids, accelerator=self.accelerator)
+        config = VmConfig.build(
+            vcpus, self.profile, vcpu_ids=vcpu_ids, accelerator=self.accelerator
+        )
+        return Vm(config.replace(kvm=self.kvm))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Platform):
             return NotImplemented
-        return (self.profile, self.accelerator) == (other.profile, other.accelerator)
+        mine = (self.profile, self.accelerator, self.kvm)
+        return mine == (other.profile, other.accelerator, other.kvm)
 
     def __hash__(self) -> int:
-        return hash((self.profile, self.accelerator))
+        return hash((self.profile, self.accelerator, self.kvm))
 
     def __str__(self) -> str:
         return f"{self.profile.name}/{self.accelerator}"
@@ -90,7 +107,9 @@ class Platform:
 
 
 MATRIX: tuple[Platform, ...] = tuple(
-    Platform(profile, accel) for profile in PROFILES.values() for accel in ACCELERATORS
+    Platform(profile, accel, OPTIONS[name])
+    for name, profile in PROFILES.items()
+    for accel in ACCELERATORS
 )
 
 

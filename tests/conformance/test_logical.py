@@ -93,8 +93,8 @@ class Topology:
             return X2APIC_BROADCAST
         return dest
 
-    def receivers(self, dest: int, profile: Profile, *, msi: bool) -> set[int]:
-        mda = self.mda(dest, msi=msi, broadcast_quirk=profile.broadcast_quirk)
+    def receivers(self, dest: int, profile: Profile, *, msi: bool, quirk: bool) -> set[int]:
+        mda = self.mda(dest, msi=msi, broadcast_quirk=quirk)
         return {i for i in range(len(self.vcpu_ids)) if self.matches(i, mda, profile)}
 
 
@@ -179,7 +179,9 @@ def test_a_logical_multicast_reaches_exactly_the_matching_apics__MATCH_5(
     else:
         src = data.draw(st.integers(0, n - 1), label="source")
         cpus[src].send(ICR_LOGICAL | ICR_ASSERT | vector, dest)
-    expected = top.receivers(dest, platform.profile, msi=msi)
+    expected = top.receivers(
+        dest, platform.profile, msi=msi, quirk=platform.kvm.broadcast_quirk
+    )
 
     assert irrs(vm) == [frozenset({vector}) if i in expected else NONE for i in range(n)]
     if msi:
@@ -226,7 +228,9 @@ def test_lowest_priority_reaches_exactly_one_candidate__LP_1(
     n = len(cpus)
     for cpu in cpus:
         cpu.write(TPR, data.draw(st.integers(0, 0x7F), label=f"TPR of vCPU {cpu.index}"))
-    candidates = top.receivers(dest, platform.profile, msi=False)
+    candidates = top.receivers(
+        dest, platform.profile, msi=False, quirk=platform.kvm.broadcast_quirk
+    )
     kinds = ["IPI"] + (["MSI LOWEST", "MSI FIXED + hint"] if dest <= 0xFF else [])
     # The MSI 0xFF quirk (MATCH-1) makes it a broadcast for x2APIC targets: recompute then.
     for _ in range(data.draw(st.integers(1, 4), label="messages")):
@@ -241,7 +245,9 @@ def test_lowest_priority_reaches_exactly_one_candidate__LP_1(
         else:
             lowest = kind == "MSI LOWEST"
             signal_logical_msi(vm, dest, vector, lowest=lowest, hint=not lowest)
-            matching = top.receivers(dest, platform.profile, msi=True)
+            matching = top.receivers(
+                dest, platform.profile, msi=True, quirk=platform.kvm.broadcast_quirk
+            )
 
         got = [i for i, pending in enumerate(irrs(vm)) if pending]
         if not matching:
@@ -274,7 +280,9 @@ def test_cluster_15_is_reached_only_where_the_profile_addresses_it__MATCH_6(
         signal_logical_msi(vm, dest, vector, lowest=False, hint=False)
     else:
         cpus[-1].send(ICR_LOGICAL | ICR_ASSERT | vector, dest)
-    expected = top.receivers(dest, platform.profile, msi=msi)
+    expected = top.receivers(
+        dest, platform.profile, msi=msi, quirk=platform.kvm.broadcast_quirk
+    )
     if dest == XAPIC_BROADCAST:
         assert expected == set(range(len(lids)))
     assert irrs(vm) == [frozenset({vector}) if i in expected else NONE for i in range(len(lids))]
@@ -301,7 +309,7 @@ def test_a_device_0xff_is_an_x2apic_broadcast_only_under_the_quirk__MATCH_1(
     boot(vm, Mode.X2APIC)
     address = MSI_BASE | XAPIC_BROADCAST << 12 | (MSI_LOGICAL if logical else 0)
     result = vm.signal_msi(address, 0, vector)
-    if platform.profile.broadcast_quirk:
+    if platform.kvm.broadcast_quirk:
         expected = set(range(len(ids)))
     elif logical:
         expected = {i for i, v in enumerate(ids) if v < 8}

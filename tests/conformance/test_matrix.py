@@ -12,8 +12,9 @@ import dataclasses
 
 import pytest
 
-from hypervisor import Vm
+from hypervisor import KvmOptions, Vm, VmConfig
 from hypervisor.accel import make
+from hypervisor.config import KVM_OPTIONS
 from lapic.faults import ApicValueError
 from lapic.profile import PRESETS, LowestPriorityPolicy, Profile
 
@@ -65,8 +66,10 @@ def test_every_preset_and_the_mixed_profile_are_in_the_matrix() -> None:
 # =============================================================================================
 # Knob combinations the optimized map does not encode: delivered by the slow path
 # =============================================================================================
-def _flat_or_cluster(profile: Profile, dfr: int, lids: list[int]) -> tuple[Vm, list[GuestApic]]:
-    vm = Vm(len(lids), profile)
+def _flat_or_cluster(
+    profile: Profile, dfr: int, lids: list[int], kvm: KvmOptions = KVM_OPTIONS
+) -> tuple[Vm, list[GuestApic]]:
+    vm = Vm(VmConfig.build(len(lids), profile).replace(kvm=kvm))
     cpus = boot(vm, Mode.XAPIC)
     for cpu, lid in zip(cpus, lids, strict=True):
         cpu.write(DFR, dfr)
@@ -84,11 +87,11 @@ def test_cluster_15_is_not_addressable_when_the_profile_says_so__MATCH_6() -> No
 
 
 def test_lowest_tpr_policy_picks_the_lower_tpr_class__LP_1() -> None:
-    """LP-1 under ``Profile.custom("kvm", lowest_priority=LOWEST_TPR)`` (the optimized map
+    """LP-1 under ``KvmOptions(lowest_priority=LOWEST_TPR)`` with the kvm profile (the optimized map
     asked for; the DIFF-D5 example): flat v0 (TPR 0x20), v1 (TPR 0x10), LOWEST to 0x03, vector
     0x30 in nobody's IRR/ISR -> v1 (the map would arbitrate by the counter and pick v0)."""
-    profile = Profile.custom("kvm", lowest_priority=LowestPriorityPolicy.LOWEST_TPR)
-    vm, cpus = _flat_or_cluster(profile, 0xFFFFFFFF, [0x01, 0x02])
+    kvm = KvmOptions(lowest_priority=LowestPriorityPolicy.LOWEST_TPR)
+    vm, cpus = _flat_or_cluster(Profile.preset("kvm"), 0xFFFFFFFF, [0x01, 0x02], kvm)
     cpus[0].write(TPR, 0x20)
     cpus[1].write(TPR, 0x10)
     cpus[0].send(ICR_LOGICAL | ICR_LOWEST | ICR_ASSERT | 0x30, 0x03)

@@ -1,5 +1,5 @@
 """KVM behaviours found by the differential tests that the model first got wrong, now
-modelled and compared: KVMB-8 (``Profile.map_excludes_new_vcpu``: the vCPU created last is
+modelled and compared: KVMB-8 (``KvmOptions.map_excludes_new_vcpu``: the vCPU created last is
 missing from KVM's APIC map until the map is dirtied) and KVMB-9 (a pending INIT is processed
 when the vCPU next enters the guest).  Each body runs on both backends; the expected values are
 KVM's.  ``specs/kvm_backend.md`` describes them."""

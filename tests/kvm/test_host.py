@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,16 @@ from apicsim.kvm import AnyVm, KvmVm, guest_features, kvm_available
 from apicsim.kvm import guest as image
 from hypervisor import Vm
 from lapic import ApicValueError, GuestFault
-from tests.kvm.support import APIC, X2APIC_ENABLE, needs_kvm, outcome, run_both, sw_enable
+from tests.hypervisor.test_config import BAD_CALLS
+from tests.kvm.support import (
+    APIC,
+    X2APIC_ENABLE,
+    Factory,
+    needs_kvm,
+    outcome,
+    run_both,
+    sw_enable,
+)
 
 pytestmark = needs_kvm
 
@@ -87,7 +97,7 @@ def test_an_nmi_is_counted_by_the_guest_and_is_not_a_fault__KVMB_3() -> None:
 def test_the_apic_map_lacks_the_vcpu_created_last_until_it_is_rebuilt__KVMB_8(
     backend: str,
 ) -> None:
-    """KVMB-8 (measured on this host, modelled by ``Profile.map_excludes_new_vcpu``): the APIC
+    """KVMB-8 (measured on this host, modelled by ``KvmOptions.map_excludes_new_vcpu``): the APIC
     map KVM builds while creating a vCPU does not contain that vCPU, so until something marks
     the map dirty (an ID/LDR/DFR/SVR change, KVM_SET_LAPIC, another KVM_CREATE_VCPU) the fast
     path finds no APIC at its ID: an NMI MSI to it returns 0 and is lost."""
@@ -217,3 +227,16 @@ def test_init_and_sipi_take_effect_when_the_vcpu_next_enters__KVMB_9() -> None:
         src.mmio_write(APIC + 0x300, 0x00004612)
         assert (target.mmio_read(APIC + 0x80), target.mmio_read(APIC + 0xF0)) == (0, 0xFF)
         assert target.mmio_read(APIC + 0x20) == 0x01000000
+
+
+@pytest.mark.parametrize(("method", "args", "error", "message"), BAD_CALLS)
+def test_both_backends_check_host_api_arguments_alike_before_any_ioctl__MSI_1(
+    backends: Factory, method: str, args: tuple[Any, ...], error: type[Exception], message: str
+) -> None:
+    """``hypervisor.Vm`` and ``KvmVm`` run the one set of checks of ``hypervisor.api``: the
+    same misuse raises the same error with the same message on both, and changes nothing."""
+    vm = backends(1)
+    before = (vm.get_lapic(0), len(vm))
+    with pytest.raises(error, match=message):
+        getattr(vm, method)(*args)
+    assert (vm.get_lapic(0), len(vm)) == before

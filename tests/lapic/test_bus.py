@@ -20,7 +20,7 @@ from lapic.apic import LocalApic
 from lapic.bus import ApicBus
 from lapic.faults import ApicTypeError, ApicValueError
 from lapic.icr import DeliveryMode, DestMode, Interrupt, Level, Shorthand, Trigger
-from lapic.profile import LowestPriorityPolicy, Profile
+from lapic.profile import LowestPriorityPolicy, Profile, reference_defaults
 from lapic.timer import Clock
 
 # ICR low-dword bits (reference §1.2)
@@ -56,8 +56,14 @@ def sw_enable(apic: LocalApic, svr: int = 0x1FF) -> None:
         apic.mmio_write(0xF0, svr)
 
 
-def enabled_bus(n: int, profile: str = "kvm", **options: bool | None) -> ApicBus:
-    bus = ApicBus(n, profile, **options)
+def enabled_bus(
+    n: int,
+    profile: str = "kvm",
+    *,
+    broadcast_quirk: bool | None = None,
+    vector_hashing: bool | None = None,
+) -> ApicBus:
+    bus = ApicBus(n, profile, broadcast_quirk=broadcast_quirk, vector_hashing=vector_hashing)
     for apic in bus:
         sw_enable(apic)
     return bus
@@ -131,8 +137,8 @@ def test_bus_takes_profile_and_resolves_kvm_options() -> None:
 def test_vector_hashing_option_is_refused_under_lowest_tpr_policy() -> None:
     with pytest.raises(ApicValueError, match="vector_hashing"):
         ApicBus(2, "sdm", vector_hashing=True)
-    custom = Profile.custom("sdm", lowest_priority=LowestPriorityPolicy.ARB_COUNTER)
-    assert ApicBus(2, custom, vector_hashing=True).lowest_priority is (
+    arb = LowestPriorityPolicy.ARB_COUNTER
+    assert ApicBus(2, "sdm", lowest_priority=arb, vector_hashing=True).lowest_priority is (
         LowestPriorityPolicy.VECTOR_HASHING
     )
 
@@ -782,7 +788,7 @@ def addressed(s: Scenario, i: int) -> bool:
         return True
     if s.shorthand is Shorthand.ALL_EXCLUDING_SELF:
         return i != s.sender
-    quirk = p.broadcast_quirk if s.quirk is None else s.quirk
+    quirk = reference_defaults(p)[0] if s.quirk is None else s.quirk
     m = s.dest
     if quirk and s.sender is None and m == 0xFF and x2:  # MATCH-1
         m = 0xFFFFFFFF

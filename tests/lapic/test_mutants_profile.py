@@ -37,10 +37,6 @@ def test_replace_refuses_an_unknown_field_naming_it() -> None:
         ({"min_periodic_ns": True}, "min_periodic_ns must be int, not bool"),
         ({"min_periodic_ns": 1.5}, "min_periodic_ns must be int, not float"),
         ({"name": None}, "name must be str, not NoneType"),
-        (
-            {"lowest_priority": "lowest_tpr"},
-            "lowest_priority must be LowestPriorityPolicy, not str",
-        ),
     ],
 )
 def test_replace_refuses_a_value_of_the_wrong_type_naming_field_and_type(
@@ -68,9 +64,7 @@ def test_differences_lists_each_differing_field_but_not_the_name() -> None:
         f.name for f in dataclasses.fields(Profile)
         if f.name != "name" and getattr(kvm, f.name) != getattr(sdm, f.name)
     }
-    assert kvm.differences(sdm)["lowest_priority"] == (
-        LowestPriorityPolicy.VECTOR_HASHING, LowestPriorityPolicy.LOWEST_TPR
-    )
+    assert kvm.differences(sdm)["x2apic_lowest_priority_ipi"] == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +78,7 @@ def test_differences_lists_each_differing_field_but_not_the_name() -> None:
         Profile.custom("sdm"),
         Profile(esr_latching=True),
         Profile.custom("kvm", name="sdm"),
-        Profile.custom("kvm", lowest_priority=LowestPriorityPolicy.ARB_COUNTER, name="arb"),
+        Profile.custom("kvm", unserviced_read_value=0xFF, name="arb"),
     ],
     ids=lambda p: p.name,
 )
