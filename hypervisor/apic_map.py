@@ -208,6 +208,7 @@ __all__ = ["ApicMap", "Inhibits", "LogicalMode", "build", "x2apic_ldr"]
 # What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
 REPLAY_SEAMS: frozenset[str] = frozenset(
     {
+        "build",  # BUG-16 4364b287982b: the map sized and filled in one consistent pass
         "ApicMap._x2apic_cluster_past_map",  # BUG-8 CVE-2013-6376: the x2APIC cluster bound
         "_hotplug_hack_maps",  # BUG-11 5bd5db385b3e: map a wide xAPIC-mode vCPU by x2APIC ID
         "_physical_id_aliased",  # BUG-15 5b84b0291702: an aliased physical ID drops the map

@@ -467,6 +467,5 @@ _KEYWORD_DEFAULTS: dict[str, object] = {
 REPLAY_SEAMS: frozenset[str] = frozenset(
     {
         "Vm.pv_feature",  # BUG-7: guest_pv_has, PV features only if in the guest's CPUID
-        "Vm.apic_map",  # BUG-16 4364b287982b: the map sized and filled in one consistent pass
     }
 )

@@ -170,13 +170,17 @@ def bug15(p: Patcher) -> None:
 def bug16(p: Patcher) -> None:
     """Before 4364b287982b: the map is sized, then filled, and a vCPU that appeared (or enabled
     its APIC) in between is not in the size.  The race is made deterministic: the sizing pass
-    sees the vCPUs present at the previous recalculation.  Filling has no bounds check: without
-    32-bit IDs the write lands past ``phys_map`` (IndexError); with them the vCPU is skipped."""
-    sized: WeakKeyDictionary[Vm, int] = WeakKeyDictionary()
+    sees the vCPUs present at the VM's previous recalculation (the VM is known by its first
+    vCPU, ``apics[0]``).  Filling has no bounds check: without 32-bit IDs the write lands past
+    ``phys_map`` (IndexError); with them the vCPU is skipped."""
+    sized: WeakKeyDictionary[LocalApic, int] = WeakKeyDictionary()
 
-    def build(
-        apics: Sequence[LocalApic], max_id: int, x2apic_format: bool
-    ) -> tuple[ApicMap | None, int]:
+    def build(apics: Sequence[LocalApic], *, x2apic_format: bool) -> tuple[ApicMap | None, int]:
+        present = max([255, *(a.vcpu_id for a in apics if a.hw_enabled)])
+        max_id = present
+        if apics:
+            max_id = sized.get(apics[0], present)
+            sized[apics[0]] = present
         new: ApicMap | None = ApicMap(max_id)
         inhibits = 0
         for a in apics:
@@ -205,16 +209,8 @@ def bug16(p: Patcher) -> None:
             inhibits |= Inhibits.LOGICAL_ID_ALIASED
         return new, inhibits
 
-    def apic_map(self: Vm) -> ApicMap | None:
-        if self._map_dirty:
-            present = max([255, *(a.vcpu_id for a in self._apics if a.hw_enabled)])
-            max_id = sized.get(self, present)
-            sized[self] = present
-            self._map, self._map_inhibits = build(self._apics, max_id, self.x2apic_format)
-            self._map_dirty = False
-        return self._map
+    p.set(apic_map_mod, "build", build)
 
-    p.set(Vm, "apic_map", property(apic_map, doc="Vm.apic_map (BUG-16 replay)"))
 
 def bug28(p: Patcher) -> None:
     """``kvm_irq_delivery_to_apic_fast`` before "set meaningful return value": ``*r`` starts at
