@@ -284,6 +284,39 @@ def test_options_a_real_kvm_cannot_take_skip_the_scenario(
     assert result.reason.startswith(reason), result.reason
 
 
+def test_an_accelerator_other_than_emulated_skips_a_kvm_scenario(tmp_path: Path) -> None:
+    import dataclasses
+
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        accelerator = "emulated"
+
+        [[step]]
+        action = "get_msr"
+        vcpu = 0
+        msr = 0x1B
+        expect = { value = 0xFEE00900 }
+        """,
+    )
+    sc = scenario.load(path)
+    other = dataclasses.replace(sc, vm=dataclasses.replace(sc.vm, accelerator="apicv"))
+    with pytest.raises(scenario.Unsupported, match=r"^\[vm\]: accelerator 'apicv' is the model's"):
+        scenario.open_backend(other, "kvm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_macro_actions_pass_on_both_backends__ICR_2(backend: str, tmp_path: Path) -> None:
+    from tests.apicsim.test_scenarios import MACROS
+
+    path = write(tmp_path, MACROS)
+    status, [result], text = run_check([path], backend)
+    assert status == 0, text
+    assert result.status == "PASS", text
+    assert "FAIL" not in {v.status for v in result.verdicts}
+
+
 @needs_kvm
 def test_features_the_host_lacks_skip_the_scenario(tmp_path: Path) -> None:
     from apicsim.kvm import guest_features

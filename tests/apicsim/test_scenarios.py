@@ -1,6 +1,7 @@
 """``apicsim run``: the shipped scenarios pass, and broken files fail loudly and precisely.
 
-The scenario format is documented in ``apicsim/scenario.py`` and ``specs/scenarios/README.md``.
+The scenario format is documented in ``apicsim/scenario/__init__.py`` and
+``specs/scenarios/README.md``; the actions are the operations of ``apicsim.ops``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from apicsim import scenario
 from apicsim.cli import main
+from lapic.profile import LowestPriorityPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "specs" / "scenarios"
@@ -525,3 +527,244 @@ def test_a_vm_set_up_that_faults_is_reported_at_the_vm_section(
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}:{line_of(path, '[vm]')}: [vm]: the set-up failed" in err
+
+
+# =========================================================================================
+# The macro actions of apicsim.ops, the host MSR read, and [vm] accelerator
+# =========================================================================================
+MACROS = """
+        [vm]
+        vcpus = 2
+        svr = 0x1FF
+
+        [[step]]
+        action = "reg_write"          # xAPIC mode: an MMIO write of TPR
+        vcpu = 1
+        offset = 0x80
+        value = 0x20
+        expect = { exits = 1, regs = { TPR = 0x20 } }
+
+        [[step]]
+        action = "reg_read"
+        vcpu = 1
+        offset = 0x80
+        expect = { value = 0x20 }
+
+        [[step]]
+        action = "ipi"                # ICR2 then ICR: fixed 0xF1 to APIC ID 1 (ICR-2)
+        vcpu = 0
+        dest = 1
+        low = 0x40F1
+        expect = { exits = 2, irr = { "1" = [0xF1] } }
+
+        [[step]]
+        action = "set_base"           # host KVM_SET_MSRS: xAPIC -> x2APIC, BSP kept (BASE-2)
+        vcpu = 0
+        host = true
+        mode = "x2apic"
+        expect = { regs = { APIC_BASE = 0xFEE00D00 } }
+
+        [[step]]
+        action = "get_msr"
+        vcpu = 0
+        msr = 0x1B
+        expect = { value = 0xFEE00D00, result = 0xFEE00D00 }
+
+        [[step]]
+        action = "restore"            # KVM_SET_LAPIC of the image as read, TPR replaced
+        vcpu = 1
+        writes = { "0x80" = 0x30, "0x20" = "as read" }
+        expect = { result = 0, regs = { TPR = 0x30 }, irr = [0xF1] }
+"""
+
+
+def test_the_macro_actions_go_through_the_vcpus_current_interface__ICR_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, MACROS)
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "cpu0 IPI dest=0x1 icr=0x40f1" in out
+    assert "host restore cpu1 {0x80=0x30, 0x20=as read}" in out
+    assert "PASS t: 6 steps" in out
+
+
+def test_every_step_of_a_scenario_round_trips_through_its_operation(tmp_path: Path) -> None:
+    import tomllib
+
+    from apicsim.ops import op_from_toml
+
+    path = write(tmp_path, MACROS)
+    sc = scenario.load(path)
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))["step"]
+    for step, table in zip(sc.steps, raw, strict=True):
+        assert op_from_toml(step.op.to_toml()) == step.op
+        assert op_from_toml(table) == step.op
+
+
+def test_an_accelerator_by_name_is_the_vms(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        accelerator = "emulated"
+
+        [[step]]
+        action = "rdmsr"
+        vcpu = 1
+        msr = 0x1B
+        expect = { value = 0xFEE00800 }
+        """,
+    )
+    sc = scenario.load(path)
+    assert sc.vm.accelerator == "emulated"
+    assert main(["run", "-q", str(path)]) == 0
+
+
+def test_an_unknown_accelerator_names_its_line_and_the_choices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        accelerator = "avic"
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, 'accelerator')}: [vm] field 'accelerator': " in err
+    assert "must be one of emulated, got 'avic'" in err
+
+
+def test_a_restore_value_must_be_a_dword_or_as_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[step]]
+        action = "restore"
+        vcpu = 0
+        writes = { "0x80" = "kept" }
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line_of(path, 'writes')}: step 1, field 'writes'" in err
+    assert '"as read"' in err
+
+
+def test_halt_blocks_until_a_deliverable_ipi_wakes_the_vcpu__WAKE_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        vcpus = 2
+        svr = 0x1FF
+
+        [[step]]
+        action = "halt"               # nothing pending: the vCPU blocks (one HLT exit)
+        vcpu = 1
+        expect = { result = true, exits = 1, stats = { HLT = 1 } }
+
+        [[step]]
+        action = "icr"                # a fixed IPI above PPR wakes it (WAKE-1)
+        vcpu = 0
+        dest = 1
+        vector = 0x41
+        expect = { irr = { "1" = [0x41] }, stats = { wakeups = 1 } }
+
+        [[step]]
+        action = "halt"               # a deliverable vector is pending: HLT does not block
+        vcpu = 1
+        expect = { result = false }
+
+        [[step]]
+        action = "run"
+        vcpu = 1
+        expect = { result = [0x41] }
+        """,
+    )
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    assert "halt cpu1" in capsys.readouterr().out
+    sc = scenario.load(path)
+    from apicsim.scenario import open_backend
+
+    with pytest.raises(scenario.Unsupported, match=r"step 1 \(halt, line \d+\): KvmVm's guest"):
+        open_backend(sc, "kvm")
+
+
+# =========================================================================================
+# [vm] kvm_options: the KVM-level knobs of hypervisor.config.KvmOptions
+# =========================================================================================
+@pytest.mark.parametrize(("optimized", "fast", "slow"), [(True, 1, 0), (False, 0, 1)])
+def test_kvm_options_choose_whether_the_optimized_map_delivers__FAST_1(
+    tmp_path: Path, optimized: bool, fast: int, slow: int
+) -> None:
+    stats = f"{{ fast_path = {fast}, slow_path = {slow} }}"
+    path = write(
+        tmp_path,
+        f"""
+        [vm]
+        vcpus = 2
+        svr = 0x1FF
+        kvm_options = {{ optimized_apic_map = {str(optimized).lower()} }}
+
+        [[step]]
+        action = "msi"
+        address_lo = 0xFEE01000
+        data = 0x41
+        expect = {{ result = 1, irr = {{ 1 = [0x41] }}, stats = {stats} }}
+        """,
+    )
+    assert main(["run", str(path)]) == 0
+
+
+def test_kvm_options_lowest_priority_takes_a_policy_name_and_rejects_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [vm]
+        kvm_options = { lowest_priority = "fastest" }
+
+        [[step]]
+        action = "run"
+        vcpu = 0
+        """,
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[vm.kvm_options] field 'lowest_priority'" in err
+    assert "vector_hashing, arb_counter, lowest_tpr" in err
+    assert scenario.load(
+        write(
+            tmp_path,
+            '[vm]\nkvm_options = { lowest_priority = "arb_counter" }\n'
+            '[[step]]\naction = "run"\nvcpu = 0\n',
+            "ok.toml",
+        )
+    ).vm.kvm_options == (("lowest_priority", LowestPriorityPolicy.ARB_COUNTER),)
+
+
+def test_kvm_options_reject_an_unknown_knob_and_a_non_boolean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for body, field in (
+        ("kvm_options = { broadcast = true }", "broadcast"),
+        ("kvm_options = { optimized_apic_map = 1 }", "optimized_apic_map"),
+        ("kvm_options = 3", "kvm_options"),
+    ):
+        path = write(tmp_path, f"[vm]\n{body}\n[[step]]\naction = \"run\"\nvcpu = 0\n")
+        assert main(["run", str(path)]) == 2
+        assert f"'{field}'" in capsys.readouterr().err

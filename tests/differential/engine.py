@@ -4,7 +4,8 @@ The *reference* is the model (``hypervisor.Vm`` with the kvm profile, the guest 
 backend and the host's ``vector_hashing``); the *subject* is the KVM backend (``KvmVm``), or,
 in the harness's own tests, a model with a changed profile.  For each operation the engine
 
-1. expands a macro into primitives against the reference's state (``expand``);
+1. expands a macro into primitives against the reference's state (``expand``: the
+   operations are those of ``apicsim.ops``, which perform themselves on each backend);
 2. skips a primitive an ``executed`` exclusion rules out (the APIC window in the KVM backend's
    RAM, KVMB-7);
 3. performs the primitive on both and records its outcome: the value read, the MSI's return
@@ -24,16 +25,27 @@ tolerance (``ppr-after-set-lapic``).  Each of these is an entry of ``exclusions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
+from apicsim import ops
 from apicsim.kvm import AnyVm, KvmVm
 from apicsim.kvm.view import vectors
+from apicsim.ops import (
+    APIC_BASE_MSR,
+    GUEST_PRIMITIVES,
+    PRIMITIVE_TYPES,
+    HostOnly,
+    MmioRead,
+    Msi,
+    Op,
+    Primitive,
+    SetLapic,
+)
 from hypervisor import MpState, Vm
-from lapic.registers import APIC_BASE_ADDR_MASK, REGISTER_BY_OFFSET
+from lapic.registers import REGISTER_BY_OFFSET
 from tests.differential.exclusions import (
     BY_KEY,
     NMI_PENDING_LIMIT,
@@ -42,30 +54,6 @@ from tests.differential.exclusions import (
     read_kind,
     sends_init_to_itself,
     skipped_at_run_time,
-)
-from tests.differential.ops import (
-    APIC_BASE_MSR,
-    BSP,
-    GUEST_PRIMITIVES,
-    ICR_MSR,
-    MODE_BITS,
-    X2APIC_MSR,
-    GetMsr,
-    Icr,
-    InitSipi,
-    MmioRead,
-    MmioWrite,
-    Msi,
-    Op,
-    Primitive,
-    Rdmsr,
-    RegRead,
-    RegWrite,
-    Restore,
-    SetBase,
-    SetLapic,
-    SetMsr,
-    Wrmsr,
 )
 from tests.differential.strategies import Program
 from tests.kvm.support import Outcome, outcome
@@ -173,83 +161,25 @@ class KvmSide:
 # Expansion and execution
 # =============================================================================================
 def expand(op: Op, model: Vm) -> list[Primitive]:
-    """The primitives ``op`` stands for, given the model's current state."""
-    if isinstance(op, RegWrite | RegRead | Icr):
-        x2apic = model.lapic(op.vcpu).x2apic_mode
-        if isinstance(op, RegWrite):
-            if x2apic:
-                return [Wrmsr(op.vcpu, X2APIC_MSR + (op.offset >> 4), op.value)]
-            return [MmioWrite(op.vcpu, op.offset, op.value & 0xFFFFFFFF)]
-        if isinstance(op, RegRead):
-            if x2apic:
-                return [Rdmsr(op.vcpu, X2APIC_MSR + (op.offset >> 4))]
-            return [MmioRead(op.vcpu, op.offset)]
-        if x2apic:
-            return [Wrmsr(op.vcpu, ICR_MSR, op.dest << 32 | op.low)]
-        return [
-            MmioWrite(op.vcpu, 0x310, (op.dest & 0xFF) << 24),
-            MmioWrite(op.vcpu, 0x300, op.low & 0xFFFFFFFF),
-        ]
-    if isinstance(op, InitSipi):
-        dm = 0x800 if op.logical else 0
-        return [
-            *expand(Icr(op.vcpu, op.dest, 0x4500 | dm), model),
-            *expand(Icr(op.vcpu, op.dest, 0x4600 | dm | op.vector), model),
-        ]
-    if isinstance(op, SetBase):
-        current = model.get_msr(op.vcpu, APIC_BASE_MSR)
-        bsp = {"keep": current & BSP, "set": BSP, "clear": 0}[op.bsp]
-        value = op.address | MODE_BITS[op.mode] | bsp | op.reserved
-        if op.host:
-            return [SetMsr(op.vcpu, APIC_BASE_MSR, value)]
-        return [Wrmsr(op.vcpu, APIC_BASE_MSR, value)]
-    if isinstance(op, Restore):
-        image = model.get_lapic(op.vcpu)
-        writes: dict[int, int] = {}
-        for off, v in op.writes:
-            writes[off] = int.from_bytes(image[off : off + 4], "little") if v is None else v
-        return [SetLapic(op.vcpu, tuple(writes.items()))]
-    return [op]
+    """The primitives ``op`` stands for, given the model's current state (``Op.expand``)."""
+    out: list[Primitive] = []
+    for prim in op.expand(model):
+        if not isinstance(prim, PRIMITIVE_TYPES):
+            raise AssertionError(f"{op} expanded to {prim}, not a guest access or host ioctl")
+        out.append(prim)
+    return out
 
 
 def window(side: Side, i: int) -> int:
     """vCPU ``i``'s APIC window: IA32_APIC_BASE & 0xFFFFF000 (KVMB-7, as in the model)."""
-    return side.vm.get_msr(i, APIC_BASE_MSR) & APIC_BASE_ADDR_MASK
+    return ops.window(side.vm, i)
 
 
 def perform(side: Side, prim: Primitive) -> Outcome:
-    """Carry out one primitive on one backend."""
-    vm = side.vm
+    """Carry out one primitive on one backend (``Op.perform`` on its host API)."""
     if isinstance(prim, GUEST_PRIMITIVES):
         side.before_guest_access(prim.vcpu)
-    action: Callable[[], int | bool | None]
-    if isinstance(prim, MmioRead):
-        action = partial(vm.vcpu(prim.vcpu).mmio_read, window(side, prim.vcpu) + prim.offset,
-                         prim.size)  # fmt: skip
-    elif isinstance(prim, MmioWrite):
-        gpa = window(side, prim.vcpu) + prim.offset
-        action = partial(vm.vcpu(prim.vcpu).mmio_write, gpa, prim.value, prim.size)
-    elif isinstance(prim, Rdmsr):
-        action = partial(vm.vcpu(prim.vcpu).rdmsr, prim.msr)
-    elif isinstance(prim, Wrmsr):
-        action = partial(vm.vcpu(prim.vcpu).wrmsr, prim.msr, prim.value)
-    elif isinstance(prim, SetMsr):
-        action = partial(vm.set_msr, prim.vcpu, prim.msr, prim.value)
-    elif isinstance(prim, GetMsr):
-        action = partial(vm.get_msr, prim.vcpu, prim.msr)
-    elif isinstance(prim, Msi):
-        action = partial(vm.signal_msi, prim.address_lo, prim.address_hi, prim.data, prim.flags)
-    else:
-        action = partial(_set_lapic, vm, prim)
-    return outcome(action)
-
-
-def _set_lapic(vm: AnyVm, prim: SetLapic) -> None:
-    """What the scenario action ``set_lapic`` does: GET, replace the dwords, SET."""
-    image = bytearray(vm.get_lapic(prim.vcpu))
-    for off, value in prim.writes:
-        image[off : off + 4] = value.to_bytes(4, "little")
-    vm.set_lapic(prim.vcpu, bytes(image))
+    return outcome(partial(prim.perform, HostOnly(side.vm)))
 
 
 @dataclass(frozen=True, slots=True)

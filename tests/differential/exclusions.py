@@ -18,11 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from hypervisor import Vm
-from lapic.destination import match_dest
-from lapic.icr import X2APIC_ICR_RESERVED, DestMode, Shorthand
-from lapic.registers import REGISTER_BY_OFFSET, Access
-from tests.differential.ops import (
+from apicsim.ops import (
     APIC_BASE_MSR,
     TSC_DEADLINE_MSR,
     GetMsr,
@@ -36,6 +32,10 @@ from tests.differential.ops import (
     SetMsr,
     Wrmsr,
 )
+from hypervisor import Vm
+from lapic.destination import match_dest
+from lapic.icr import X2APIC_ICR_RESERVED, DestMode, Shorthand
+from lapic.registers import REGISTER_BY_OFFSET, Access
 
 Stage = Literal["generated", "executed", "compared"]
 

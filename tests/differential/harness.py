@@ -15,7 +15,6 @@ from apicsim.kvm import KvmVm
 from hypervisor import Vm
 from tests.differential import replay
 from tests.differential.engine import KvmSide, ModelSide, Side, Trace, run
-from tests.differential.ops import describe
 from tests.differential.strategies import Program
 from tests.kvm.support import FEATURES, VECTOR_HASHING, Factory
 
@@ -84,10 +83,10 @@ def fail(program: Program, trace: Trace, *, test: str, rules: Sequence[str]) -> 
             "the replay passes: the difference is one a scenario cannot express (see the "
             "comments in the file)"
         )
-    origin = "" if bad.op == bad.prim else f" (from: {describe(bad.op)})"
+    origin = "" if bad.op == bad.prim else f" (from: {bad.op.describe()})"
     raise AssertionError(
         f"The model and KVM disagree at operation {bad.number} of the program, "
-        f"{describe(bad.prim)}{origin}:\n"
+        f"{bad.prim.describe()}{origin}:\n"
         + "\n".join(f"  {d}" for d in trace.differences[:40])
         + f"\nReplay: apicsim run {written.path}\n({verdict})"
     )

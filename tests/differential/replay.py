@@ -6,7 +6,7 @@ part carries KVM's values: its result (value read, fault, MSI count, ...), and I
 APIC_BASE of each vCPU that differs; each other differing dword of the state image follows as a
 ``get_lapic`` step expecting KVM's word.  So ``apicsim run FILE`` passes every earlier step and
 fails where the model departs from KVM.  What a scenario cannot express is written as comments:
-NMI counts, a host KVM_GET_MSRS (no such action), a step skipped by an exclusion.  A guest
+NMI counts, a host KVM_GET_MSRS (kept as a comment), a step skipped by an exclusion.  A guest
 access both backends refused (the vCPU waits for SIPI) becomes a ``run`` step expecting ``[]``:
 it processes the pending INIT the same way and executes nothing.
 
@@ -24,9 +24,7 @@ from pathlib import Path
 
 from apicsim import scenario
 from apicsim.kvm.view import vectors
-from lapic import Features
-from tests.differential.engine import Executed, Trace, word, word_name
-from tests.differential.ops import (
+from apicsim.ops import (
     GetMsr,
     MmioRead,
     MmioWrite,
@@ -36,8 +34,10 @@ from tests.differential.ops import (
     SetLapic,
     SetMsr,
     Wrmsr,
-    describe,
+    render_toml,
 )
+from lapic import Features
+from tests.differential.engine import Executed, Trace, word, word_name
 from tests.differential.strategies import Program
 from tests.kvm.support import Outcome
 
@@ -58,28 +58,9 @@ def _vlist(vs: frozenset[int]) -> str:
 
 
 def _action(prim: Primitive) -> list[str]:
-    """The ``[[step]]`` fields of a primitive (not for GetMsr, which has no action)."""
-    if isinstance(prim, MmioRead):
-        size = [] if prim.size == 4 else [f"size = {prim.size}"]
-        return ['action = "mmio_read"', f"vcpu = {prim.vcpu}", f"offset = {prim.offset:#05x}",
-                *size]  # fmt: skip
-    if isinstance(prim, MmioWrite):
-        size = [] if prim.size == 4 else [f"size = {prim.size}"]
-        return ['action = "mmio_write"', f"vcpu = {prim.vcpu}", f"offset = {prim.offset:#05x}",
-                f"value = {_h(prim.value)}", *size]  # fmt: skip
-    if isinstance(prim, Rdmsr):
-        return ['action = "rdmsr"', f"vcpu = {prim.vcpu}", f"msr = {prim.msr:#x}"]
-    if isinstance(prim, Wrmsr | SetMsr):
-        name = "wrmsr" if isinstance(prim, Wrmsr) else "set_msr"
-        return [f'action = "{name}"', f"vcpu = {prim.vcpu}", f"msr = {prim.msr:#x}",
-                f"value = {_h(prim.value)}"]  # fmt: skip
-    if isinstance(prim, Msi):
-        return ['action = "msi"', f"address_lo = {prim.address_lo:#x}",
-                f"address_hi = {_h(prim.address_hi)}", f"data = {_h(prim.data)}",
-                f"flags = {prim.flags}"]  # fmt: skip
-    assert isinstance(prim, SetLapic)
-    writes = ", ".join(f'"{off:#x}" = {_h(v)}' for off, v in prim.writes)
-    return ['action = "set_lapic"', f"vcpu = {prim.vcpu}", f"writes = {{ {writes} }}"]
+    """The ``[[step]]`` fields of a primitive (``Op.to_toml``; not for GetMsr, which the
+    writer keeps as a comment)."""
+    return render_toml(prim.to_toml())
 
 
 def _expect(prim: Primitive, out: Outcome) -> list[str]:
@@ -173,7 +154,7 @@ def write(
     topo = program.topology
     w = _Writer()
     w.line(f"# Written by tests/differential ({test}): the model and KVM disagree at operation")
-    w.line(f"# {bad.number} ({describe(bad.prim)}). Replay on the model: apicsim run {path}")
+    w.line(f"# {bad.number} ({bad.prim.describe()}). Replay on the model: apicsim run {path}")
     w.line("# Differences after it (model vs kvm):")
     for d in trace.differences:
         w.line(f"#   {d}")
@@ -204,17 +185,17 @@ def write(
     checkable = False
     pending: list[str] = []
     for s in trace.steps:
-        origin = "" if s.op == s.prim else f" (from: {describe(s.op)})"
-        comments = [f"operation {s.number}: {describe(s.prim)}{origin}"]
+        origin = "" if s.op == s.prim else f" (from: {s.op.describe()})"
+        comments = [f"operation {s.number}: {s.prim.describe()}{origin}"]
         if s.skipped is not None:
-            pending.append(f"operation {s.number} skipped ({s.skipped.key}): {describe(s.prim)}")
+            pending.append(f"operation {s.number} skipped ({s.skipped.key}): {s.prim.describe()}")
             continue
         comments = pending + comments
         pending = []
         is_bad = s is bad
         out = s.subject if is_bad else s.reference
         if isinstance(s.prim, GetMsr):
-            # No scenario action reads an MSR from the host: a comment, then on to the next.
+            # A host MSR read stays a comment: the file replays what was done to the VM.
             note = f"host KVM_GET_MSRS {s.prim.msr:#x}: kvm {outcome_text(out)}" + (
                 f", model {outcome_text(s.reference)}" if is_bad else ""
             )

@@ -18,16 +18,15 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.differential.exclusions import FAR_DEADLINE, permitted
-from tests.differential.ops import (
+from apicsim.ops import (
     APIC_BASE_MSR,
     DEFAULT_BASE,
     ICR_MSR,
     SELF_IPI_MSR,
     TSC_DEADLINE_MSR,
     GetMsr,
-    Icr,
     InitSipi,
+    Ipi,
     MmioRead,
     MmioWrite,
     Msi,
@@ -40,6 +39,7 @@ from tests.differential.ops import (
     SetMsr,
     Wrmsr,
 )
+from tests.differential.exclusions import FAR_DEADLINE, permitted
 
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
@@ -281,7 +281,7 @@ def operations(topology: Topology, kinds: Sequence[str] = KINDS) -> st.SearchStr
 def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrategy[Op]:
     vcpu = st.integers(0, len(ids) - 1)
     by_kind: dict[str, st.SearchStrategy[Op]] = {
-        "ipi": st.builds(Icr, vcpu, _destinations(ids), icr_low()),
+        "ipi": st.builds(Ipi, vcpu, _destinations(ids), icr_low()),
         "init_sipi": st.builds(
             InitSipi, vcpu, _destinations(ids), st.sampled_from((0x12, 0x9F, 0)), st.booleans()
         ),

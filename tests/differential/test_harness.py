@@ -12,6 +12,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from apicsim import cli, scenario
+from apicsim.ops import (
+    GUEST_PRIMITIVES,
+    GetMsr,
+    InitSipi,
+    Ipi,
+    MmioRead,
+    MmioWrite,
+    Msi,
+    Op,
+    RegRead,
+    RegWrite,
+    Restore,
+    SetBase,
+    SetMsr,
+    Wrmsr,
+)
 from hypervisor import MpState, Vm
 from lapic.profile import Profile
 from tests.differential import replay
@@ -25,22 +41,6 @@ from tests.differential.exclusions import (
     sends_init_to_itself,
 )
 from tests.differential.harness import check_sides
-from tests.differential.ops import (
-    GUEST_PRIMITIVES,
-    GetMsr,
-    Icr,
-    InitSipi,
-    MmioRead,
-    MmioWrite,
-    Msi,
-    Op,
-    RegRead,
-    RegWrite,
-    Restore,
-    SetBase,
-    SetMsr,
-    Wrmsr,
-)
 from tests.differential.strategies import Program, Topology, programs
 from tests.kvm.support import FEATURES, VECTOR_HASHING, Factory
 
@@ -167,14 +167,14 @@ def sides_of(vcpus: int) -> tuple[ModelSide, ModelSide]:
 def test_macros_expand_through_the_interface_of_the_vcpu_s_current_mode() -> None:
     vm = Factory("model")(vcpus=2)
     assert isinstance(vm, Vm)
-    assert expand(Icr(0, 1, 0x4031), vm) == [
+    assert expand(Ipi(0, 1, 0x4031), vm) == [
         MmioWrite(0, 0x310, 1 << 24),
         MmioWrite(0, 0x300, 0x4031),
     ]
     assert expand(RegRead(0, 0x80), vm) == [MmioRead(0, 0x80)]
     assert expand(SetBase(0, False, "x2apic"), vm) == [Wrmsr(0, 0x1B, 0xFEE00D00)]
     vm.vcpu(1).wrmsr(0x1B, 0xFEE00C00)
-    assert expand(Icr(1, 0x10001, 0x80F1), vm) == [Wrmsr(1, 0x830, 0x10001_000080F1)]
+    assert expand(Ipi(1, 0x10001, 0x80F1), vm) == [Wrmsr(1, 0x830, 0x10001_000080F1)]
     assert expand(SetBase(1, True, "disabled", bsp="set"), vm) == [SetMsr(1, 0x1B, 0xFEE00100)]
     assert all(isinstance(p, GUEST_PRIMITIVES) for p in expand(RegWrite(1, 0xB0, 0), vm))
 
@@ -191,7 +191,7 @@ def test_a_disagreement_is_written_as_a_scenario_that_apicsim_run_fails_at_that_
     program = Program(
         Topology((0, 1)),
         (RegWrite(1, 0xF0, 0x1FF),),
-        (MmioRead(1, 0x20), Icr(0, 1, 0x4031), MmioRead(1, 0x24), MmioRead(1, 0x80)),
+        (MmioRead(1, 0x20), Ipi(0, 1, 0x4031), MmioRead(1, 0x24), MmioRead(1, 0x80)),
     )
     message = disagree(
         program, monkeypatch, tmp_path, unserviced_read_repeats_last=False,
@@ -216,7 +216,7 @@ def test_a_state_disagreement_becomes_irr_expectations_and_get_lapic_steps(
     """PRIO-7 / DIFF-D2: the stand-in refuses vectors below 16 (the sdm rule).  A self IPI
     with vector 0x0F then differs in IRR only: the file expects the stand-in's IRR at that
     step and replays to a failure there."""
-    program = Program(Topology((0,)), (RegWrite(0, 0xF0, 0x1FF),), (Icr(0, 0, 0x4000F),))
+    program = Program(Topology((0,)), (RegWrite(0, 0xF0, 0x1FF),), (Ipi(0, 0, 0x4000F),))
     message = disagree(program, monkeypatch, tmp_path, accept_illegal_vectors=False)
     assert "cpu0 IRR: model {0xf}, mutant {}" in message
     assert "the replay fails at step 3, as it should" in message
@@ -233,7 +233,7 @@ def test_an_access_both_refuse_replays_as_a_run_that_processes_the_init(
     program = Program(
         Topology((0, 1)),
         (RegWrite(1, 0xF0, 0x1FF), RegWrite(1, 0x80, 0x20)),
-        (Icr(0, 1, 0x4500), RegRead(1, 0x80), Restore(1, ((0x80, 0x30),)), MmioRead(0, 0x24)),
+        (Ipi(0, 1, 0x4500), RegRead(1, 0x80), Restore(1, ((0x80, 0x30),)), MmioRead(0, 0x24)),
     )
     message = disagree(
         program, monkeypatch, tmp_path, unserviced_read_repeats_last=False,
@@ -261,7 +261,7 @@ def test_a_skipped_step_and_a_host_msr_read_are_comments_in_the_scenario(
         Topology((0,)),
         (),
         (
-            Icr(0, 0, 0x44500),
+            Ipi(0, 0, 0x44500),
             Restore(0, ((0x110, 0x100),)),
             GetMsr(0, 0x1B),
             MmioRead(0, 0x24),
