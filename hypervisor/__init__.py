@@ -6,6 +6,7 @@
 from hypervisor.api import HostApi, MsrError, VcpuApi
 from hypervisor.config import AccelConfig, KvmOptions, VmConfig
 from hypervisor.exits import Exit, ExitReason
+from hypervisor.host import Host, Pcpu
 from hypervisor.vcpu import MpState, RunState, Vcpu
 from hypervisor.vm import Vm
 
@@ -13,10 +14,12 @@ __all__ = [
     "AccelConfig",
     "Exit",
     "ExitReason",
+    "Host",
     "HostApi",
     "KvmOptions",
     "MpState",
     "MsrError",
+    "Pcpu",
     "RunState",
     "Vcpu",
     "VcpuApi",

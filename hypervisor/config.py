@@ -212,8 +212,8 @@ arbitration (SDM 10.6.2.4), every vCPU reachable."""
 # ===========================================================================================
 @dataclass(frozen=True, slots=True)
 class AccelConfig:
-    """How interrupts reach the guest; ``name`` is a key of ``hypervisor.accel.ACCELERATORS``
-    (checked when the VM is made, since the registry lives a layer above).  Accelerators with
+    """How interrupts reach the guest; ``name`` is a key of
+    ``hypervisor.accelerators.ACCELERATORS`` (checked when the VM is made).  Accelerators with
     settings of their own (AVIC, APICv) subclass this record and add fields."""
 
     name: str = "emulated"

@@ -6,11 +6,14 @@ physical addresses (the APIC page sits at the APIC base), ``rdmsr``/``wrmsr``, `
 it exits (every one does under trap-and-emulate) and then lets KVM's emulation run
 (``emulate_*``).
 
-Host side: a run state (not started, in guest, preempted, blocked) and the pCPU it was last
-loaded on; KVM's ``mp_state`` (runnable, uninitialized, INIT received, halted);
+Host side: a run state (not started, in guest, preempted, blocked) and the host pCPU it was
+last loaded on (``last_pcpu``, a ``hypervisor.host.Pcpu``; ``pcpu`` is its id); KVM's
+``mp_state`` (runnable, uninitialized, INIT received, halted);
 ``run()`` = one VM entry: pending INIT/SIPI are processed (``kvm_apic_accept_events``), NMIs and
 interrupts are injected one at a time, each acknowledged (IRR -> ISR) and handed to the guest's
-handler, which ends it with an EOI write.
+handler, which ends it with an EOI write.  Load, put, kick, block and wake-up live in
+``hypervisor.sched`` (one place); the methods here (``enter``, ``preempt``, ``kick``, ``halt``)
+delegate to it.
 
 Not modelled: the instruction stream itself (the guest stub in ``guest/`` calls these methods
 in the order Linux would execute the instructions), RFLAGS.IF and interrupt shadows (the guest
@@ -31,6 +34,7 @@ from lapic.faults import ApicValueError, check_int, gp
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
 
 if TYPE_CHECKING:
+    from hypervisor.host.pcpu import Pcpu
     from hypervisor.vm import Vm
 
 NMI_VECTOR = 2
@@ -69,7 +73,10 @@ class Vcpu:
         self.apic = apic
         self.run_state = RunState.NOT_STARTED
         self.mp_state = MpState.RUNNABLE if started or apic.bsp else MpState.UNINITIALIZED
-        self.pcpu: int | None = None
+        self.last_pcpu: Pcpu | None = None
+        """The host pCPU this vCPU was last loaded on (KVM ``vcpu->cpu``)."""
+        self.sched = vm.sched
+        self.host = vm.host
         self.interrupt_handler: Handler | None = None
         """Installed by the guest; called with each acknowledged interrupt vector."""
         self.nmi_handler: NmiHandler | None = None
@@ -107,7 +114,7 @@ class Vcpu:
             value = int(check_int("value", value, 0, (1 << 64) - 1))
         if self.run_state is not RunState.IN_GUEST:
             self._executing()
-        self.vm.current = self
+        self.host.running = self
         self.vm.accel.wrmsr(self, msr, value)
 
     def hypercall(
@@ -139,12 +146,7 @@ class Vcpu:
         """HLT: exits; blocks unless an event is already pending.  True if it blocked."""
         self._executing()
         self.record_exit(ExitReason.HLT, 0, 0)
-        if self.has_events():
-            return False
-        self.mp_state = MpState.HALTED
-        self.run_state = RunState.BLOCKED
-        self.vm.accel.vcpu_blocking(self)
-        return True
+        return self.sched.halt(self)
 
     def _executing(self) -> None:
         """The vCPU is about to execute a guest instruction: (re-)enter the guest first.  As
@@ -166,7 +168,7 @@ class Vcpu:
                     "INIT/SIPI start it (or Vm(aps_started=True))"
                 )
             self.enter()
-        self.vm.current = self
+        self.host.running = self  # Scheduler.executing, inlined: every guest access runs this
 
     # ===================================================================================
     # KVM's side of an exit
@@ -210,22 +212,20 @@ class Vcpu:
     # ===================================================================================
     # Scheduling and events
     # ===================================================================================
+    @property
+    def pcpu(self) -> int | None:
+        """Id of the pCPU this vCPU was last loaded on (None before its first entry)."""
+        p = self.last_pcpu
+        return None if p is None else p.id
+
     def enter(self, pcpu: int | None = None) -> None:
-        """Load on a pCPU and enter guest mode (KVM vcpu_load + VM entry)."""
-        if pcpu is None:
-            pcpu = self.pcpu if self.pcpu is not None else self.index
-        check_int("pcpu", pcpu, 0, 1 << 20)
-        if self.run_state is RunState.BLOCKED:
-            self.vm.accel.vcpu_unblocking(self)
-        self.pcpu = pcpu
-        self.run_state = RunState.IN_GUEST
-        self.vm.accel.vcpu_load(self, pcpu)
+        """Load on a pCPU and enter guest mode (KVM vcpu_load + VM entry); ``pcpu`` defaults
+        to the last one, else the vCPU's index (``hypervisor.sched.Scheduler.load``)."""
+        self.sched.load(self, pcpu)
 
     def preempt(self) -> None:
         """The host scheduled the vCPU out (KVM vcpu_put); it stays runnable."""
-        if self.run_state is RunState.IN_GUEST:
-            self.run_state = RunState.PREEMPTED
-            self.vm.accel.vcpu_put(self)
+        self.sched.put(self)
 
     @property
     def nmi_pending(self) -> int:
@@ -243,24 +243,10 @@ class Vcpu:
 
     def kick(self, apic: LocalApic | None = None) -> None:
         """KVM ``kvm_vcpu_kick`` after an event became pending for this vCPU (``apic`` is the
-        notifying APIC when called as its ``notify_hook``; it is always this vCPU's)."""
-        state = self.run_state
-        if self.apic.init_pending and state is RunState.IN_GUEST:
-            # KVM_REQ_EVENT + kick: the vCPU leaves the guest and processes the INIT on its
-            # next entry (KVMB-9), even when it sent the INIT to itself.
-            self.run_state = RunState.PREEMPTED
-            self.vm.accel.vcpu_put(self)
-            if self.vm.current is not self:
-                self.vm.stats.kicks += 1
-            return
-        if state is RunState.BLOCKED:
-            if self.has_events():
-                self.vm.stats.wakeups += 1
-                self.mp_state = MpState.RUNNABLE
-                self.run_state = RunState.PREEMPTED
-                self.vm.accel.vcpu_unblocking(self)
-        elif state is RunState.IN_GUEST and self.vm.current is not self:
-            self.vm.stats.kicks += 1
+        notifying APIC when called as its ``notify_hook``; it is always this vCPU's).  A
+        pending INIT forces a vCPU in guest mode out, even when it sent the INIT to itself
+        (KVMB-9); see ``hypervisor.sched.Scheduler.kick``."""
+        self.sched.kick(self)
 
     def accept_events(self) -> None:
         """KVM ``kvm_apic_accept_events``: INIT resets the vCPU, SIPI starts an AP."""
@@ -292,7 +278,7 @@ class Vcpu:
             return []
         self.mp_state = MpState.RUNNABLE
         self.enter()
-        self.vm.current = self
+        self.sched.executing(self)
         apic = self.apic
         apic.pv_unhalted = False
         handle = handler or self.interrupt_handler or Vcpu.default_handler

@@ -27,6 +27,12 @@ every message is delivered by the architectural rules (the slow path).
 The host API is ``hypervisor.api.HostApi``, shared with ``apicsim.kvm.KvmVm`` together with
 its argument checks and ``MsrError``.
 
+The VM runs on a ``hypervisor.host.Host`` (``host=``, not part of the config: it is the
+machine, not the VM; by default a private host whose pCPU ids are 0..2**20, vCPU ``i`` first
+loaded on pCPU ``i``), whose clock its APIC timers use and whose step scheduler runs its
+multi-step protocols (``hypervisor.sched``).  ``snapshot()`` / ``restore()`` capture and
+reinstate everything simulated (``hypervisor.snapshot``).
+
 Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_SREGS.
 """
 
@@ -36,7 +42,7 @@ import inspect
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from hypervisor import accel as accel_mod
+from hypervisor.accelerators import make as make_accelerator
 from hypervisor.api import (
     MsrError,
     check_index,
@@ -54,9 +60,12 @@ from hypervisor.config import (
     KvmOptions,
     VmConfig,
 )
-from hypervisor.delivery import deliver
+from hypervisor.delivery import AcceptFn, deliver
 from hypervisor.exits import Exit
+from hypervisor.host.machine import MAX_PCPUS, Host
 from hypervisor.pv_ipi import pv_send_ipi
+from hypervisor.sched import Scheduler
+from hypervisor.snapshot import VmSnapshot, restore_vm, snapshot_vm
 from hypervisor.trace import (
     KvmApicAcceptIrq,
     KvmApicIpi,
@@ -72,7 +81,6 @@ from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
 from lapic.icr import DeliveryMode, Interrupt, Msi
 from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.registers import APIC_DEFAULT_BASE
-from lapic.timer import Clock
 
 EINVAL = 22
 KVM_MSI_VALID_DEVID = 1
@@ -102,6 +110,7 @@ class Vm:
         aps_started: bool = True,
         exit_log: int = 4096,
         trace: bool = False,
+        host: Host | None = None,
     ) -> None:
         keywords: dict[str, object] = {
             "profile": profile,
@@ -148,11 +157,12 @@ class Vm:
                 exit_log=exit_log,
                 trace=trace,
             )
+        self._init_host(host)
         self._setup(config)
 
     def _setup(self, config: VmConfig) -> None:
         """Make the VM ``config`` describes (already checked field by field)."""
-        accel = accel_mod.make(config.accelerator.name)
+        accel = make_accelerator(config.accelerator.name)
         self.config = config
         """The :class:`~hypervisor.config.VmConfig` this VM was made from."""
         options = config.kvm
@@ -170,13 +180,10 @@ class Vm:
         self.enforce_pv_cpuid = options.enforce_pv_cpuid
         self.pv_features = options.pv_features
         self.aps_started = config.aps_started
-        self.clock = Clock()
         self.stats = Stats()
         self.tracer = Tracer(config.trace)
         exit_log = config.exit_log
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
-        self.current: Vcpu | None = None
-        """The vCPU whose guest code is executing (set by each guest access)."""
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
         # The map, its dirty bit and its inhibits are first set by add_vcpu (every VM has a
@@ -192,6 +199,35 @@ class Vm:
             self.add_vcpu(vid)
 
     # ===================================================================================
+    # Host and scheduling
+    # ===================================================================================
+    def _init_host(self, host: Host | None) -> None:
+        if host is None:
+            host = Host(MAX_PCPUS)
+        elif not isinstance(host, Host):
+            raise ApicTypeError(f"host must be a Host, not {type(host).__name__}")
+        self.host = host
+        self.clock = host.clock
+        self.sched = Scheduler(self, host)
+        self._steps = host.steps
+
+    @property
+    def current(self) -> Vcpu | None:
+        """The vCPU of this VM whose guest code is executing (``host.running``), or None."""
+        v = self.host.running
+        if isinstance(v, Vcpu) and v.vm is self:
+            return v
+        return None
+
+    def snapshot(self) -> VmSnapshot:
+        """Everything simulated, as an immutable, hashable, versioned value."""
+        return snapshot_vm(self)
+
+    def restore(self, snap: VmSnapshot) -> None:
+        """Make this VM (and its pCPUs, clock, counters) equal to ``snap``."""
+        restore_vm(self, snap)
+
+    # ===================================================================================
     # vCPUs
     # ===================================================================================
     def add_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -205,6 +241,7 @@ class Vm:
             clock=self.clock,
         )
         vcpu = Vcpu(self, len(self._vcpus), apic, started=self.aps_started)
+        self.sched.attach(vcpu)
         apic.send_hook = self._deliver
         apic.map_hook = self._mark_map_dirty
         apic.notify_hook = self.accel.notifier(vcpu)
@@ -292,9 +329,17 @@ class Vm:
             raise ApicTypeError(f"source must be a LocalApic, not {type(source).__name__}")
         return self._deliver(source, irq)
 
-    def _deliver(self, source: LocalApic | None, irq: Interrupt) -> int:
+    def _deliver(
+        self, source: LocalApic | None, irq: Interrupt, accept: AcceptFn | None = None
+    ) -> int:
         """One interrupt message through KVM's delivery.  Also every APIC's ``send_hook``
-        (KVM ``kvm_apic_send_ipi``), so the source comes first."""
+        (KVM ``kvm_apic_send_ipi``), so the source comes first.  With the host's steps
+        queued, the delivery waits as a protocol (``Scheduler.delivery_steps``), whose
+        resolve step calls this with an ``accept`` that only records the targets."""
+        if accept is None:
+            if self._steps.queued:
+                return self.sched.start_delivery(source, irq)
+            accept = self._accept
         stats = self.stats
         if source is not None:
             stats.ipis += 1
@@ -309,7 +354,7 @@ class Vm:
             self.profile,
             self.broadcast_quirk,
             self.lowest_priority,
-            self._accept,
+            accept,
             use_map,
         )
         if fast:
@@ -400,8 +445,12 @@ class Vm:
     # Time
     # ===================================================================================
     def advance(self, ns: int) -> int:
-        """Advance the VM clock; fire due APIC timers.  Returns the number that fired."""
+        """Advance the host clock; fire this VM's due APIC timers.  Returns how many fired."""
         self.clock.advance(ns)
+        return self.poll_timers()
+
+    def poll_timers(self) -> int:
+        """Fire this VM's due APIC timers (after the shared clock moved); how many fired."""
         return sum(a.poll_timer() for a in self._apics)
 
     def dump(self) -> str:

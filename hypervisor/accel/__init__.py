@@ -5,70 +5,12 @@ whether it exits to KVM (trap-and-emulate), is completed by hardware (AVIC, APIC
 It also decides how a target vCPU learns that something is pending for it (a kick, a doorbell,
 a posted-interrupt notification, a wake-up).
 
-:class:`Accelerator` is the interface; ``ACCELERATORS`` maps the names accepted by
-``Vm(accelerator=...)`` to constructors.  Accelerators never import each other.
+:class:`Accelerator` is the interface and ``ACCELERATORS`` the registry mapping the names
+accepted by ``Vm(accelerator=...)`` to constructors; both live in ``hypervisor.accelerators``
+(the core's layer, which calls them) and are re-exported here.  Accelerators never import
+each other.
 """
 
-from __future__ import annotations
+from hypervisor.accelerators import ACCELERATORS, Accelerator, make
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from hypervisor.vcpu import Vcpu
-    from hypervisor.vm import Vm
-    from lapic.apic import LocalApic
-
-
-class Accelerator(Protocol):
-    name: str
-
-    def attach(self, vm: Vm) -> None:
-        """Called after each vCPU is created (KVM_CREATE_VCPU, also while ``Vm()`` creates
-        its vCPUs), so the last call has seen every vCPU."""
-        ...
-
-    def mmio_read(self, vcpu: Vcpu, gpa: int, size: int) -> int: ...
-
-    def mmio_write(self, vcpu: Vcpu, gpa: int, value: int, size: int) -> None: ...
-
-    def rdmsr(self, vcpu: Vcpu, msr: int) -> int: ...
-
-    def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None: ...
-
-    def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        """The hook the VM installs as ``vcpu.apic.notify_hook``: called whenever something
-        became pending in that APIC (an accepted interrupt, NMI, INIT, SIPI...)."""
-        ...
-
-    def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None: ...
-
-    def vcpu_put(self, vcpu: Vcpu) -> None: ...
-
-    def vcpu_blocking(self, vcpu: Vcpu) -> None: ...
-
-    def vcpu_unblocking(self, vcpu: Vcpu) -> None: ...
-
-
-def _emulated() -> Accelerator:
-    from hypervisor.accel.emulated import Emulated
-
-    return Emulated()
-
-
-ACCELERATORS: dict[str, Callable[[], Accelerator]] = {"emulated": _emulated}
-"""Every accelerator by the name ``Vm(accelerator=...)`` takes (the conformance suite runs
-against each)."""
-
-
-def make(name: str) -> Accelerator:
-    """An accelerator by name (a key of :data:`ACCELERATORS`)."""
-    try:
-        factory = ACCELERATORS[name]
-    except KeyError:
-        from lapic.faults import ApicValueError
-
-        raise ApicValueError(
-            f"accelerator={name!r} is not known; choose one of {sorted(ACCELERATORS)}"
-        ) from None
-    return factory()
+__all__ = ["ACCELERATORS", "Accelerator", "make"]

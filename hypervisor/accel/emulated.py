@@ -16,12 +16,13 @@ costs three (ICR read for the idle wait, ICR2 write, ICR write).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
 from hypervisor.exits import ExitReason
 
 if TYPE_CHECKING:
+    from hypervisor.host.pcpu import Pcpu
     from hypervisor.vcpu import Vcpu
     from hypervisor.vm import Vm
     from lapic.apic import LocalApic
@@ -50,9 +51,9 @@ class Emulated:
         vcpu.emulate_wrmsr(msr, value)
 
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        return vcpu.kick
+        return vcpu.sched.notify  # kvm_vcpu_kick (hypervisor.sched), one call from the APIC
 
-    def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None:
+    def vcpu_load(self, vcpu: Vcpu, pcpu: Pcpu) -> None:
         return None
 
     def vcpu_put(self, vcpu: Vcpu) -> None:
@@ -63,3 +64,13 @@ class Emulated:
 
     def vcpu_unblocking(self, vcpu: Vcpu) -> None:
         return None
+
+    def state(self) -> Hashable:
+        """Trap-and-emulate keeps no state of its own."""
+        return ()
+
+    def set_state(self, state: Hashable) -> None:
+        if state != ():
+            from lapic.faults import ApicValueError
+
+            raise ApicValueError(f"state={state!r} is not the emulated accelerator's ()")

@@ -19,6 +19,7 @@ from hypervisor import Exit, ExitReason, MpState, MsrError, RunState, Vcpu, Vm
 from hypervisor.accel import ACCELERATORS
 from hypervisor.accel.emulated import Emulated
 from hypervisor.apic_map import Inhibits
+from hypervisor.host import Pcpu
 from hypervisor.pv_ipi import KVM_HC_KICK_CPU, KVM_HC_SEND_IPI
 from hypervisor.trace import (
     KvmApicAcceptIrq,
@@ -608,8 +609,8 @@ class Spy(Emulated):
     def attach(self, vm: Vm) -> None:
         self.calls.append(("attach", vm, len(vm.vcpus)))
 
-    def vcpu_load(self, vcpu: Vcpu, pcpu: int) -> None:
-        self.calls.append(("load", vcpu, pcpu))
+    def vcpu_load(self, vcpu: Vcpu, pcpu: Pcpu) -> None:
+        self.calls.append(("load", vcpu, pcpu.id))
 
     def vcpu_put(self, vcpu: Vcpu) -> None:
         self.calls.append(("put", vcpu))
