@@ -218,6 +218,16 @@ class AccelConfig:
 
     name: str = "emulated"
 
+    @property
+    def icr_split(self) -> bool:
+        """Where the x2APIC ICR's high half lives in the APIC page, a vendor fact passed to
+        each ``LocalApic(icr_split=...)``: False = one 64-bit ICR at 0x300 (Intel: SDM
+        10.12.9, VMX's virtual-APIC page; also KVM's in-kernel page without AVIC), True = split
+        into 0x300/0x310 as AMD x2AVIC's backing page holds it (APM Vol. 2, 15.29.3;
+        ``kvm_lapic_state`` then keeps ICR2 at 0x310).  Accelerators whose hardware reads the
+        page override this."""
+        return False
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise ApicTypeError(f"accelerator must be a str, not {type(self.name).__name__}")

@@ -1,19 +1,18 @@
 """Snapshots of a VM: an immutable, hashable, versioned value of everything simulated.
 
 ``snapshot_vm(vm)`` (``vm.snapshot()``) captures, per vCPU, its APIC (the register page, the
-pending events and the private latches: ``apic_state``), run state, mp_state, last pCPU,
-exit count, SIPI entry and handled vectors; the host (clock, pCPUs with their host APIC ids,
-what is loaded on each, wake-up lists, the running vCPU, host counters); the
-VM's counters, exit log and trace; the accelerator's state; the optimized map as built
+pending events, timer and private latches: ``LocalApic.snapshot()``), run state, mp_state,
+last pCPU, exit count, SIPI entry and handled vectors; the host (clock, pCPUs with their host
+APIC ids, what is loaded on each, wake-up lists, the running vCPU, host counters); the VM's
+counters, exit log and trace; the accelerator's state; the optimized map as built
 (it can differ from a rebuild, KVMB-8), its dirty bit and inhibits.  ``restore_vm(vm, snap)``
 (``vm.restore``) makes the VM equal to it, so the same operations then give the same results
 (the property in ``tests/hypervisor/test_snapshot.py``).  ``snap.diff(other)`` lists the
 differences as readable lines (vCPU, register name, old -> new, hex).  The pCPUs recorded are
 the ones holding something (a loaded or a waiting vCPU); the others are empty.
 
-The APIC's state goes through one narrow pair, :func:`apic_state` / :func:`set_apic_state`,
-which reads the page and the latches of ``lapic/apic.py`` directly until ``LocalApic`` gets
-its own ``snapshot()``/``restore()``: only those two functions change then.
+Each APIC's state is its own ``lapic.ApicSnapshot`` (one home: ``LocalApic.snapshot()`` /
+``restore()``); a VM snapshot only adds what the VM, its vCPUs and the host hold.
 
 Not captured (not simulated state): the guest's handlers (``interrupt_handler``,
 ``nmi_handler``: guest code), the VM's options (fixed at creation), the scheduler's
@@ -33,7 +32,7 @@ from hypervisor.host.machine import Host
 from hypervisor.vcpu import MpState, RunState, Vcpu
 from lapic.apic import LocalApic
 from lapic.faults import ApicTypeError, ApicValueError
-from lapic.registers import REGISTER_BY_OFFSET
+from lapic.state import ApicSnapshot
 
 if TYPE_CHECKING:
     from collections.abc import Hashable
@@ -47,37 +46,6 @@ FOREIGN = -1
 
 
 @dataclass(frozen=True, slots=True)
-class TimerState:
-    mode: int
-    divide: int
-    period: int
-    target: int | None
-    deadline: int
-    expirations: int
-
-
-@dataclass(frozen=True, slots=True)
-class ApicState:
-    """One local APIC: its page, pending events and latches (``lapic/apic.py`` names)."""
-
-    regs: bytes
-    apic_base: int
-    arb_prio: int
-    nmi_pending: int
-    smi_pending: bool
-    init_pending: bool
-    sipi_pending: bool
-    sipi_vector: int
-    pv_unhalted: bool
-    esr_pending: int
-    in_error: bool
-    mmio_data: int
-    isr_cache: int
-    gap_bytes: bytes
-    timer: TimerState
-
-
-@dataclass(frozen=True, slots=True)
 class VcpuState:
     index: int
     vcpu_id: int
@@ -87,7 +55,8 @@ class VcpuState:
     exits: int
     sipi_entry: int | None
     handled: tuple[int, ...]
-    apic: ApicState
+    apic: ApicSnapshot
+    """``LocalApic.snapshot()``: the page, pending events, timer and latches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,66 +166,8 @@ def _diff_fields(
 def _diff_vcpu(a: VcpuState, b: VcpuState) -> list[str]:
     label = f"vcpu {a.index}"
     out = _diff_fields(label, a, b, skip=("apic",))
-    out.extend(_diff_fields(label, a.apic, b.apic, skip=("regs", "timer", "gap_bytes")))
-    out.extend(_diff_fields(f"{label} timer", a.apic.timer, b.apic.timer))
-    if a.apic.gap_bytes != b.apic.gap_bytes:
-        out.append(f"{label} gap_bytes: {a.apic.gap_bytes.hex()} -> {b.apic.gap_bytes.hex()}")
-    ra, rb = a.apic.regs, b.apic.regs
-    for off in range(0, min(len(ra), len(rb)), 4):
-        old = int.from_bytes(ra[off : off + 4], "little")
-        new = int.from_bytes(rb[off : off + 4], "little")
-        if old != new:
-            reg = REGISTER_BY_OFFSET.get(off & ~0xF)
-            if reg is None:
-                name = f"page[{off:#05x}]"
-            else:
-                name = reg.name if off & 0xF == 0 else f"{reg.name}+{off & 0xF:#x}"
-            out.append(f"{label} {name}: {old:#010x} -> {new:#010x}")
+    out.extend(f"{label} {line}" for line in a.apic.diff(b.apic))
     return out
-
-
-# =============================================================================================
-# One APIC (the narrow seam: switch to apic.snapshot()/restore() once LocalApic has them)
-# =============================================================================================
-def apic_state(apic: LocalApic) -> ApicState:
-    t = apic.timer
-    return ApicState(
-        regs=bytes(apic.regs),
-        apic_base=apic.apic_base,
-        arb_prio=apic.arb_prio,
-        nmi_pending=apic.nmi_pending,
-        smi_pending=apic.smi_pending,
-        init_pending=apic.init_pending,
-        sipi_pending=apic.sipi_pending,
-        sipi_vector=apic.sipi_vector,
-        pv_unhalted=apic.pv_unhalted,
-        esr_pending=apic._esr_pending,
-        in_error=apic._in_error,
-        mmio_data=apic._mmio_data,
-        isr_cache=apic._isr_cache,
-        gap_bytes=apic._gap_bytes,
-        timer=TimerState(t.mode, t.divide, t.period, t.target, t.deadline, t.expirations),
-    )
-
-
-def set_apic_state(apic: LocalApic, s: ApicState) -> None:
-    apic.regs[:] = s.regs  # in place: the register views stay valid
-    apic.apic_base = s.apic_base
-    apic.arb_prio = s.arb_prio
-    apic.nmi_pending = s.nmi_pending
-    apic.smi_pending = s.smi_pending
-    apic.init_pending = s.init_pending
-    apic.sipi_pending = s.sipi_pending
-    apic.sipi_vector = s.sipi_vector
-    apic.pv_unhalted = s.pv_unhalted
-    apic._esr_pending = s.esr_pending
-    apic._in_error = s.in_error
-    apic._mmio_data = s.mmio_data
-    apic._isr_cache = s.isr_cache
-    apic._gap_bytes = s.gap_bytes
-    t, ts = apic.timer, s.timer
-    t.mode, t.divide, t.period = ts.mode, ts.divide, ts.period
-    t.target, t.deadline, t.expirations = ts.target, ts.deadline, ts.expirations
 
 
 # =============================================================================================
@@ -333,7 +244,7 @@ def snapshot_vm(vm: Vm) -> VmSnapshot:
             v.exits,
             v.sipi_entry,
             tuple(v.handled),
-            apic_state(v.apic),
+            v.apic.snapshot(),
         )
         for v in vm.vcpus
     )
@@ -370,7 +281,7 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
     host.steps.clear()
     vcpus = vm.vcpus
     for v, s in zip(vcpus, snap.vcpus, strict=True):
-        set_apic_state(v.apic, s.apic)
+        v.apic.restore(s.apic)
         v.run_state = s.run_state
         v.mp_state = s.mp_state
         v.last_pcpu = None if s.pcpu is None else host.pcpu(s.pcpu)

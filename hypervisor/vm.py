@@ -78,7 +78,7 @@ from hypervisor.trace import (
 from hypervisor.vcpu import Vcpu
 from lapic.apic import Features, LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
-from lapic.icr import DeliveryMode, Interrupt, Msi
+from lapic.icr import DeliveryMode, Icr, Interrupt, Msi
 from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.registers import APIC_DEFAULT_BASE
 
@@ -239,6 +239,7 @@ class Vm:
             bsp=vcpu_id == self.bsp_vcpu_id,
             features=self.features,
             clock=self.clock,
+            icr_split=self.config.accelerator.icr_split,
         )
         vcpu = Vcpu(self, len(self._vcpus), apic, started=self.aps_started)
         self.sched.attach(vcpu)
@@ -310,7 +311,7 @@ class Vm:
     # ===================================================================================
     def _accept(self, apic: LocalApic, irq: Interrupt) -> bool:
         """The acceptance stage as KVM runs it (``kvm_apic_set_irq``), counted and traced."""
-        ok = apic._accept(irq[0], irq[1], irq[4], irq[3])
+        ok = apic.accept_fast(irq[0], irq[1], irq[4], irq[3])
         if ok:
             self.stats.irqs_accepted += 1
         if self.tracer.on:
@@ -481,14 +482,7 @@ class Vm:
 
 def _icr_low(irq: Interrupt) -> int:
     """The ICR low dword of a decoded message (for the ``kvm_apic_ipi`` event)."""
-    return (
-        irq.vector
-        | int(irq.delivery_mode) << 8
-        | int(irq.dest_mode) << 11
-        | int(irq.level) << 14
-        | int(irq.trigger) << 15
-        | int(irq.shorthand) << 18
-    )
+    return Icr.low_of(irq)
 
 
 def uses_optimized_map(profile: Profile, options: KvmOptions) -> bool:

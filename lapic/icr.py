@@ -24,6 +24,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from lapic.faults import ApicTypeError, ApicValueError, check_int
+from lapic.fields import Field, Layout
 
 
 class _ReprEnum(IntEnum):
@@ -70,19 +71,58 @@ class Shorthand(_ReprEnum):
     ALL_EXCLUDING_SELF = 3
 
 
-# Raw field masks (reference §1.2).
-VECTOR_MASK = 0xFF
-DELIVERY_MODE_MASK = 0x700
-DEST_LOGICAL = 0x800
-DELIVERY_STATUS = 0x1000
-LEVEL_ASSERT = 0x4000
-TRIGGER_LEVEL = 0x8000
-SHORTHAND_MASK = 0xC0000
-X2APIC_ICR_RESERVED = 0xFFF32000
-"""``GENMASK(31,20) | GENMASK(17,16) | BIT(13)``: must be zero in an x2APIC ICR write."""
-ICR_FIELDS_MASK = VECTOR_MASK | DELIVERY_MODE_MASK | DEST_LOGICAL | LEVEL_ASSERT | TRIGGER_LEVEL | (
-    SHORTHAND_MASK
+# The declared layouts (reference §1.2): the ICR is packed and unpacked only through these.
+_ICR_LOW_FIELDS = (
+    Field("vector", 0, 8),
+    Field("delivery_mode", 8, 3),
+    Field("dest_mode", 11, 1),
+    Field("delivery_status", 12, 1),
+    Field("level", 14, 1),
+    Field("trigger", 15, 1),
+    Field("shorthand", 18, 2),
 )
+ICR_LOW = Layout("ICR", 32, *_ICR_LOW_FIELDS)
+"""The ICR low dword (xAPIC 0x300; x2APIC MSR 0x830 bits 31:0)."""
+ICR2 = Layout("ICR2", 32, Field("dest", 24, 8))
+"""The xAPIC ICR high dword (0x310): the 8-bit destination in bits 31:24."""
+ICR_XAPIC = Layout("ICR64_XAPIC", 64, *_ICR_LOW_FIELDS, Field("dest", 56, 8))
+"""The 64-bit view of an xAPIC ICR: ICR2 in the high dword."""
+ICR_X2APIC = Layout("ICR64_X2APIC", 64, *_ICR_LOW_FIELDS, Field("dest", 32, 32))
+"""The x2APIC ICR (MSR 0x830): the 32-bit destination in bits 63:32."""
+MSI_ADDRESS = Layout(
+    "MSI_ADDRESS",
+    32,
+    Field("dest_mode", 2, 1),
+    Field("redir_hint", 3, 1),
+    Field("dest", 12, 8),
+    Field("base", 20, 12),
+)
+"""MSI address_lo (SDM "Message Address Register Format"); ``base`` is 0xFEE."""
+MSI_ADDRESS_HI = Layout("MSI_ADDRESS_HI", 32, Field("dest_hi", 8, 24))
+"""MSI address_hi under KVM's 32-bit-ID extension: destination bits 31:8."""
+MSI_DATA = Layout(
+    "MSI_DATA",
+    32,
+    Field("vector", 0, 8),
+    Field("delivery_mode", 8, 3),
+    Field("level", 14, 1),
+    Field("trigger", 15, 1),
+)
+"""MSI data (SDM "Message Data Register Format")."""
+
+# Raw field masks, derived from the layouts.
+VECTOR_MASK = ICR_LOW["vector"].mask
+DELIVERY_MODE_MASK = ICR_LOW["delivery_mode"].mask
+DEST_LOGICAL = ICR_LOW["dest_mode"].mask
+DELIVERY_STATUS = ICR_LOW["delivery_status"].mask
+LEVEL_ASSERT = ICR_LOW["level"].mask
+TRIGGER_LEVEL = ICR_LOW["trigger"].mask
+SHORTHAND_MASK = ICR_LOW["shorthand"].mask
+X2APIC_ICR_RESERVED = ICR_LOW.reserved
+"""``GENMASK(31,20) | GENMASK(17,16) | BIT(13)`` (0xFFF32000): the bits of no ICR field,
+which must be zero in an x2APIC ICR write."""
+ICR_FIELDS_MASK = 0xFFFFFFFF & ~X2APIC_ICR_RESERVED & ~DELIVERY_STATUS
+"""The bits an ICR write's fields occupy (delivery status is read-only)."""
 XAPIC_BROADCAST = 0xFF
 X2APIC_BROADCAST = 0xFFFFFFFF
 
@@ -130,30 +170,26 @@ class Icr(NamedTuple):
     def decode(cls, value: int, *, x2apic: bool) -> Icr:
         """KVM ``kvm_icr_to_lapic_irq`` (reference ICR-4); bits 16-17 and 12-13 are ignored."""
         check_int("value", value, 0, (1 << 64) - 1)
-        low = value & 0xFFFFFFFF
         high = value >> 32
-        return cls(
-            low & VECTOR_MASK,
-            _DM[(low >> 8) & 7],
-            _DST[(low >> 11) & 1],
-            _LVL[(low >> 14) & 1],
-            _TRG[(low >> 15) & 1],
-            _SH[(low >> 18) & 3],
-            high if x2apic else (high >> 24) & 0xFF,
-        )
+        dest = high if x2apic else ICR2["dest"].get(high)
+        return cls(*interrupt_of_icr(value & 0xFFFFFFFF, dest)[:7])
 
     def encode(self, *, x2apic: bool) -> int:
         _validate(self, 0xFFFFFFFF if x2apic else 0xFF)
-        low = (
-            self.vector
-            | (int(self.delivery_mode) << 8)
-            | (int(self.dest_mode) << 11)
-            | (int(self.level) << 14)
-            | (int(self.trigger) << 15)
-            | (int(self.shorthand) << 18)
+        return (ICR_X2APIC if x2apic else ICR_XAPIC).pack(self)
+
+    @staticmethod
+    def low_of(message: Icr | Interrupt) -> int:
+        """The ICR low dword that sends ``message`` (delivery status 0; an Interrupt's
+        ``redir_hint`` and destination are not part of it)."""
+        return ICR_LOW.pack(
+            vector=message.vector,
+            delivery_mode=message.delivery_mode,
+            dest_mode=message.dest_mode,
+            level=message.level,
+            trigger=message.trigger,
+            shorthand=message.shorthand,
         )
-        high = self.dest if x2apic else self.dest << 24
-        return (high << 32) | low
 
     def to_interrupt(self) -> Interrupt:
         return Interrupt(*self)
@@ -180,14 +216,18 @@ class Msi(NamedTuple):
             raise ApicValueError("interrupt.shorthand must be Shorthand.NONE for an MSI")
         limit = 0xFFFFFFFF if x2apic_format else 0xFF
         _validate(interrupt, limit)
-        lo = 0xFEE00000 | ((interrupt.dest & 0xFF) << 12) | (int(interrupt.dest_mode) << 2)
-        lo |= int(interrupt.redir_hint) << 3
-        hi = interrupt.dest & 0xFFFFFF00  # 0 without x2apic_format: dest <= 0xFF there
-        data = (
-            interrupt.vector
-            | (int(interrupt.delivery_mode) << 8)
-            | (int(interrupt.level) << 14)
-            | (int(interrupt.trigger) << 15)
+        lo = MSI_ADDRESS.pack(
+            base=0xFEE,
+            dest=interrupt.dest & 0xFF,
+            dest_mode=interrupt.dest_mode,
+            redir_hint=interrupt.redir_hint,
+        )
+        hi = interrupt.dest & MSI_ADDRESS_HI["dest_hi"].mask  # 0 without x2apic_format
+        data = MSI_DATA.pack(
+            vector=interrupt.vector,
+            delivery_mode=interrupt.delivery_mode,
+            level=interrupt.level,
+            trigger=interrupt.trigger,
         )
         return cls(lo, hi, data)
 
@@ -197,20 +237,19 @@ class Msi(NamedTuple):
         check_int("address_lo", lo, 0, 0xFFFFFFFF)
         check_int("address_hi", hi, 0, 0xFFFFFFFF)
         check_int("data", data, 0, 0xFFFFFFFF)
-        dest = (lo >> 12) & 0xFF
+        dest = (lo >> _MSI_DEST.shift) & _MSI_DEST.max
         if x2apic_format:
-            dest |= hi & 0xFFFFFF00
+            dest |= hi & _MSI_DEST_HI.mask
         return Interrupt(
-            data & 0xFF,
-            _DM[(data >> 8) & 7],
-            _DST[(lo >> 2) & 1],
+            data & _VECTOR.max,
+            _DM[(data >> _MODE.shift) & _MODE.max],
+            _DST[(lo >> _MSI_DEST_MODE.shift) & 1],
             Level.ASSERT,
-            _TRG[(data >> 15) & 1],
+            _TRG[(data >> _TRIGGER.shift) & 1],
             Shorthand.NONE,
             dest,
-            bool((lo >> 3) & 1),
+            bool((lo >> _MSI_REDIR.shift) & 1),
         )
-
 
 def _validate(msg: Icr | Interrupt, dest_limit: int) -> None:
     check_int("vector", msg.vector, 0, 255)
@@ -231,6 +270,42 @@ _DST = tuple(DestMode)
 _LVL = tuple(Level)
 _TRG = tuple(Trigger)
 _SH = tuple(Shorthand)
+
+_new_tuple = tuple.__new__
+_VECTOR = ICR_LOW["vector"]
+_MODE = ICR_LOW["delivery_mode"]
+_DEST_MODE = ICR_LOW["dest_mode"]
+_LEVEL = ICR_LOW["level"]
+_TRIGGER = ICR_LOW["trigger"]
+_SHORTHAND = ICR_LOW["shorthand"]
+_MSI_DEST = MSI_ADDRESS["dest"]
+_MSI_DEST_MODE = MSI_ADDRESS["dest_mode"]
+_MSI_REDIR = MSI_ADDRESS["redir_hint"]
+_MSI_DEST_HI = MSI_ADDRESS_HI["dest_hi"]
+assert (_VECTOR.shift, _MODE.shift, _DEST_MODE.shift) == (0, 8, 11)
+assert (_LEVEL.shift, _TRIGGER.shift, _SHORTHAND.shift) == (14, 15, 18)
+assert MSI_DATA["trigger"].shift == _TRIGGER.shift and MSI_DATA["delivery_mode"] == _MODE
+
+
+def interrupt_of_icr(low: int, dest: int) -> Interrupt:
+    """The ICR decode (KVM ``kvm_icr_to_lapic_irq``): the message an ICR write with low dword
+    ``low`` and destination ``dest`` sends.  Unchecked.  The shifts are the ``ICR_LOW``
+    declaration's (the asserts above pin them), written as literals so the decode costs no
+    lookups.  ``LocalApic._send`` carries an inlined copy (a call would cost more than the
+    decode on every IPI); a property test checks the two agree."""
+    return _new_tuple(  # Interrupt(...) without NamedTuple.__new__'s overhead
+        Interrupt,
+        (
+            low & 0xFF,
+            _DM[(low >> 8) & 7],
+            _DST[(low >> 11) & 1],
+            _LVL[(low >> 14) & 1],
+            _TRG[(low >> 15) & 1],
+            _SH[(low >> 18) & 3],
+            dest,
+            False,
+        ),
+    )
 
 
 # What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.

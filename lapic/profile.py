@@ -165,11 +165,6 @@ class Profile:
     that fails with -EINVAL has still changed SVR (STATE-4, code-derived).  False: the failed
     call changes nothing."""
 
-    x2apic_icr_split: bool = False
-    """KVM ``x2apic_icr_is_split``: False on VMX (64-bit ICR at 0x300, so the state image also
-    carries the destination at 0x304), True on SVM (ICR at 0x300, destination at 0x310,
-    commit 73b42dc69be8).  Visible only in the bytes of the 1 KiB state image."""
-
     bus_cycle_ns: int = 1
     """Timer input clock period: KVM's APIC_BUS_CYCLE_NS_DEFAULT (1 ns, changeable through
     KVM_CAP_X86_APIC_BUS_CYCLES_NS).  On hardware it is the core crystal clock (CPUID 0x15)."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Flag
 
+from lapic.fields import Field, Layout
+
 
 class Access(Flag):
     NONE = 0
@@ -41,23 +43,70 @@ class Access(Flag):
 
 R, W, RW, NO = Access.R, Access.W, Access.RW, Access.NONE
 
-LVT_MASKED = 0x10000
-LVT_DELIVERY_STATUS = 0x1000
-LVT_REMOTE_IRR = 0x4000
-LVT_LEVEL = 0x8000
-LVT_TIMER_MODE = 0x60000
-TIMER_ONESHOT = 0x00000
-TIMER_PERIODIC = 0x20000
-TIMER_TSC_DEADLINE = 0x40000
-LVT_MASK = 0x110FF
+# Declared bit layouts (SDM Vol. 3 Figures 10-8 LVT, 10-23 SVR, 10-7 LVR, 10-18 TPR/PPR,
+# 10-5 IA32_APIC_BASE, 10-6/10-13/10-14 ID/LDR/DFR, 10-10 TDCR).  The constants below are
+# derived from them; ``lapic.apic`` uses the constants on its hot paths.
+LVT = Layout(
+    "LVT",
+    32,
+    Field("vector", 0, 8),
+    Field("delivery_mode", 8, 3),
+    Field("delivery_status", 12, 1),
+    Field("polarity", 13, 1),
+    Field("remote_irr", 14, 1),
+    Field("trigger", 15, 1),
+    Field("masked", 16, 1),
+    Field("timer_mode", 17, 2),
+)
+"""Every LVT entry (the timer-mode field exists in LVTT only; the register's write mask says
+which fields an entry has)."""
+SVR = Layout(
+    "SVR",
+    32,
+    Field("vector", 0, 8),
+    Field("enable", 8, 1),
+    Field("focus_disable", 9, 1),
+    Field("suppress_eoi_broadcast", 12, 1),
+)
+LVR = Layout(
+    "LVR", 32, Field("version", 0, 8), Field("max_lvt", 16, 8), Field("directed_eoi", 24, 1)
+)
+PRIORITY = Layout("PRIORITY", 32, Field("subclass", 0, 4), Field("klass", 4, 4))
+"""TPR, PPR and APR: priority class 7:4 (``klass``) and sub-class 3:0."""
+XAPIC_ID = Layout("ID", 32, Field("id", 24, 8))
+"""The xAPIC ID register (in x2APIC mode the whole dword is the 32-bit ID)."""
+XAPIC_LDR = Layout("LDR", 32, Field("logical_id", 24, 8))
+DFR = Layout("DFR", 32, Field("model", 28, 4))
+TDCR = Layout("TDCR", 32, Field("divide_low", 0, 2), Field("divide_high", 3, 1))
+APIC_BASE = Layout(
+    "IA32_APIC_BASE",
+    64,
+    Field("bsp", 8, 1),
+    Field("extd", 10, 1),
+    Field("en", 11, 1),
+    Field("base", 12, 52),
+)
+"""MSR 0x1B; which ``base`` bits exist depends on MAXPHYADDR (checked by the APIC)."""
+
+LVT_MASKED = LVT["masked"].mask
+LVT_DELIVERY_STATUS = LVT["delivery_status"].mask
+LVT_REMOTE_IRR = LVT["remote_irr"].mask
+LVT_LEVEL = LVT["trigger"].mask
+LVT_TIMER_MODE = LVT["timer_mode"].mask
+TIMER_ONESHOT = LVT["timer_mode"].place(0)
+TIMER_PERIODIC = LVT["timer_mode"].place(1)
+TIMER_TSC_DEADLINE = LVT["timer_mode"].place(2)
+LVT_MASK = LVT_MASKED | LVT_DELIVERY_STATUS | LVT["vector"].mask
 """KVM ``LVT_MASK``: masked | delivery status | vector."""
-LINT_MASK = 0x1F7FF
+LINT_MASK = (
+    LVT_MASK | LVT["delivery_mode"].mask | LVT["polarity"].mask | LVT_REMOTE_IRR | LVT_LEVEL
+)
 """KVM ``LINT_MASK``: LVT_MASK | delivery mode | polarity | remote IRR | trigger."""
 
-SVR_ENABLE = 0x100
-SVR_FOCUS_DISABLE = 0x200
-SVR_SUPPRESS_EOI_BROADCAST = 0x1000
-LVR_DIRECTED_EOI = 0x01000000
+SVR_ENABLE = SVR["enable"].mask
+SVR_FOCUS_DISABLE = SVR["focus_disable"].mask
+SVR_SUPPRESS_EOI_BROADCAST = SVR["suppress_eoi_broadcast"].mask
+LVR_DIRECTED_EOI = LVR["directed_eoi"].mask
 KVM_APIC_VERSION = 0x14
 
 ESR_SEND_CS = 0x01
@@ -196,10 +245,11 @@ APIC_PAGE_SIZE = 0x1000
 STATE_SIZE = 0x400
 """``KVM_APIC_REG_SIZE``: ``struct kvm_lapic_state`` is the first 1 KiB of the page."""
 
-APIC_BASE_BSP = 0x100
-APIC_BASE_EXTD = 0x400
-APIC_BASE_EN = 0x800
+APIC_BASE_BSP = APIC_BASE["bsp"].mask
+APIC_BASE_EXTD = APIC_BASE["extd"].mask
+APIC_BASE_EN = APIC_BASE["en"].mask
 APIC_BASE_ADDR_MASK = 0xFFFFF000
+"""KVM ``MSR_IA32_APICBASE_BASE``: the base address KVM decodes (bits 31:12)."""
 APIC_DEFAULT_BASE = 0xFEE00000
 
 

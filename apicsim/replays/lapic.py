@@ -121,13 +121,13 @@ def bug19(p: Patcher) -> None:
 
     def get_state(self: LocalApic, *, x2apic_format: bool = False) -> bytes:
         image = bytearray(original_get(self, x2apic_format=x2apic_format))
-        if self.x2apic_mode and not self.profile.x2apic_icr_split:
+        if self.x2apic_mode and not self.icr_split:
             image[0x310:0x314] = self.regs[0x310:0x314]
         return bytes(image)
 
     def set_state(self: LocalApic, data: bytes, *, x2apic_format: bool = False) -> None:
         original_set(self, data, x2apic_format=x2apic_format)
-        if self.x2apic_mode and not self.profile.x2apic_icr_split:
+        if self.x2apic_mode and not self.icr_split:
             self.regs[0x304:0x308] = bytes(data[0x304:0x308])
 
     p.set(LocalApic, "get_state", get_state)

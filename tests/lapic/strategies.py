@@ -189,3 +189,64 @@ def assert_gp(apic: LocalApic, access: Callable[[], object]) -> GuestFault:
     assert info.value.vector == GP_VECTOR
     assert snapshot(apic) == before
     return info.value
+
+
+Access_ = tuple[str, int, int]
+"""One step of :func:`accesses`: ``(kind, a, b)``, applied by :func:`apply_access`."""
+
+_ACCESS_MSRS = [r.msr for r in REGISTERS if r.msr is not None] + [APIC_BASE_MSR, 0x6E0]
+
+
+def accesses(max_size: int = 25) -> st.SearchStrategy[list[Access_]]:
+    """Sequences of guest and host operations on one APIC: MMIO reads/writes of table
+    registers, RDMSR/WRMSR (x2APIC registers, IA32_APIC_BASE, TSC deadline), interrupts offered
+    in every delivery mode, acknowledge, EOI, CR8 and time passing."""
+    step = st.one_of(
+        st.tuples(st.just("mmio_write"), xapic_offsets(), register_values()),
+        st.tuples(st.just("mmio_read"), xapic_offsets(), st.just(0)),
+        st.tuples(st.just("wrmsr"), st.sampled_from(_ACCESS_MSRS), register_values()),
+        st.tuples(
+            st.just("wrmsr"),
+            st.just(APIC_BASE_MSR),
+            st.sampled_from([0xFEE00800, 0xFEE00C00, 0xFEE00000, 0xFEE00900]),
+        ),
+        st.tuples(st.just("rdmsr"), st.sampled_from(_ACCESS_MSRS), st.just(0)),
+        st.tuples(st.just("accept"), st.integers(0, 255), st.integers(0, 15)),
+        st.tuples(st.just("ack"), st.just(0), st.just(0)),
+        st.tuples(st.just("eoi"), st.just(0), st.just(0)),
+        st.tuples(st.just("cr8"), st.integers(0, 15), st.just(0)),
+        st.tuples(st.just("advance"), st.integers(0, 3_000_000), st.just(0)),
+    )
+    return st.lists(step, max_size=max_size)
+
+
+def apply_access(apic: LocalApic, access: Access_) -> object:
+    """Run one :func:`accesses` step; returns its result (``"#GP"`` for a guest fault)."""
+    from lapic import DeliveryMode, Trigger
+
+    kind, a, b = access
+    try:
+        if kind == "mmio_write":
+            apic.mmio_write(a, b)
+            return None
+        if kind == "mmio_read":
+            return apic.mmio_read(a)
+        if kind == "wrmsr":
+            apic.wrmsr(a, b)
+            return None
+        if kind == "rdmsr":
+            return apic.rdmsr(a)
+        if kind == "accept":
+            return apic.accept(a, DeliveryMode(b & 7), Trigger(b >> 3))
+        if kind == "ack":
+            return apic.ack()
+        if kind == "eoi":
+            return apic.eoi()
+        if kind == "cr8":
+            apic.set_cr8(a)
+            return apic.get_cr8()
+        if kind == "advance":
+            return apic.advance(a)
+    except GuestFault as fault:
+        return f"#GP {fault.vector}"
+    raise ValueError(f"access kind {kind!r} is unknown")

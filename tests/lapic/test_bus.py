@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lapic.apic import LocalApic
 from lapic.bus import ApicBus
 from lapic.faults import ApicTypeError, ApicValueError
-from lapic.icr import DeliveryMode, DestMode, Interrupt, Level, Shorthand, Trigger
+from lapic.icr import DeliveryMode, DestMode, Icr, Interrupt, Level, Shorthand, Trigger
 from lapic.profile import LowestPriorityPolicy, Profile, reference_defaults
 from lapic.timer import Clock
 
@@ -819,7 +819,8 @@ def test_fixed_message_reaches_exactly_the_oracle_set__MATCH_1_to_7_SLOW_2(
     bus = build(s)
     matched = [i for i, a in enumerate(s.apics) if a.mode != "off" and addressed(s, i)]
     expected = [i for i in matched if s.apics[i].sw_enabled]
-    low = ASSERT | (int(s.shorthand) << 18) | (int(s.dest_mode) << 11) | s.vector
+    low = Icr.low_of(Icr(s.vector, DeliveryMode.FIXED, s.dest_mode, Level.ASSERT, Trigger.EDGE,
+                         s.shorthand))
     if s.sender is None:
         lo = msi_lo(s.dest, logical=s.dest_mode is DestMode.LOGICAL)
         r = bus.signal_msi(lo, s.dest & 0xFFFFFF00, s.vector, x2apic_format=s.x2apic_format)

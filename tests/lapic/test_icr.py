@@ -46,14 +46,18 @@ ICR_FIELDS = 0xFF | 0x700 | 0x800 | 0x4000 | 0x8000 | 0xC0000
 U64 = (1 << 64) - 1
 
 
-def enabled_apic(profile: str | Profile = "kvm", vcpu_id: int = 0) -> LocalApic:
-    apic = LocalApic(vcpu_id, profile)
+def enabled_apic(
+    profile: str | Profile = "kvm", vcpu_id: int = 0, *, icr_split: bool = False
+) -> LocalApic:
+    apic = LocalApic(vcpu_id, profile, icr_split=icr_split)
     apic.mmio_write(SVR, 0x1FF)
     return apic
 
 
-def x2apic(profile: str | Profile = "kvm", vcpu_id: int = 0) -> LocalApic:
-    apic = enabled_apic(profile, vcpu_id)
+def x2apic(
+    profile: str | Profile = "kvm", vcpu_id: int = 0, *, icr_split: bool = False
+) -> LocalApic:
+    apic = enabled_apic(profile, vcpu_id, icr_split=icr_split)
     apic.wrmsr(0x1B, X2APIC_BASE)
     assert apic.x2apic_mode
     return apic
@@ -228,7 +232,7 @@ def test_x2apic_icr_bit_12_is_accepted_and_cleared__ICR_3(profile: str) -> None:
 def test_x2apic_icr_reads_back_the_same_whether_or_not_kvm_splits_it__ICR_3_BUG_19(
     split: bool,
 ) -> None:
-    apic = x2apic(Profile.custom("kvm", x2apic_icr_split=split))
+    apic = x2apic("kvm", icr_split=split)
     capture(apic)
     apic.wrmsr(ICR_MSR, 0xFEDCBA98_000C4EF1 & ~X2APIC_ICR_RESERVED)
     assert apic.rdmsr(ICR_MSR) == 0xFEDCBA98_000C4EF1 & ~X2APIC_ICR_RESERVED
@@ -438,7 +442,7 @@ def test_xapic_icr_delivery_status_always_reads_0__DIFF_D4(
 def test_x2apic_icr_delivery_status_always_reads_0__DIFF_D4(
     value: int, profile: str, split: bool
 ) -> None:
-    apic = x2apic(Profile.custom(profile, x2apic_icr_split=split))
+    apic = x2apic(profile, icr_split=split)
     apic.wrmsr(ICR_MSR, value)
     assert apic.rdmsr(ICR_MSR) & BUSY == 0
     assert apic.icr & BUSY == 0

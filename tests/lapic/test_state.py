@@ -45,17 +45,25 @@ XAPIC_BASE = 0xFEE00800
 
 
 def enabled_apic(
-    profile: str | Profile = "kvm", vcpu_id: int = 0, features: Features | None = None
+    profile: str | Profile = "kvm",
+    vcpu_id: int = 0,
+    features: Features | None = None,
+    *,
+    icr_split: bool = False,
 ) -> LocalApic:
-    apic = LocalApic(vcpu_id, profile, features=features)
+    apic = LocalApic(vcpu_id, profile, features=features, icr_split=icr_split)
     apic.mmio_write(SVR, 0x1FF)
     return apic
 
 
 def x2apic(
-    profile: str | Profile = "kvm", vcpu_id: int = 17, features: Features | None = None
+    profile: str | Profile = "kvm",
+    vcpu_id: int = 17,
+    features: Features | None = None,
+    *,
+    icr_split: bool = False,
 ) -> LocalApic:
-    apic = enabled_apic(profile, vcpu_id, features)
+    apic = enabled_apic(profile, vcpu_id, features, icr_split=icr_split)
     apic.wrmsr(0x1B, X2APIC_BASE)
     assert apic.x2apic_mode
     return apic
@@ -306,7 +314,7 @@ def test_set_re_derives_the_x2apic_ldr__STATE_3(profile: str, fmt: bool) -> None
 def test_get_splits_the_x2apic_icr_into_0x300_and_0x310__STATE_3_BUG_19(
     profile: str, split: bool, fmt: bool
 ) -> None:
-    apic = x2apic(Profile.custom(profile, x2apic_icr_split=split), 17)
+    apic = x2apic(profile, 17, icr_split=split)
     apic.send_hook = lambda a, irq: None
     apic.wrmsr(0x830, 0x00000003_000040F1)
     image = apic.get_state(x2apic_format=fmt)
@@ -320,7 +328,7 @@ def test_get_splits_the_x2apic_icr_into_0x300_and_0x310__STATE_3_BUG_19(
 def test_set_joins_0x300_and_0x310_into_the_64_bit_x2apic_icr__STATE_3_BUG_19(
     profile: str, split: bool, fmt: bool
 ) -> None:
-    apic = x2apic(Profile.custom(profile, x2apic_icr_split=split), 17)
+    apic = x2apic(profile, 17, icr_split=split)
     image = bytearray(apic.get_state(x2apic_format=fmt))
     put32(image, ICR, 0x000040F2)
     put32(image, ICR2, 0x00000007)
