@@ -18,15 +18,11 @@ import lapic.icr as icr_mod
 from hypervisor.vm import Vm
 from lapic.apic import LocalApic
 from lapic.faults import check_int, gp
+from lapic.priority import PriorityMixin
 from lapic.registers import (
     APIC_BASE_BSP,
     APIC_BASE_EN,
     APIC_BASE_EXTD,
-    KVM_APIC_VERSION,
-    LVR_DIRECTED_EOI,
-    LVT_LEVEL,
-    LVT_MASKED,
-    SVR_SUPPRESS_EOI_BROADCAST,
 )
 from lapic.timer import ApicTimer
 
@@ -192,53 +188,27 @@ def bug23(p: Patcher) -> None:
 
 def bug24(p: Patcher) -> None:
     """``kvm_apic_local_deliver`` before a16eb25b09c0: LVTPC stays unmasked after a PMI."""
+    p.set(LocalApic, "_pmi_masks_lvtpc", lambda self: False)
 
-    def _local_deliver(self: LocalApic, offset: int) -> bool:
-        value = int(self._w[offset >> 2])
-        if not self.apic_base & APIC_BASE_EN or value & LVT_MASKED:
-            return False
-        return self._accept(value & 0xFF, (value >> 8) & 7, 1 if value & LVT_LEVEL else 0, True)
-
-    p.set(LocalApic, "_local_deliver", _local_deliver)
 
 def bug25(p: Patcher) -> None:
     """``kvm_apic_set_version`` before 0bcc3fb95b97: LVR bit 24 whenever the guest CPUID has
     x2APIC, even with the in-kernel IOAPIC (which has no EOI register)."""
+    p.set(LocalApic, "_advertises_directed_eoi", lambda self: self.features.x2apic)
 
-    def _set_version(self: LocalApic) -> None:
-        lvr = KVM_APIC_VERSION | ((self.lvt_count - 1) << 16)
-        if self.features.x2apic:
-            lvr |= LVR_DIRECTED_EOI
-        self._w[0x30 >> 2] = lvr
 
-    p.set(LocalApic, "_set_version", _set_version)
-
-def _eoi_report(self: LocalApic, vector: int, *, honour_suppression: bool) -> None:
+def _eoi_report(self: LocalApic, vector: int) -> None:
     hook = self.eoi_hook
     if hook is not None:
         level = vector in self._tmr
-        suppressed = (
-            honour_suppression
-            and level
-            and self.profile.honor_suppress_eoi_broadcast
-            and bool(self._w[0xF0 >> 2] & SVR_SUPPRESS_EOI_BROADCAST)
-        )
-        hook(self, vector, level, suppressed)
+        hook(self, vector, level, level and self._eoi_broadcast_suppressed())
+
 
 def bug26(p: Patcher) -> None:
     """``kvm_ioapic_send_eoi`` before the Suppress-EOI-Broadcast fix: SVR bit 12 is ignored,
     every level EOI is broadcast, even under ``honor_suppress_eoi_broadcast=True``."""
+    p.set(PriorityMixin, "_eoi_broadcast_suppressed", lambda self: False)
 
-    def eoi(self: LocalApic) -> int | None:
-        v = self._isr.highest()
-        if v < 0:
-            return None
-        self._isr.discard(v)
-        self._update_ppr_and_notify()
-        _eoi_report(self, v, honour_suppression=False)
-        return v
-
-    p.set(LocalApic, "eoi", eoi)
 
 def bug29(p: Patcher) -> None:
     """KVM's ``highest_isr_cache`` without the purge: acknowledge caches the vector it moved to
@@ -264,7 +234,7 @@ def bug29(p: Patcher) -> None:
             isr.discard(v)
             cache[self] = -1
         self._update_ppr_and_notify()
-        _eoi_report(self, v, honour_suppression=True)
+        _eoi_report(self, v)
         return v
 
     p.set(LocalApic, "ack", ack)
