@@ -31,8 +31,8 @@ from hypervisor.exits import Exit, ExitReason
 from hypervisor.host.machine import Host
 from hypervisor.vcpu import MpState, RunState, Vcpu
 from lapic.apic import LocalApic
-from lapic.state import ApicSnapshot
 from lapic.faults import ApicTypeError, ApicValueError
+from lapic.state import ApicSnapshot
 
 if TYPE_CHECKING:
     from collections.abc import Hashable
@@ -107,6 +107,8 @@ class VmSnapshot:
     map_dirty: bool
     map_inhibits: int
     apic_base_modified: bool
+    trace_stamps: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
+    """``Tracer.saved()``: the trace's sequence counter and (sequence number, ns) stamps."""
 
     def diff(self, other: VmSnapshot) -> list[str]:
         """What changed from ``self`` to ``other``, one readable line per difference."""
@@ -260,6 +262,7 @@ def snapshot_vm(vm: Vm) -> VmSnapshot:
         map_dirty=vm._map_dirty,
         map_inhibits=vm._map_inhibits,
         apic_base_modified=vm._apic_base_modified,
+        trace_stamps=vm.tracer.saved(),
     )
 
 
@@ -320,7 +323,7 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
     if vm.exit_log is not None:
         vm.exit_log.clear()
         vm.exit_log.extend(snap.exit_log or ())
-    vm.tracer.events[:] = snap.trace
+    vm.tracer.load(snap.trace, snap.trace_stamps)
     vm.accel.set_state(snap.accel)
     vm._map = None if snap.map is None else _rebuild_map(vm, snap.map)
     vm._map_dirty = snap.map_dirty

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING
 
 from hypervisor.exits import Exit, ExitReason
 from hypervisor.pv_ipi import emulate_hypercall
-from hypervisor.trace import KvmExit, KvmHypercall
+from hypervisor.trace import (
+    KvmApicWrite,
+    KvmExit,
+    KvmHypercall,
+    KvmInjNmi,
+    KvmInjVirq,
+    KvmMsr,
+)
 from lapic.apic import LocalApic
 from lapic.faults import ApicValueError, check_int, gp
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
@@ -196,7 +203,10 @@ class Vcpu:
         return self.apic.mmio_read(self._apic_offset(gpa), size)
 
     def emulate_mmio_write(self, gpa: int, value: int, size: int) -> None:
-        self.apic.mmio_write(self._apic_offset(gpa), value, size)
+        offset = self._apic_offset(gpa)
+        if self.vm.tracer.on and self.vm.tracer.detail:
+            self.vm.tracer.emit(KvmApicWrite(self.vcpu_id, offset, value))
+        self.apic.mmio_write(offset, value, size)
 
     def emulate_rdmsr(self, msr: int) -> int:
         if _apic_msr(msr):
@@ -204,6 +214,11 @@ class Vcpu:
         raise gp(f"RDMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
 
     def emulate_wrmsr(self, msr: int, value: int) -> None:
+        tracer = self.vm.tracer
+        if tracer.on and tracer.detail:
+            tracer.emit(KvmMsr(self.vcpu_id, msr, value))
+            if 0x800 <= msr <= 0xBFF:
+                tracer.emit(KvmApicWrite(self.vcpu_id, (msr - 0x800) << 4, value))
         if 0x800 <= msr <= 0xBFF or msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR):
             self.apic.wrmsr(msr, value)
             return
@@ -284,15 +299,20 @@ class Vcpu:
         handle = handler or self.interrupt_handler or Vcpu.default_handler
         handle_nmi = nmi_handler or self.nmi_handler or Vcpu.default_nmi_handler
         done: list[int] = []
+        tracer = self.vm.tracer
         while apic.nmi_pending:
             apic.nmi_pending -= 1
             done.append(NMI_VECTOR)
+            if tracer.on and tracer.detail:
+                tracer.emit(KvmInjNmi(self.vcpu_id))
             handle_nmi(self)
         while True:
             vector = apic.ack()
             if vector is None:
                 break
             done.append(vector)
+            if tracer.on and tracer.detail:
+                tracer.emit(KvmInjVirq(self.vcpu_id, vector))
             handle(self, vector)
         return done
 
@@ -313,9 +333,17 @@ class Vcpu:
             self.mmio_write(self.apic.base_address + 0xB0, 0)
 
     def __repr__(self) -> str:
+        apic = self.apic
+        pending = ""
+        if apic.init_pending:
+            pending += " INIT-pending"
+        if apic.sipi_pending:
+            pending += f" SIPI-pending={apic.sipi_vector:#04x}"
+        if apic.nmi_pending:
+            pending += f" NMI-pending={apic.nmi_pending}"
         return (
             f"<Vcpu index={self.index} id={self.vcpu_id} {self.run_state.value} "
-            f"mp={self.mp_state.name} pcpu={self.pcpu} exits={self.exits}>"
+            f"mp={self.mp_state.name} pcpu={self.pcpu} exits={self.exits}{pending}>"
         )
 
 

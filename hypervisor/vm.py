@@ -38,10 +38,13 @@ Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_
 
 from __future__ import annotations
 
+import html as _html
 import inspect
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+from hypervisor import views
 from hypervisor.accelerators import make as make_accelerator
 from hypervisor.api import (
     MsrError,
@@ -181,7 +184,7 @@ class Vm:
         self.pv_features = options.pv_features
         self.aps_started = config.aps_started
         self.stats = Stats()
-        self.tracer = Tracer(config.trace)
+        self.tracer = Tracer(config.trace, self.clock)
         exit_log = config.exit_log
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
         self._vcpus: list[Vcpu] = []
@@ -455,17 +458,18 @@ class Vm:
         return sum(a.poll_timer() for a in self._apics)
 
     def dump(self) -> str:
-        lines = [
-            f"Vm {len(self._vcpus)} vCPUs [{self.profile.name}] accel={self.accel.name} "
-            f"x2apic_format={self.x2apic_format} broadcast_quirk={self.broadcast_quirk} "
-            f"vector_hashing={self.vector_hashing}",
-            f"  map: {self.apic_map!r}",
-            f"  {self.stats!r}",
-        ]
-        for v in self._vcpus:
-            lines.append(f"  {v!r}")
-            lines.extend("    " + line for line in v.apic.dump().splitlines())
-        return "\n".join(lines)
+        """Configuration, counters, the per-vCPU table and every APIC decoded."""
+        return views.dump(self)
+
+    def table(self) -> str:
+        """One row per vCPU: ID, mode, TPR/PPR, IRR/ISR/TMR, pending events, run state."""
+        return views.table(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self) if cycle else repr(self) + "\n" + views.table(self))
+
+    def _repr_html_(self) -> str:
+        return f"<p>{_html.escape(repr(self))}</p>" + views.html_table(self)
 
     def __repr__(self) -> str:
         return (
