@@ -1,6 +1,11 @@
 """User-facing tools: the ``apicsim`` command, the scenario runner, the real-KVM backend."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apicsim.session import Session
+
+__all__ = ["Session"]
 
 
 def __getattr__(name: str) -> Any:

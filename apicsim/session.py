@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from apicsim.ops import Hypercall, Op
+from apicsim.ops import Hypercall, Op, Restore, SetLapic
 from apicsim.scenario import load
 from apicsim.scenario.backends import ModelBackend, open_backend
 from guest import Guest
@@ -39,11 +39,12 @@ from hypervisor import Vm
 from hypervisor.snapshot import VmSnapshot
 from hypervisor.views import errno_text
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault
+from lapic.state import StateError
 from lapic.vectors import SPAN_BYTES, FrozenVectorSet, VectorSet
 
 Condition = Callable[[Vm], bool]
 
-_QUIET_DIFF = ("vm trace:", "vm exit_log:", "vm stats.", "host stats:")
+_QUIET_DIFF = ("vm trace:", "vm exit_log:", "vm stats.", "host stats:", "vm map_dirty:")
 """Snapshot-diff lines the session shows another way (the trace events, the stats delta)."""
 
 
@@ -143,7 +144,11 @@ class Session:
         for ln in old.vm.diff(new.vm):
             if ln.startswith(_QUIET_DIFF) or _VECTOR_WORD.match(ln):
                 continue
-            lines.append("vm map: rebuilt" if ln.startswith("vm map:") else ln)
+            if ln.startswith("vm map:"):
+                ln = "vm map: rebuilt"
+            elif _COUNT_LINE.match(ln):  # counts and indexes in decimal
+                ln = _HEX.sub(lambda m: str(int(m.group(0), 16)), ln)
+            lines.append(ln)
         for x, y in zip(old.vm.vcpus, new.vm.vcpus, strict=False):
             for name, base in (("IRR", 0x200), ("ISR", 0x100), ("TMR", 0x180)):
                 was, now = _vector_set(x.apic.page, base), _vector_set(y.apic.page, base)
@@ -179,6 +184,11 @@ class Session:
             result: Any = op.perform(self.backend)
         except GuestFault as e:
             result = e
+        except StateError as e:  # KVM_SET_LAPIC refused the image (as ``apicsim run``)
+            result = -e.errno
+        except BaseException:
+            self._load(self.history[self.position])  # a refused step leaves no trace
+            raise
         self.results.append(result)
         self.history.append(self._capture())
         self.position += 1
@@ -193,32 +203,32 @@ class Session:
             print("  " + rec.line(), file=self.out)
         return result
 
-    def step(self, n: int = 1) -> Any:
+    def step(self, n: int = 1) -> None:
         """Take the next ``n`` steps (those undone by :meth:`back` are taken again from the
-        saved states); returns the last result."""
+        saved states); each one's result is in :attr:`results`."""
         _check_count(n)
-        result: Any = None
         for _ in range(n):
             if self.position + 1 < len(self.history):
-                result = self.forward()
+                self.forward()
                 continue
             if self.position >= len(self.steps):
                 print(f"end of the steps ({len(self.steps)})", file=self.out)
                 break
-            result = self._perform(self.steps[self.position])
-        return result
+            self._perform(self.steps[self.position])
 
-    def forward(self, n: int = 1) -> Any:
-        """Move ``n`` steps forward through states already taken (after :meth:`back`)."""
+    def forward(self, n: int = 1) -> None:
+        """Move ``n`` steps forward through states already taken (after :meth:`back`), or
+        take new steps where there are none."""
         _check_count(n)
         target = min(self.position + n, len(self.history) - 1)
         if target == self.position:
-            return self.step(n) if self.position < len(self.steps) else None
+            if self.position < len(self.steps):
+                self.step(n)
+            return
         old = self.position
         self._load(self.history[target])
         self.position = target
         self._report_move(old)
-        return self.results[target - 1]
 
     def back(self, n: int = 1) -> None:
         """Restore the state before the last ``n`` steps (exact: ``vm.restore``)."""
@@ -269,6 +279,8 @@ class Session:
         )
 
 
+_COUNT_LINE = re.compile(r"(vcpu \d+ (exits|pcpu)|host (running|now)): ")
+_HEX = re.compile(r"\b0x[0-9a-f]+\b")
 _VECTOR_WORD = re.compile(r"vcpu \d+ (IRR|ISR|TMR)\d: ")
 
 
@@ -285,7 +297,7 @@ def _result_text(op: Op, result: Any) -> str:
         return ""
     if isinstance(result, GuestFault):
         return f" -> fault #{result.vector} ({result})"
-    if isinstance(op, Hypercall) and type(result) is int:
+    if isinstance(op, Hypercall | SetLapic | Restore) and type(result) is int:
         return f" -> {errno_text(result)}"
     if isinstance(result, bool):
         return f" -> {result}"

@@ -258,9 +258,10 @@ def snapshot_vm(vm: Vm) -> VmSnapshot:
         exit_log=None if vm.exit_log is None else tuple(vm.exit_log),
         trace=tuple(vm.tracer.events),
         accel=vm.accel.state(),
-        map=_map_state(vm, vm._map),
+        # A VM whose map was never built (dirty since its first vCPU) has no _map yet.
+        map=_map_state(vm, getattr(vm, "_map", None)),
         map_dirty=vm._map_dirty,
-        map_inhibits=vm._map_inhibits,
+        map_inhibits=getattr(vm, "_map_inhibits", 0),
         apic_base_modified=vm._apic_base_modified,
         trace_stamps=vm.tracer.saved(),
     )

@@ -16,7 +16,8 @@ names and fields follow ``arch/x86/kvm/trace.h``:
 ``KvmMsiSetIrq``       ``kvm_msi_set_irq``: address, data
 ``KvmApicWrite``       ``kvm_apic``: an emulated APIC register write (offset, value): xAPIC
                        MMIO and x2APIC WRMSR alike (``kvm_lapic_reg_write``)
-``KvmMsr``             ``kvm_msr``: an emulated WRMSR (``kvm_set_msr_common``)
+``KvmMsr``             ``kvm_msr``: an emulated WRMSR of an APIC MSR, after it (``faulted``:
+                       it injected #GP)
 ``KvmInjVirq``         ``kvm_inj_virq``: an interrupt injected at VM entry (after its ack)
 ``KvmInjNmi``          ``kvm_inj_nmi``: an NMI injected at VM entry
 ``KvmPvSendIpi``       no tracepoint in KVM: one per ``kvm_pv_send_ipi`` call with its result
@@ -104,6 +105,7 @@ class KvmMsr(NamedTuple):
     vcpu: int
     msr: int
     data: int
+    faulted: bool = False
 
 
 class KvmInjVirq(NamedTuple):
@@ -211,8 +213,8 @@ def format_event(event: Event) -> str:
             )
         case KvmApicWrite(_, offset, value):
             text = f"apic_write {_reg_name(offset)} = {value:#x}"
-        case KvmMsr(_, msr, data):
-            text = f"msr_write {msr:x} = {data:#x}"
+        case KvmMsr(_, msr, data, faulted):
+            text = f"msr_write {msr:x} = {data:#x}{' (#GP)' if faulted else ''}"
         case KvmInjVirq(_, vec):
             text = f"irq {vec:#04x}"
         case KvmInjNmi(_):

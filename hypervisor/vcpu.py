@@ -37,7 +37,7 @@ from hypervisor.trace import (
     KvmMsr,
 )
 from lapic.apic import LocalApic
-from lapic.faults import ApicValueError, check_int, gp
+from lapic.faults import ApicValueError, GuestFault, check_int, gp
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
 
 if TYPE_CHECKING:
@@ -214,15 +214,28 @@ class Vcpu:
         raise gp(f"RDMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
 
     def emulate_wrmsr(self, msr: int, value: int) -> None:
-        tracer = self.vm.tracer
-        if tracer.on and tracer.detail:
-            tracer.emit(KvmMsr(self.vcpu_id, msr, value))
-            if 0x800 <= msr <= 0xBFF:
-                tracer.emit(KvmApicWrite(self.vcpu_id, (msr - 0x800) << 4, value))
         if 0x800 <= msr <= 0xBFF or msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR):
+            tracer = self.vm.tracer
+            if tracer.on and tracer.detail:
+                self._traced_wrmsr(msr, value)
+                return
             self.apic.wrmsr(msr, value)
             return
         raise gp(f"WRMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
+
+    def _traced_wrmsr(self, msr: int, value: int) -> None:
+        """The WRMSR with KVM's tracepoints in its order: ``kvm_apic`` as the register write
+        starts (x2APIC mode only: ``kvm_lapic_reg_write``), ``kvm_msr`` when it is done, or
+        marked as faulted when the MSR write injects #GP (``trace_kvm_msr_write_ex``)."""
+        tracer = self.vm.tracer
+        if 0x800 <= msr <= 0xBFF and self.apic.x2apic_mode:
+            tracer.emit(KvmApicWrite(self.vcpu_id, (msr - 0x800) << 4, value))
+        try:
+            self.apic.wrmsr(msr, value)
+        except GuestFault:
+            tracer.emit(KvmMsr(self.vcpu_id, msr, value, True))
+            raise
+        tracer.emit(KvmMsr(self.vcpu_id, msr, value))
 
     # ===================================================================================
     # Scheduling and events

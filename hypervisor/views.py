@@ -2,7 +2,7 @@
 
 Implements :func:`table` (one row per vCPU: index, APIC ID, mode, TPR/PPR, IRR/ISR/TMR in hex,
 pending NMI/SMI/INIT/SIPI, run state, mp_state, pCPU, exits), :func:`dump` (the VM's
-configuration and counters, the table, then every APIC decoded as QEMU's ``info lapic``
+configuration and counters, then each vCPU and its APIC decoded as QEMU's ``info lapic``
 prints it, ``lapic.dump``), :func:`html_table` (the table for notebooks) and
 :func:`errno_text` (a negative errno result as ``-KVM_ENOSYS``, the names of KVM's
 ``include/uapi/linux/kvm_para.h`` and the host errnos KVM returns).
@@ -41,7 +41,7 @@ EPERM, KVM_EOPNOTSUPP 95)."""
 def errno_text(value: int, bits: int = 64) -> str:
     """A hypercall result: ``-KVM_ENOSYS`` for a negative errno (also as the two's complement
     RAX holds), the number in decimal otherwise."""
-    if value >> (bits - 1) and value < 1 << bits:
+    if 0 < value < 1 << bits and value >> (bits - 1):
         value -= 1 << bits
     if value < 0 and -value in ERRNO_NAMES:
         return f"-{ERRNO_NAMES[-value]}"
@@ -103,7 +103,6 @@ def dump(vm: Vm) -> str:
         f"vector_hashing={vm.vector_hashing}",
         f"  map: {vm.apic_map!r}",
         f"  {vm.stats!r}",
-        *("  " + line for line in table(vm).splitlines()),
     ]
     for v in vm.vcpus:
         lines.append(f"  {v!r}")

@@ -458,7 +458,7 @@ class Vm:
         return sum(a.poll_timer() for a in self._apics)
 
     def dump(self) -> str:
-        """Configuration, counters, the per-vCPU table and every APIC decoded."""
+        """Configuration, counters, then each vCPU with its APIC decoded (``lapic.dump``)."""
         return views.dump(self)
 
     def table(self) -> str:
