@@ -92,7 +92,12 @@ KVM_MSI_VALID_DEVID = 1
 class Vm:
     """A KVM VM: ``Vm(config)`` with a :class:`~hypervisor.config.VmConfig`, or
     ``Vm(vcpus, profile, **keywords)`` with the keywords of :meth:`VmConfig.build`, which
-    makes the config (one code path).  ``vm.config`` gives it back."""
+    makes the config (one code path).  ``vm.config`` gives it back.
+
+    Looking inside: ``vm.table()`` (one row per vCPU), ``vm.dump()`` (every APIC decoded),
+    ``vm.stats`` (counters; ``vm.stats - snap`` since ``snap = vm.stats.snapshot()``),
+    ``vm.tracer`` (``Vm(..., trace=True)``: KVM's tracepoints as data, ``vm.tracer.report()``
+    prints them as ``trace-cmd report`` does), ``vm.snapshot()``/``vm.restore(snap)``."""
 
     def __init__(
         self,
