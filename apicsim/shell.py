@@ -1,6 +1,6 @@
 """``apicsim shell [SCENARIO]``: an interactive session over a VM, one step at a time.
 
-Opens IPython when it is installed (the ``shell`` extra), the standard library's ``code``
+Opens IPython when it is installed (``pip install apicsim[shell]``), the standard library's ``code``
 console otherwise (or with ``--plain``), with an :class:`apicsim.Session` loaded: the
 scenario's VM and steps, or an empty session on a small default VM (4 vCPUs, a Linux guest on
 ``x2apic_phys``).  The namespace holds ``session``, ``vm``, ``guest``, the session's methods as
@@ -61,6 +61,25 @@ def displayhook(value: object) -> None:
         print(repr(value))
 
 
+def pretty_int(value: int, p: Any, cycle: bool) -> None:
+    """IPython's ``text/plain`` printer for ints: hex with the decimal value (bools as is)."""
+    if type(value) is bool:
+        p.text(repr(value))
+    elif value > 9:
+        p.text(f"{value:#x} ({value})")
+    else:
+        p.text(str(value))
+
+
+def hex_ints(ipython: Any) -> None:
+    """Make an IPython shell print the ints a line evaluates to as :func:`pretty_int` does."""
+    ipython.display_formatter.formatters["text/plain"].for_type(int, pretty_int)
+
+
+IPYTHON_HEX_INTS = "__import__('apicsim.shell').shell.hex_ints(get_ipython())"
+"""Run at IPython's start (``InteractiveShellApp.exec_lines``)."""
+
+
 def open_session(scenario: Path | None) -> Session:
     return Session.default() if scenario is None else Session.from_scenario(scenario)
 
@@ -77,8 +96,10 @@ def run(scenario: Path | None, *, plain: bool = False) -> int:
         except ImportError:
             pass
         else:
-            print(banner)
-            ipython.start_ipython(argv=[], user_ns=ns)
+            config = importlib.import_module("traitlets.config").Config()
+            config.TerminalInteractiveShell.banner2 = banner
+            config.InteractiveShellApp.exec_lines = [IPYTHON_HEX_INTS]
+            ipython.start_ipython(argv=[], user_ns=ns, config=config)
             return 0
     old = sys.displayhook
     sys.displayhook = displayhook

@@ -1,9 +1,10 @@
 """Decoded views of a VM: the per-vCPU state table and ``Vm.dump()`` (presentation only).
 
 Implements :func:`table` (one row per vCPU: index, APIC ID, mode, TPR/PPR, IRR/ISR/TMR in hex,
-pending NMI/SMI/INIT/SIPI, run state, mp_state, pCPU, exits), :func:`dump` (the VM's
-configuration and counters, then each vCPU and its APIC decoded as QEMU's ``info lapic``
-prints it, ``lapic.dump``), :func:`html_table` (the table for notebooks) and
+pending NMI/SMI/INIT/SIPI, run state, mp_state, pCPU, exits, and the accelerator's view of the
+vCPU: ``vm.accel.vcpu_state(vcpu)`` where the accelerator has that method, else its name),
+:func:`dump` (the VM's configuration and counters, then each vCPU and its APIC decoded as QEMU's
+``info lapic`` prints it, ``lapic.dump``), :func:`html_table` (the table for notebooks) and
 :func:`errno_text` (a negative errno result as ``-KVM_ENOSYS``, the names of KVM's
 ``include/uapi/linux/kvm_para.h`` and the host errnos KVM returns).
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 _MODE = {ApicMode.DISABLED: "off", ApicMode.XAPIC: "xapic", ApicMode.X2APIC: "x2apic"}
 COLUMNS = ("vcpu", "id", "mode", "tpr", "ppr", "irr", "isr", "tmr", "pending", "run", "mp",
-           "pcpu", "exits")
+           "pcpu", "exits", "accel")
 """The table's columns, in order."""
 
 ERRNO_NAMES = {
@@ -55,6 +56,7 @@ def _vectors(vs: object) -> str:
 def rows(vm: Vm) -> list[tuple[str, ...]]:
     """One tuple of cell texts per vCPU, in :data:`COLUMNS` order."""
     out: list[tuple[str, ...]] = []
+    describe = getattr(vm.accel, "vcpu_state", None)
     for v in vm.vcpus:
         a = v.apic
         pend = ", ".join(a.events.frozen().describe()) or "-"
@@ -73,6 +75,7 @@ def rows(vm: Vm) -> list[tuple[str, ...]]:
                 v.mp_state.name.lower(),
                 "-" if v.pcpu is None else str(v.pcpu),
                 str(v.exits),
+                str(describe(v)) if callable(describe) else vm.accel.name,
             )
         )
     return out

@@ -138,3 +138,47 @@ def test_a_malformed_scenario_makes_the_shell_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n')
     assert main(["shell", "--plain", str(bad)]) == 2
+
+
+def test_the_ipython_printer_shows_ints_in_hex_with_their_decimal_value() -> None:
+    class Printer:
+        def __init__(self) -> None:
+            self.out = ""
+
+        def text(self, s: str) -> None:
+            self.out += s
+
+    for value, text in ((0x3000000, "0x3000000 (50331648)"), (7, "7"), (True, "True")):
+        p = Printer()
+        shell.pretty_int(value, p, False)
+        assert p.out == text
+
+    class Formatter:
+        def __init__(self) -> None:
+            self.printers: dict[type, object] = {}
+
+        def for_type(self, kind: type, printer: object) -> None:
+            self.printers[kind] = printer
+
+    class FakeIPython:
+        def __init__(self) -> None:
+            self.display_formatter = type("D", (), {"formatters": {"text/plain": Formatter()}})()
+
+    ip = FakeIPython()
+    shell.hex_ints(ip)
+    assert ip.display_formatter.formatters["text/plain"].printers == {int: shell.pretty_int}
+
+
+def test_the_shell_uses_ipython_when_it_is_installed() -> None:
+    pytest.importorskip("IPython")
+    t = Terminal([sys.executable, "-m", "apicsim", "shell", "specs/scenarios/x2apic_self_ipi.toml"])
+    try:
+        assert "(7 steps)" in t.expect("In [1]: ")
+        os.write(t.master, b"vm.lapic(1).mmio_read(0x20)\n")
+        assert "0x1000000 (16777216)" in t.expect("In [2]: ")
+        os.write(t.master, b"exit()\n")
+        assert t.close() == 0
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
