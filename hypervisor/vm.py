@@ -33,6 +33,10 @@ loaded on pCPU ``i``), whose clock its APIC timers use and whose step scheduler 
 multi-step protocols (``hypervisor.sched``).  ``snapshot()`` / ``restore()`` capture and
 reinstate everything simulated (``hypervisor.snapshot``).
 
+Delivery keeps the routes the optimized map decided (``hypervisor.routes``, FAST-10): a message
+sent again goes straight to its targets, an MSI without a second decode; ``vm.route_cache =
+False`` routes every message anew.
+
 Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_SREGS.
 """
 

@@ -1,6 +1,6 @@
 """The route cache (``hypervisor.routes``): a VM that keeps the routes its optimized map
 decided answers exactly as one that routes every message anew, whatever state change comes
-between two deliveries (FAST-1..9 keep holding with the cache on)."""
+between two deliveries (FAST-10; FAST-1..9 keep holding with the cache on)."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ state_change = st.one_of(
     excludes_new=st.booleans(),
     ops=st.lists(st.one_of(delivery, delivery, state_change), min_size=1, max_size=40),
 )
-def test_the_route_cache_is_forgotten_by_every_state_change_a_route_depends_on__FAST_1(
+def test_the_route_cache_is_forgotten_by_every_state_change_a_route_depends_on__FAST_10(
     vcpus: int, x2apic_format: bool, excludes_new: bool, ops: list[Op]
 ) -> None:
     cached = Vm(_config(vcpus, x2apic_format, excludes_new))
@@ -156,7 +156,7 @@ def test_the_route_cache_is_forgotten_by_every_state_change_a_route_depends_on__
     assert len(fresh._routes) == 0
 
 
-def test_a_repeated_msi_and_a_repeated_ipi_are_delivered_from_the_route_cache__FAST_1() -> None:
+def test_a_repeated_msi_and_a_repeated_ipi_are_delivered_from_the_route_cache__FAST_10() -> None:
     vm = Vm(4)
     for i in range(4):
         vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
