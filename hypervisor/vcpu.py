@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from hypervisor.vm import Vm
 
 NMI_VECTOR = 2
+_new_tuple = tuple.__new__
 
 Handler = Callable[["Vcpu", int], None]
 NmiHandler = Callable[["Vcpu"], None]
@@ -186,8 +187,9 @@ class Vcpu:
         stats = vm.stats
         stats.exits += 1
         stats.exits_by_reason[reason] += 1
-        if vm.exit_log is not None:
-            vm.exit_log.append(Exit(self.index, reason, qualification, value))
+        log = vm.exit_log
+        if log is not None:  # Exit(...) without NamedTuple.__new__'s keyword handling
+            log.append(_new_tuple(Exit, (self.index, reason, qualification, value)))
         if vm.tracer.on:
             vm.tracer.emit(KvmExit(self.vcpu_id, reason, qualification))
 
