@@ -37,11 +37,14 @@ from hypervisor.trace import (
     KvmMsr,
 )
 from lapic.apic import LocalApic
-<<<<<<< HEAD
-from lapic.faults import ApicValueError, check_callable, check_int, check_size, gp
-=======
-from lapic.faults import ApicValueError, GuestFault, check_int, gp
->>>>>>> main
+from lapic.faults import (
+    ApicValueError,
+    GuestFault,
+    check_callable,
+    check_int,
+    check_size,
+    gp,
+)
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
 
 if TYPE_CHECKING:

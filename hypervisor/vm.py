@@ -201,14 +201,9 @@ class Vm:
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
-<<<<<<< HEAD
-        # The map, its dirty bit and its inhibits are read only through apic_map, which
-        # rebuilds a dirty map first (a snapshot of a VM whose map was never built sees these).
-=======
         # The map, its dirty bit and its inhibits are set again by add_vcpu (every VM has a
         # vCPU), and read only through apic_map, which rebuilds a dirty map first (and by a
         # snapshot, which records them as they are).
->>>>>>> main
         self._map: ApicMap | None = None
         self._map_dirty = True
         self._map_inhibits = 0
