@@ -17,7 +17,6 @@ object for a bool), then ranges, lengths and choices.  Internal hot paths do not
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 GP_VECTOR = 13
@@ -101,12 +100,3 @@ def check_callable(name: str, value: object, *, optional: bool = False) -> None:
         what = "callable or None" if optional else "callable"
         raise ApicTypeError(f"{name} must be {what}, not {type(value).__name__}")
 
-
-def check_enum(name: str, value: object, kind: Callable[[int], Any]) -> None:
-    """An IntEnum member of ``kind`` (a plain int that names a member is accepted too)."""
-    if type(value) is bool or not isinstance(value, int):
-        raise ApicTypeError(f"{name} must be an int, not {type(value).__name__}")
-    try:
-        kind(value)
-    except ValueError:
-        raise ApicValueError(f"{name}={value!r} is not a valid {name}") from None
