@@ -16,6 +16,11 @@ names and fields follow ``arch/x86/kvm/trace.h``:
 ``KvmMsiSetIrq``       ``kvm_msi_set_irq``: address, data
 ``KvmApicWrite``       ``kvm_apic``: register write (offset, value)
 ``KvmPvSendIpi``       no tracepoint in KVM: one per ``kvm_pv_send_ipi`` call with its result
+``KvmAvicIncompleteIpi``  ``kvm_avic_incomplete_ipi``: ICRH, ICRL, cause, index (``idx``)
+``KvmAvicUnacceleratedAccess``  ``kvm_avic_unaccelerated_access``: offset, trap, write, vector
+``KvmAvicDoorbell``    ``kvm_avic_doorbell``: the vCPU (-1: rung by the CPU) and host APIC ID
+``KvmAvicKickVcpuSlowpath``  ``kvm_avic_kick_vcpu_slowpath``: ICRH, ICRL, index (``idx``)
+``KvmAvicGaLog``       ``kvm_avic_ga_log``: VM id, vCPU index
 =====================  ===============================================================
 
 Counters (``Stats``) are plain integer attributes, always updated.
@@ -74,6 +79,38 @@ class KvmApicWrite(NamedTuple):
     value: int
 
 
+class KvmAvicIncompleteIpi(NamedTuple):
+    vcpu: int
+    icrh: int
+    icrl: int
+    cause: int
+    idx: int
+
+
+class KvmAvicUnacceleratedAccess(NamedTuple):
+    vcpu: int
+    offset: int
+    trap: bool
+    write: bool
+    vector: int
+
+
+class KvmAvicDoorbell(NamedTuple):
+    vcpu: int
+    apicid: int
+
+
+class KvmAvicKickVcpuSlowpath(NamedTuple):
+    icrh: int
+    icrl: int
+    idx: int
+
+
+class KvmAvicGaLog(NamedTuple):
+    vmid: int
+    vcpuid: int
+
+
 class KvmPvSendIpi(NamedTuple):
     vcpu: int
     bitmap_low: int
@@ -92,6 +129,11 @@ Event = (
     | KvmMsiSetIrq
     | KvmApicWrite
     | KvmPvSendIpi
+    | KvmAvicIncompleteIpi
+    | KvmAvicUnacceleratedAccess
+    | KvmAvicDoorbell
+    | KvmAvicKickVcpuSlowpath
+    | KvmAvicGaLog
 )
 
 
@@ -118,6 +160,7 @@ class Stats:
     """Always-on counters of one VM."""
 
     __slots__ = (
+        "doorbells",
         "exits",
         "exits_by_reason",
         "fast_path",
@@ -132,6 +175,8 @@ class Stats:
     )
 
     def __init__(self) -> None:
+        self.doorbells = 0
+        """AVIC doorbells rung for this VM's vCPUs (by the CPU or by KVM)."""
         self.exits = 0
         self.exits_by_reason: Counter[ExitReason] = Counter()
         self.hypercalls = 0

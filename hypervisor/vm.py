@@ -193,6 +193,8 @@ class Vm:
         self._map_inhibits: int
         self._apic_base_modified = False
         """APICV_INHIBIT_REASON_APIC_BASE_MODIFIED: set by an APIC_BASE write, never cleared."""
+        self.accel_inhibits = 0
+        """Inhibit reasons the accelerator itself sets (AVIC: PHYSICAL_ID_TOO_BIG)."""
         self.accel = accel
         self._use_map = uses_optimized_map(self.profile, options)
         for vid in config.vcpu_ids:
@@ -303,8 +305,8 @@ class Vm:
         """APICv inhibit reasons in force (``hypervisor.apic_map.Inhibits`` bits)."""
         _ = self.apic_map
         if self._apic_base_modified:
-            return self._map_inhibits | Inhibits.APIC_BASE_MODIFIED
-        return self._map_inhibits
+            return self._map_inhibits | Inhibits.APIC_BASE_MODIFIED | self.accel_inhibits
+        return self._map_inhibits | self.accel_inhibits
 
     # ===================================================================================
     # Delivery
@@ -462,6 +464,9 @@ class Vm:
             f"  map: {self.apic_map!r}",
             f"  {self.stats!r}",
         ]
+        accel_dump = getattr(self.accel, "dump", None)
+        if accel_dump is not None:
+            lines.extend("  " + line for line in accel_dump().splitlines())
         for v in self._vcpus:
             lines.append(f"  {v!r}")
             lines.extend("    " + line for line in v.apic.dump().splitlines())
