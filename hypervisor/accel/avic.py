@@ -46,6 +46,7 @@ from hypervisor.exits import ExitReason
 from hypervisor.host.steps import Protocol, Step, Steps
 from hypervisor.hw.avic import (
     AVIC_ENABLE_MASK,
+    AVIC_PHYSICAL_MAX_INDEX_MASK,
     X2APIC_MODE_MASK,
     IcrWrite,
     IpiFailure,
@@ -54,7 +55,6 @@ from hypervisor.hw.avic import (
     PhysicalEntry,
     PhysicalTable,
     VmcbAvic,
-    arch_max_physical_id,
     ga_tag_fields,
     icr_write_steps,
     incomplete_ipi_info,
@@ -160,6 +160,22 @@ class Avic(AccelConfig):
         return True
 
 
+def kick_dest(w: IcrWrite) -> tuple[bool, int]:
+    """The destination KVM's kick decodes, from the *sender's* mode (a879a88e05f3)."""
+    return w.x2apic, (w.icrh if w.x2apic else w.icrh >> 24)
+
+
+def x2apic_logical_bitmap(dest: int) -> int:
+    """The x2APIC logical destination's bitmap: bits 15:0 (da3fb46d226a)."""
+    return dest & 0xFFFF
+
+
+def decode_index(exit_info_2: int) -> int:
+    """EXITINFO2's index as KVM decodes it: ``& AVIC_PHYSICAL_MAX_INDEX_MASK``, 12 bits
+    (ca11d9d35e95)."""
+    return exit_info_2 & AVIC_PHYSICAL_MAX_INDEX_MASK
+
+
 class AvicOps(DefaultApicOps):
     """Each APIC's delivery vtable under AVIC: host-side delivery is ``svm_deliver_interrupt``
     (IRR in the backing page, then doorbell, wake-up or legacy kick); a guest ICR write the CPU
@@ -190,19 +206,6 @@ class AvicState:
     """One VM's AVIC (``vm.accel``).  See the module docstring."""
 
     name = "avic"
-
-    # Replay switches (apicsim.replays, BR-A*): each True puts one historical bug back.
-    replay_reemulate_not_running = False  # BR-A6 (bb218fbcfaaa, reverted)
-    replay_ignore_invalid_target = False  # BR-A8 (before 5aede752a839)
-    replay_x2apic_logical_high_bitmap = False  # BR-A9 (before da3fb46d226a)
-    replay_xapic_dest_for_x2apic = False  # BR-A10 (before a879a88e05f3)
-    replay_first_logical_target_only = False  # BR-A11 (before bbfc7aa62a4a)
-    replay_doorbell_by_is_running = False  # BR-A5 (before 31f251d4ddfa)
-    replay_load_while_blocking = False  # BR-A3 (before 18869f26df1a)
-    replay_max_index_is_count = False  # BR-A20 (off by one of 574ef752d4ae)
-    replay_stale_ldr_cache = False  # BR-A25
-    replay_stop_after_first_kick = False  # BR-A23 (Xen RFC)
-    replay_running_without_ipiv = False  # BR-A18 (before d921665e01ba)
 
     def __init__(self) -> None:
         self.vm: Vm | None = None
@@ -252,12 +255,16 @@ class AvicState:
         self._ldr_cache[vcpu.index] = None
         apic.bind_ops(self._ops)
         vm = self._vm()
-        if vcpu.vcpu_id > self.max_physical_index:
+        if self.id_too_big(vcpu):
             vm.accel_inhibits |= Inhibits.PHYSICAL_ID_TOO_BIG  # AV-F1, BR-A21
             return
         entry = PhysicalEntry.make(backing_page=self.backing_page_of(vcpu.index))
         self.shadow[vcpu.vcpu_id] = int(entry)
         self.physical_table[vcpu.vcpu_id] = entry
+
+    def id_too_big(self, vcpu: Vcpu) -> bool:
+        """A vCPU id above the max index inhibits AVIC instead of failing KVM_CREATE_VCPU."""
+        return vcpu.vcpu_id > self.max_physical_index
 
     def backing_page_of(self, i: int) -> int:
         """Physical address of vCPU ``i``'s backing page (its ``LocalApic.regs``)."""
@@ -267,9 +274,6 @@ class AvicState:
     def max_physical_index(self) -> int:
         """KVM's max index for the VM (AV-A5): ``min(max_vcpu_ids - 1, arch max)``."""
         vm = self._vm()
-        if self.replay_max_index_is_count:
-            return min(vm.max_vcpu_ids, arch_max_physical_id(self.config.x2avic,
-                                                             self.config.x2avic_4k))
         return max_physical_index(vm.max_vcpu_ids, self.config.x2avic, self.config.x2avic_4k)
 
     def max_physical_index_of(self, i: int) -> int:
@@ -278,10 +282,7 @@ class AvicState:
         vm = self._vm()
         apic = vm.lapic(i)
         x2 = self.config.x2avic and apic.x2apic_mode
-        top = max_physical_index(vm.max_vcpu_ids, x2, x2 and self.config.x2avic_4k)
-        if self.replay_max_index_is_count:
-            top = min(vm.max_vcpu_ids, arch_max_physical_id(x2, x2 and self.config.x2avic_4k))
-        return top
+        return max_physical_index(vm.max_vcpu_ids, x2, x2 and self.config.x2avic_4k)
 
     def host_apic_id(self, pcpu: int) -> int:
         """The doorbell target of pCPU ``pcpu`` (``kvm_cpu_get_apicid``)."""
@@ -330,10 +331,13 @@ class AvicState:
     # ===================================================================================
     def _write_entry(self, vcpu_id: int, shadow: int) -> None:
         self.shadow[vcpu_id] = shadow
+        self.physical_table[vcpu_id] = self.hw_entry(shadow)
+
+    def hw_entry(self, shadow: int) -> PhysicalEntry:
+        """What KVM writes to the hardware table for a shadow entry: bit 61 stripped, and
+        IsRunning too without IPIv (d921665e01ba "never set IsRunning if disabled")."""
         hw = PhysicalEntry(shadow).replace(ga_log_intr=0)
-        if not self._ipiv and not self.replay_running_without_ipiv:
-            hw = hw.replace(is_running=0)
-        self.physical_table[vcpu_id] = hw
+        return hw if self._ipiv else hw.replace(is_running=0)
 
     @property
     def _ipiv(self) -> bool:
@@ -359,9 +363,15 @@ class AvicState:
         only with IPIv); skipped while blocking or inhibited."""
         if not self.active:
             return
-        if vcpu.run_state is RunState.BLOCKED and not self.replay_load_while_blocking:
+        if not self.load_allowed(vcpu):
             return
         self._load_entry(vcpu, pcpu)
+
+    @staticmethod
+    def load_allowed(vcpu: Vcpu) -> bool:
+        """``avic_vcpu_load``'s guard: never set IsRunning for a vCPU in its blocking window
+        (``kvm_vcpu_is_blocking``; 18869f26df1a)."""
+        return vcpu.run_state is not RunState.BLOCKED
 
     def vcpu_put(self, vcpu: Vcpu) -> None:
         """``avic_vcpu_put`` (AV-E2): IsRunning := 0, host id kept."""
@@ -380,8 +390,6 @@ class AvicState:
         old = self.shadow.get(vcpu.vcpu_id)
         if old is not None and old & (1 << 61):
             self.shadow[vcpu.vcpu_id] = old & ~(1 << 61)
-        if self.replay_load_while_blocking and vcpu.last_pcpu is not None and self.active:
-            self._load_entry(vcpu, vcpu.last_pcpu)
 
     # ===================================================================================
     # Doorbells and host-side delivery
@@ -411,9 +419,7 @@ class AvicState:
         apicv_active; doorbell to a vCPU in guest mode, else wake it up.  Returns True when
         the legacy path (KVM_REQ_EVENT + kick) must run (AVIC inactive)."""
         vcpu = self._vm().vcpus[self._index[id(apic)]]
-        in_guest = vcpu.run_state is RunState.IN_GUEST
-        if self.replay_doorbell_by_is_running:
-            in_guest = PhysicalEntry(self.shadow.get(vcpu.vcpu_id, 0)).is_running
+        in_guest = self.in_guest_mode(vcpu)
         if not self.active:
             return True
         if in_guest:
@@ -421,6 +427,12 @@ class AvicState:
         else:
             vcpu.sched.wake_up(vcpu)
         return False
+
+    @staticmethod
+    def in_guest_mode(vcpu: Vcpu) -> bool:
+        """``vcpu->mode == IN_GUEST_MODE``: the doorbell-or-wake choice keys on it, not on
+        IsRunning (31f251d4ddfa)."""
+        return vcpu.run_state is RunState.IN_GUEST
 
     def kick_vcpu(self, vcpu: Vcpu) -> None:
         """``avic_kick_vcpu`` (AV-C2): no IRR write, only complete the delivery."""
@@ -507,16 +519,23 @@ class AvicState:
         if vm.tracer.on:
             vm.tracer.emit(KvmAvicIncompleteIpi(vcpu.vcpu_id, w.icrh, w.icrl, cause, index))
         irq = interrupt_of_icr(w.icrl, w.icrh if w.x2apic else w.icrh >> 24)
-        if cause is IpiFailure.INVALID_INT_TYPE or (
-            cause is IpiFailure.INVALID_TARGET and not self.replay_ignore_invalid_target
-        ):
+        if cause is IpiFailure.INVALID_INT_TYPE:
             vm.deliver(irq, w.sender)  # kvm_apic_send_ipi (the hardware left BUSY clear)
+        elif cause is IpiFailure.INVALID_TARGET:
+            self.handle_invalid_target(vcpu, w, irq)
         elif cause is IpiFailure.TARGET_NOT_RUNNING:
-            if self.replay_reemulate_not_running:
-                vm.deliver(irq, w.sender)
-            self.kick_targets(vcpu, w, irq, index)
+            self.handle_not_running(vcpu, w, irq, decode_index(info2))
         elif cause is IpiFailure.INVALID_BACKING_PAGE:
             self.warnings.append(f"INVALID_BACKING_PAGE on vCPU {vcpu.index}, index {index}")
+
+    def handle_invalid_target(self, vcpu: Vcpu, w: IcrWrite, irq: Interrupt) -> None:
+        """Cause 2: the CPU sent nothing, so KVM emulates the whole IPI (5aede752a839)."""
+        self._vm().deliver(irq, w.sender)
+
+    def handle_not_running(self, vcpu: Vcpu, w: IcrWrite, irq: Interrupt, index: int) -> None:
+        """Cause 1: the CPU already wrote every IRR; KVM only kicks (never re-emulates: the
+        revert of bb218fbcfaaa)."""
+        self.kick_targets(vcpu, w, irq, index)
 
     def kick_targets(self, vcpu: Vcpu, w: IcrWrite, irq: Interrupt, index: int) -> None:
         """``avic_kick_target_vcpus``: the fast path, else every matching vCPU (AV-C3/C4)."""
@@ -531,25 +550,25 @@ class AvicState:
             ]
         for t in targets:
             self.kick_vcpu(t)
-            if self.replay_stop_after_first_kick:
-                break
 
     def _fast_targets(self, w: IcrWrite, index: int) -> list[Vcpu] | None:
         """``avic_kick_target_vcpus_fast``: None means "use the slow path"."""
         if (w.icrl >> 18) & 3:
             return None
         vm = self._vm()
-        x2 = w.x2apic and not self.replay_xapic_dest_for_x2apic
-        dest = w.icrh if x2 else w.icrh >> 24
+        x2, dest = kick_dest(w)
         by_id = {v.vcpu_id: v for v in vm.vcpus}
         if not (w.icrl >> 11) & 1:
-            if dest == (0xFFFFFFFF if x2 else 0xFF) or dest != index:
+            if dest == (0xFFFFFFFF if x2 else 0xFF):
+                return None
+            if dest != index:
+                self.warnings.append(f"WARN_ON_ONCE(dest {dest:#x} != index {index:#x})")
                 return None
             t = by_id.get(dest)
             return [] if t is None else [t]
         ids: list[int] = []
         if x2:
-            bitmap = (dest >> 16) if self.replay_x2apic_logical_high_bitmap else dest & 0xFFFF
+            bitmap = x2apic_logical_bitmap(dest)
             cluster = (dest >> 16) << 4
             ids = [cluster + i for i in range(16) if bitmap >> i & 1]
         else:
@@ -562,8 +581,6 @@ class AvicState:
                     raw = self.logical_table.raw(cluster + i)
                     if raw & (1 << 31):
                         ids.append(raw & 0xFF)
-        if self.replay_first_logical_target_only:
-            ids = ids[:1]
         return [by_id[i] for i in ids if i in by_id]
 
     # ===================================================================================
@@ -590,11 +607,13 @@ class AvicState:
             index = logical_index(new[0], new[1])
             if index is not None:
                 self.logical_table[index] = LogicalEntry.make(vcpu_id)
-        if self.replay_stale_ldr_cache and new is not None and (
-            not new[0] or logical_index(new[0], new[1]) is None
-        ):
-            return  # the bad LDR never reaches svm->ldr_reg
-        self._ldr_cache[i] = new
+        self.remember_ldr(i, new)
+
+    def remember_ldr(self, i: int, ldr: tuple[int, bool] | None) -> None:
+        """``svm->ldr_reg``/``dfr_reg`` follow every LDR write, even a "bad" one (zero, several
+        bits) that got no table entry ("KVM: SVM: Update svm->ldr_reg cache even if LDR is
+        bad"), so a later invalidation never hits another vCPU's entry."""
+        self._ldr_cache[i] = ldr
 
     # ===================================================================================
     # Guest accesses (the CPU decides: accelerated, trap or fault)
@@ -737,3 +756,21 @@ class AvicState:
 
     def __repr__(self) -> str:
         return f"<AvicState {self.config!r}>"
+
+
+# What a bug replay (``apicsim/replays_accel.py``, BR-A* of the reference) may swap.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "AvicState.handle_not_running",  # BR-A6: bb218fbcfaaa re-emulated (reverted)
+        "AvicState.handle_invalid_target",  # BR-A8 5aede752a839: emulate, not ignore
+        "AvicState.load_allowed",  # BR-A3 18869f26df1a: no load inside the blocking window
+        "AvicState.hw_entry",  # BR-A18 d921665e01ba: never set IsRunning without IPIv
+        "AvicState.id_too_big",  # BR-A21: inhibit, do not reject the vCPU
+        "AvicState.kick_targets",  # BR-A23 (Xen RFC): kick every target
+        "AvicState.remember_ldr",  # BR-A25: the LDR cache follows even a bad LDR
+        "kick_dest",  # BR-A10 a879a88e05f3: decode by the sender's mode
+        "x2apic_logical_bitmap",  # BR-A9 da3fb46d226a: bits 15:0
+        "decode_index",  # BR-A19 ca11d9d35e95: a 12-bit index
+        "Avic.icr_split",  # BR-A17 73b42dc69be8: x2AVIC's split ICR
+    }
+)

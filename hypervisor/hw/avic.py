@@ -554,3 +554,11 @@ def icr_write_steps(
         return (IpiFailure.TARGET_NOT_RUNNING, index)
     return None
 
+
+
+# What a bug replay (``apicsim/replays_accel.py``) may swap.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "max_physical_index",  # BR-A20 574ef752d4ae: max_vcpu_ids - 1, not the count
+    }
+)
