@@ -219,8 +219,8 @@ class AvicState:
         self.warnings: list[str] = []
         """KVM WARNs hit (INVALID_BACKING_PAGE, a trap exit on a read): must stay empty."""
         self._apics: list[LocalApic] = []
-        self._index: dict[int, int] = {}
-        """id(apic) -> vCPU index."""
+        self._index: dict[LocalApic, int] = {}
+        """Each APIC -> its vCPU index."""
         self._ldr_cache: dict[int, tuple[int, bool] | None] = {}
         """vCPU index -> (cached LDR logical id, flat) as ``svm->ldr_reg``/``dfr_reg``."""
         self._ops = AvicOps(self)
@@ -251,7 +251,7 @@ class AvicState:
         """``avic_init_backing_page``: the vCPU's entry is valid from creation on (AV-G1)."""
         apic = vcpu.apic
         self._apics.append(apic)
-        self._index[id(apic)] = vcpu.index
+        self._index[apic] = vcpu.index
         self._ldr_cache[vcpu.index] = None
         apic.bind_ops(self._ops)
         vm = self._vm()
@@ -418,7 +418,7 @@ class AvicState:
         """``svm_complete_interrupt_delivery`` after IRR was set (AV-E6): mode first, then
         apicv_active; doorbell to a vCPU in guest mode, else wake it up.  Returns True when
         the legacy path (KVM_REQ_EVENT + kick) must run (AVIC inactive)."""
-        vcpu = self._vm().vcpus[self._index[id(apic)]]
+        vcpu = self._vm().vcpus[self._index[apic]]
         in_guest = self.in_guest_mode(vcpu)
         if not self.active:
             return True
@@ -477,7 +477,7 @@ class AvicState:
             return
         self._hw_sender = None
         vm = self._vm()
-        i = self._index[id(apic)]
+        i = self._index[apic]
         vcpu = vm.vcpus[i]
         x2 = apic.x2apic_mode
         icrl = Icr.low_of(irq)
@@ -589,7 +589,7 @@ class AvicState:
     def ldr_changed(self, apic: LocalApic) -> None:
         """Anything matching depends on changed in ``apic``: bring its logical entry in line
         with its LDR and DFR (xAPIC only; x2APIC logical IDs come from the x2APIC ID)."""
-        i = self._index.get(id(apic))
+        i = self._index.get(apic)
         if i is None:
             return
         vcpu_id = apic.vcpu_id

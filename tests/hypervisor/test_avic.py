@@ -412,3 +412,30 @@ def test_an_inhibit_switch_puts_and_reloads_the_loaded_vcpus__AV_G3() -> None:
     assert not avic_of(vm).active and not avic_of(vm).physical_table[1].is_running
     mmio_write(vm, 1, REG_ID, 0x01000000)  # emulated write puts the ID back
     assert avic_of(vm).active and avic_of(vm).physical_table[1].is_running
+
+
+def test_snapshot_dump_and_trace_show_the_avic_state__AV_A3() -> None:
+    """The AVIC state (tables, shadow entries, doorbells) is part of ``vm.snapshot()``: a
+    restore undoes an accelerated IPI; ``dump()`` lists the entries; the trace names KVM's
+    tracepoints."""
+    import copy
+
+    from hypervisor.trace import KvmAvicDoorbell, KvmAvicIncompleteIpi
+
+    vm = avic_vm(3, trace=True)
+    snap = vm.snapshot()
+    send(vm, 0, 0x41, dest=1)
+    vm.vcpu(2).preempt()
+    send(vm, 0, 0x42, dest=2)
+    assert vm.snapshot() != snap
+    events = vm.tracer.events
+    assert any(isinstance(e, KvmAvicDoorbell) for e in events)
+    assert any(isinstance(e, KvmAvicIncompleteIpi) and e.cause == 1 for e in events)
+    assert "physical[0x1] = 0xc000000100001001" in vm.dump()
+    vm.restore(snap)
+    assert vm.snapshot() == snap
+    assert list(avic_of(vm).doorbells) == [] and 0x41 not in vm.lapic(1).irr
+    twin = copy.deepcopy(vm)
+    send(twin, 0, 0x43, dest=1)
+    assert 0x43 in twin.lapic(1).irr and 0x43 not in vm.lapic(1).irr
+    assert list(avic_of(twin).doorbells) == [1]
