@@ -198,5 +198,9 @@ class Stats:
         return out
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        """Every counter, except ``doorbells`` while it is 0 (only an accelerator with
+        doorbells, AVIC, ever counts one; trap-and-emulate VMs print as they always did)."""
+        inner = ", ".join(
+            f"{k}={v!r}" for k, v in self.as_dict().items() if k != "doorbells" or v
+        )
         return f"Stats({inner})"
