@@ -656,10 +656,16 @@ class Halt(Op):
         return f"halt cpu{self.vcpu}"
 
 
+def _scheduling(backend: OpBackend, vcpu: int, name: str) -> Any:
+    found = getattr(backend.vm.vcpu(vcpu), name, None)
+    if found is None:
+        raise Unsupported("this backend's vCPUs have no host scheduling")
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Preempt(Op):
-    """The host schedules ``vcpu`` out (KVM ``vcpu_put``); it stays runnable.  The model's
-    vCPUs only."""
+    """The host schedules ``vcpu`` out (KVM ``vcpu_put``); the model's vCPUs only."""
 
     vcpu: int
 
@@ -667,10 +673,7 @@ class Preempt(Op):
     FIELDS = {"vcpu": VCPU}  # noqa: RUF012
 
     def perform(self, backend: OpBackend) -> None:
-        preempt = getattr(backend.vm.vcpu(self.vcpu), "preempt", None)
-        if preempt is None:
-            raise Unsupported("this backend's vCPUs have no host scheduling")
-        preempt()
+        _scheduling(backend, self.vcpu, "preempt")()
 
     def describe(self) -> str:
         return f"preempt cpu{self.vcpu}"
@@ -678,8 +681,7 @@ class Preempt(Op):
 
 @dataclass(frozen=True, slots=True)
 class Enter(Op):
-    """The host loads ``vcpu`` on pCPU ``pcpu`` and enters guest mode (KVM ``vcpu_load`` +
-    VM entry) without running anything pending.  The model's vCPUs only."""
+    """The host loads ``vcpu`` on pCPU ``pcpu`` (KVM ``vcpu_load``); the model's only."""
 
     vcpu: int
     pcpu: int
@@ -688,10 +690,7 @@ class Enter(Op):
     FIELDS = {"vcpu": VCPU, "pcpu": Field("int", True, hi=1 << 20)}  # noqa: RUF012
 
     def perform(self, backend: OpBackend) -> None:
-        enter = getattr(backend.vm.vcpu(self.vcpu), "enter", None)
-        if enter is None:
-            raise Unsupported("this backend's vCPUs have no host scheduling")
-        enter(pcpu=self.pcpu)
+        _scheduling(backend, self.vcpu, "enter")(pcpu=self.pcpu)
 
     def describe(self) -> str:
         return f"enter cpu{self.vcpu} on pcpu{self.pcpu}"
