@@ -758,7 +758,7 @@ class AvicState:
         return f"<AvicState {self.config!r}>"
 
 
-# What a bug replay (``apicsim/replays_accel.py``, BR-A* of the reference) may swap.
+# What a bug replay (``apicsim/replays/accel.py``, BR-A* of the reference) may swap.
 REPLAY_SEAMS: frozenset[str] = frozenset(
     {
         "AvicState.handle_not_running",  # BR-A6: bb218fbcfaaa re-emulated (reverted)

@@ -556,7 +556,7 @@ def icr_write_steps(
 
 
 
-# What a bug replay (``apicsim/replays_accel.py``) may swap.
+# What a bug replay (``apicsim/replays/accel.py``) may swap.
 REPLAY_SEAMS: frozenset[str] = frozenset(
     {
         "max_physical_index",  # BR-A20 574ef752d4ae: max_vcpu_ids - 1, not the count

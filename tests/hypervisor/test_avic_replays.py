@@ -1,6 +1,6 @@
 """The AVIC bug replays (BR-A* of reference Part M): each replayable one is killed by a named
 test of ``test_avic.py``, or by a check of its own here; the others say why they cannot be
-expressed (``apicsim.replays_accel.ROWS``)."""
+expressed (``apicsim.replays.accel.ROWS``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from apicsim import replays_accel
+from apicsim import replays
+from apicsim.replays import accel as replays_accel
 from hypervisor import Host, RunState, Vm
 from hypervisor.accel.avic import Avic, AvicState
 from lapic.faults import ApicValueError
@@ -109,6 +110,16 @@ def test_each_replayable_br_a_passes_fixed_and_is_killed_by_its_named_test(bug: 
     check = KILLERS[bug]
     check()
     with pytest.raises((AssertionError, ApicValueError)), replays_accel.active([bug]):
+        check()
+    check()
+
+
+def test_the_catalogue_switch_reaches_the_avic_replays() -> None:
+    """``APICSIM_REPLAY=BR-A6`` and ``apicsim mutants`` find them through the catalogue."""
+    assert [r.id for r in replays.ACCEL_REPLAYS] == [row[0] for row in replays_accel.ROWS]
+    assert replays.parse_ids("br_a6, BR-A8") == ["BR-A6", "BR-A8"]
+    check = KILLERS["BR-A6"]
+    with pytest.raises(AssertionError), replays.active(["BR-A6"]):
         check()
     check()
 

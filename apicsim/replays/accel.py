@@ -2,12 +2,13 @@
 ``avic_ipiv.md`` Part M, ``BR-A*``), put back through the seams ``hypervisor/accel/avic.py`` and
 ``hypervisor/hw/avic.py`` declare in ``REPLAY_SEAMS``.
 
-Each ``install`` function takes the catalogue's patcher (anything with ``set(owner, name,
-value)``) and swaps one seam for a re-creation of KVM's behaviour before the fix.  ``ROWS`` are
-the catalogue entries as plain data (id, commit, title, what, rules, install, reason), which
-``apicsim.replays`` turns into ``Replay`` records, so ``APICSIM_REPLAY=BR-A6`` and ``apicsim
-mutants`` treat them like the KVM lapic ones.  Rows with ``install=None`` say why the model
-cannot express the bug.
+Each ``install`` function takes the catalogue's :class:`~apicsim.replays.patcher.Patcher` and
+swaps one seam for a re-creation of KVM's behaviour before the fix.  ``ROWS`` are the catalogue
+entries as plain data (id, commit, title, what, rules, install, reason), which
+``apicsim.replays`` turns into ``Replay`` records (``ACCEL_REPLAYS``), so
+``APICSIM_REPLAY=BR-A6`` and ``apicsim mutants`` treat them like the KVM lapic ones.  Rows with
+``install=None`` say why the model cannot express the bug.  :func:`active` is the same switch
+for this layer alone.
 
 Not here: the patcher and the registry (``apicsim.replays``).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
 
 import hypervisor.accel.avic as accel_avic
 import hypervisor.hw.avic as hw_avic
@@ -27,9 +27,7 @@ from lapic import destination
 from lapic.faults import ApicValueError
 from lapic.icr import Interrupt
 
-
-class Patcher(Protocol):
-    def set(self, owner: Any, name: str, value: Any) -> None: ...
+from .patcher import Patcher
 
 
 def br_a3(p: Patcher) -> None:
@@ -230,32 +228,14 @@ ROWS: tuple[Row, ...] = (
 """Every BR-A* of Part M, replayable or with the reason it is not."""
 
 
-class _SimplePatcher:
-    """Swaps attributes and restores the very same objects (for :func:`active`)."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def set(self, owner: Any, name: str, value: Any) -> None:
-        if name not in vars(owner):
-            raise ApicValueError(f"{owner!r} has no {name!r} to replay")
-        self._undo.append((owner, name, vars(owner)[name]))
-        setattr(owner, name, value)
-
-    def restore(self) -> None:
-        while self._undo:
-            owner, name, old = self._undo.pop()
-            setattr(owner, name, old)
-
-
 BY_ID: dict[str, Row] = {row[0]: row for row in ROWS}
 
 
 @contextmanager
 def active(ids: Iterable[str]) -> Iterator[None]:
-    """Put the named BR-A* bugs back for the ``with`` block (until the catalogue of
-    ``apicsim.replays`` registers :data:`ROWS` and ``APICSIM_REPLAY`` reaches them)."""
-    patcher = _SimplePatcher()
+    """Put the named BR-A* bugs back for the ``with`` block (``apicsim.replays.active`` does
+    the same for every catalogued bug)."""
+    patcher = Patcher()
     try:
         for bug in ids:
             row = BY_ID.get(bug.strip().upper().replace("_", "-"))
