@@ -142,7 +142,9 @@ def run_replay(replay: Replay, timeout: float = TIMEOUT_S) -> Outcome:
 def run(
     ids: Sequence[str] | None, jobs: int, out: TextIO, timeout: float = TIMEOUT_S
 ) -> list[Outcome]:
-    chosen = [replays.get(i) for i in ids] if ids else list(replays.REPLAYS)
+    chosen = (
+        [replays.get(i) for i in ids] if ids else [*replays.REPLAYS, *replays.ACCEL_REPLAYS]
+    )
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda r: run_replay(r, timeout), chosen))
     print_table(outcomes, out)

@@ -656,6 +656,46 @@ class Halt(Op):
         return f"halt cpu{self.vcpu}"
 
 
+def _scheduling(backend: OpBackend, vcpu: int, name: str) -> Any:
+    found = getattr(backend.vm.vcpu(vcpu), name, None)
+    if found is None:
+        raise Unsupported("this backend's vCPUs have no host scheduling")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt(Op):
+    """The host schedules ``vcpu`` out (KVM ``vcpu_put``); the model's vCPUs only."""
+
+    vcpu: int
+
+    ACTION = "preempt"
+    FIELDS = {"vcpu": VCPU}  # noqa: RUF012
+
+    def perform(self, backend: OpBackend) -> None:
+        _scheduling(backend, self.vcpu, "preempt")()
+
+    def describe(self) -> str:
+        return f"preempt cpu{self.vcpu}"
+
+
+@dataclass(frozen=True, slots=True)
+class Enter(Op):
+    """The host loads ``vcpu`` on pCPU ``pcpu`` (KVM ``vcpu_load``); the model's only."""
+
+    vcpu: int
+    pcpu: int
+
+    ACTION = "enter"
+    FIELDS = {"vcpu": VCPU, "pcpu": Field("int", True, hi=1 << 20)}  # noqa: RUF012
+
+    def perform(self, backend: OpBackend) -> None:
+        _scheduling(backend, self.vcpu, "enter")(pcpu=self.pcpu)
+
+    def describe(self) -> str:
+        return f"enter cpu{self.vcpu} on pcpu{self.pcpu}"
+
+
 @dataclass(frozen=True, slots=True)
 class Advance(Op):
     """The VM's virtual clock moves by ``ns``: the timers fired."""
@@ -936,7 +976,7 @@ class Restore(Macro):
 
 PRIMITIVES: tuple[type[Op], ...] = (
     Wrmsr, Rdmsr, MmioWrite, MmioRead, Icr, Hypercall, Msi, SetMsr, GetMsr, GetLapic, SetLapic,
-    Run, Halt, Advance, SendIpi, SetTpr, Eoi,
+    Run, Halt, Preempt, Enter, Advance, SendIpi, SetTpr, Eoi,
 )  # fmt: skip
 MACROS: tuple[type[Op], ...] = (RegWrite, RegRead, Ipi, InitSipi, SetBase, Restore)
 OPS: dict[str, type[Op]] = {cls.ACTION: cls for cls in (*PRIMITIVES, *MACROS)}

@@ -4,6 +4,7 @@
 """
 
 from hypervisor.api import HostApi, MsrError, VcpuApi
+from hypervisor.apic_map import Inhibits
 from hypervisor.config import AccelConfig, KvmOptions, VmConfig
 from hypervisor.exits import Exit, ExitReason
 from hypervisor.host import Host, Pcpu
@@ -16,6 +17,7 @@ __all__ = [
     "ExitReason",
     "Host",
     "HostApi",
+    "Inhibits",
     "KvmOptions",
     "MpState",
     "MsrError",

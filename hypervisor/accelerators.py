@@ -74,9 +74,26 @@ class Accelerator(Protocol):
 
 ACCELERATORS: dict[str, Callable[[], Accelerator] | str] = {
     "emulated": "hypervisor.accel.emulated:Emulated",
+    "avic": "hypervisor.accel.avic:AvicState",
 }
 """Every accelerator by the name ``Vm(accelerator=...)`` takes (the conformance suite runs
 against each): a constructor, or ``"module:attribute"`` naming one."""
+
+
+ACCEL_CONFIGS: dict[str, str] = {
+    "avic": "hypervisor.accel.avic:Avic",
+}
+"""The config record (an ``AccelConfig`` subclass) of each accelerator that has settings, as
+``"module:attribute"``: ``Vm(accelerator="avic")`` takes that record's defaults."""
+
+
+def config_for(name: str) -> object:
+    """The default config record of accelerator ``name`` (None: plain ``AccelConfig``)."""
+    target = ACCEL_CONFIGS.get(name)
+    if target is None:
+        return None
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)()
 
 
 def make(name: str) -> Accelerator:

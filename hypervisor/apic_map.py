@@ -118,6 +118,8 @@ class Inhibits(IntEnum):
     LOGICAL_ID_ALIASED = 2
     APIC_ID_MODIFIED = 4
     APIC_BASE_MODIFIED = 8
+    PHYSICAL_ID_TOO_BIG = 16
+    """AVIC: a vCPU id above the physical table's max index (set by the accelerator)."""
 
 
 def build(apics: Sequence[LocalApic], *, x2apic_format: bool) -> tuple[ApicMap | None, int]:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypervisor.accelerators import config_for
 from hypervisor.pv_ipi import (
     KVM_FEATURE_PV_SCHED_YIELD,
     KVM_FEATURE_PV_SEND_IPI,
@@ -344,7 +345,8 @@ class VmConfig:
             pv_features=frozenset(pv_features),
         )
         if isinstance(accelerator, str):
-            accelerator = AccelConfig(accelerator)
+            default = config_for(accelerator)
+            accelerator = default if isinstance(default, AccelConfig) else AccelConfig(accelerator)
         return VmConfig(
             vcpu_ids=tuple(vcpu_ids),
             profile=prof,

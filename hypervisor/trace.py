@@ -21,6 +21,11 @@ names and fields follow ``arch/x86/kvm/trace.h``:
 ``KvmInjVirq``         ``kvm_inj_virq``: an interrupt injected at VM entry (after its ack)
 ``KvmInjNmi``          ``kvm_inj_nmi``: an NMI injected at VM entry
 ``KvmPvSendIpi``       no tracepoint in KVM: one per ``kvm_pv_send_ipi`` call with its result
+``KvmAvicIncompleteIpi``  ``kvm_avic_incomplete_ipi``: ICRH, ICRL, cause, index (``idx``)
+``KvmAvicUnacceleratedAccess``  ``kvm_avic_unaccelerated_access``: offset, trap, write, vector
+``KvmAvicDoorbell``    ``kvm_avic_doorbell``: the vCPU (-1: rung by the CPU) and host APIC ID
+``KvmAvicKickVcpuSlowpath``  ``kvm_avic_kick_vcpu_slowpath``: ICRH, ICRL, index (``idx``)
+``KvmAvicGaLog``       ``kvm_avic_ga_log``: VM id, vCPU index
 ``AccelEvent``         an accelerator's own event (``kvm_avic_*``, ``kvm_pi_*`` style): name
                        and value, emitted by accelerators that complete accesses in hardware
 =====================  ===============================================================
@@ -101,6 +106,36 @@ class KvmApicWrite(NamedTuple):
     value: int
 
 
+class KvmAvicIncompleteIpi(NamedTuple):
+    vcpu: int
+    icrh: int
+    icrl: int
+    cause: int
+    idx: int
+
+
+class KvmAvicUnacceleratedAccess(NamedTuple):
+    vcpu: int
+    offset: int
+    trap: bool
+    write: bool
+    vector: int
+
+
+class KvmAvicDoorbell(NamedTuple):
+    vcpu: int
+    apicid: int
+
+
+class KvmAvicKickVcpuSlowpath(NamedTuple):
+    icrh: int
+    icrl: int
+    idx: int
+
+
+class KvmAvicGaLog(NamedTuple):
+    vmid: int
+    vcpuid: int
 class KvmMsr(NamedTuple):
     vcpu: int
     msr: int
@@ -144,6 +179,11 @@ Event = (
     | KvmInjVirq
     | KvmInjNmi
     | KvmPvSendIpi
+    | KvmAvicIncompleteIpi
+    | KvmAvicUnacceleratedAccess
+    | KvmAvicDoorbell
+    | KvmAvicKickVcpuSlowpath
+    | KvmAvicGaLog
     | AccelEvent
 )
 
@@ -160,6 +200,11 @@ EVENT_NAMES: dict[type, str] = {
     KvmInjNmi: "kvm_inj_nmi",
     KvmPvSendIpi: "kvm_pv_send_ipi",
     AccelEvent: "kvm_accel",
+    KvmAvicIncompleteIpi: "kvm_avic_incomplete_ipi",
+    KvmAvicUnacceleratedAccess: "kvm_avic_unaccelerated_access",
+    KvmAvicDoorbell: "kvm_avic_doorbell",
+    KvmAvicKickVcpuSlowpath: "kvm_avic_kick_vcpu_slowpath",
+    KvmAvicGaLog: "kvm_avic_ga_log",
 }
 """The tracepoint name of each event type (what ``trace-cmd report`` prints)."""
 
@@ -226,6 +271,17 @@ def format_event(event: Event) -> str:
             )
         case AccelEvent(_, what, value):
             text = f"{what} {value:#x}"
+        case KvmAvicIncompleteIpi(_, icrh, icrl, cause, idx):
+            text = f"icrh:icrl={icrh:#010x}:{icrl:08x}, id={cause}, index={idx}"
+        case KvmAvicUnacceleratedAccess(_, offset, trap, write, vec):
+            kind = f"{'trap' if trap else 'fault'} {'write' if write else 'read'}"
+            text = f"offset {offset:#x} {kind} vec {vec:#x}"
+        case KvmAvicDoorbell(vcpu, apicid):
+            text = f"vcpu {vcpu} apicid {apicid:#x}"
+        case KvmAvicKickVcpuSlowpath(icrh, icrl, idx):
+            text = f"icrh:icrl={icrh:#010x}:{icrl:08x}, index={idx}"
+        case KvmAvicGaLog(vmid, vcpuid):
+            text = f"vmid={vmid}, vcpuid={vcpuid}"
         case _:  # pragma: no cover - every Event type is matched above
             raise ApicTypeError(f"event must be a trace event, not {type(event).__name__}")
     return f"{name}: {text}" if text else f"{name}:"
@@ -233,7 +289,9 @@ def format_event(event: Event) -> str:
 
 def event_vcpu(event: Event) -> int | None:
     """The vCPU (index for host events: None) an event belongs to."""
-    return None if isinstance(event, KvmMsiSetIrq) else int(event[0])
+    if isinstance(event, KvmMsiSetIrq | KvmAvicKickVcpuSlowpath | KvmAvicGaLog):
+        return None
+    return int(event[0])
 
 
 def event_vector(event: Event) -> int | None:
@@ -396,6 +454,7 @@ class Stats:
     """Always-on counters of one VM."""
 
     __slots__ = (
+        "doorbells",
         "exits",
         "exits_by_reason",
         "fast_path",
@@ -410,6 +469,8 @@ class Stats:
     )
 
     def __init__(self) -> None:
+        self.doorbells = 0
+        """AVIC doorbells rung for this VM's vCPUs (by the CPU or by KVM)."""
         self.exits = 0
         self.exits_by_reason: Counter[ExitReason] = Counter()
         self.hypercalls = 0
@@ -443,7 +504,11 @@ class Stats:
         return self.snapshot() - other
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        """Every counter, except ``doorbells`` while it is 0 (only an accelerator with
+        doorbells, AVIC, ever counts one; trap-and-emulate VMs print as they always did)."""
+        inner = ", ".join(
+            f"{k}={v!r}" for k, v in self.as_dict().items() if k != "doorbells" or v
+        )
         return f"Stats({inner})"
 
 

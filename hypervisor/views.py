@@ -107,6 +107,9 @@ def dump(vm: Vm) -> str:
         f"  map: {vm.apic_map!r}",
         f"  {vm.stats!r}",
     ]
+    accel_dump = getattr(vm.accel, "dump", None)
+    if accel_dump is not None:  # an accelerator with state of its own (AVIC's tables)
+        lines.extend("  " + line for line in accel_dump().splitlines())
     for v in vm.vcpus:
         lines.append(f"  {v!r}")
         lines.extend("    " + line for line in v.apic.dump().splitlines())

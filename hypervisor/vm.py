@@ -209,6 +209,8 @@ class Vm:
         self._map_inhibits = 0
         self._apic_base_modified = False
         """APICV_INHIBIT_REASON_APIC_BASE_MODIFIED: set by an APIC_BASE write, never cleared."""
+        self.accel_inhibits = 0
+        """Inhibit reasons the accelerator itself sets (AVIC: PHYSICAL_ID_TOO_BIG)."""
         self.route_cache = True
         """Keep the routes the optimized map decided (``hypervisor.routes``); False: every
         message is decoded and routed anew (what the route cache is tested against)."""
@@ -326,8 +328,8 @@ class Vm:
         """APICv inhibit reasons in force (``hypervisor.apic_map.Inhibits`` bits)."""
         _ = self.apic_map
         if self._apic_base_modified:
-            return self._map_inhibits | Inhibits.APIC_BASE_MODIFIED
-        return self._map_inhibits
+            return self._map_inhibits | Inhibits.APIC_BASE_MODIFIED | self.accel_inhibits
+        return self._map_inhibits | self.accel_inhibits
 
     # ===================================================================================
     # Delivery

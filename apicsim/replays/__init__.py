@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
+from . import accel as accel_replays
 from . import guest as guest_replays
 from . import hypervisor as hypervisor_replays
 from . import lapic as lapic_replays
@@ -311,6 +312,10 @@ REPLAYS: tuple[Replay, ...] = (
 
 BY_ID: Mapping[str, Replay] = {r.id: r for r in REPLAYS}
 
+ACCEL_REPLAYS: tuple[Replay, ...] = tuple(_r(*row) for row in accel_replays.ROWS)
+"""The accelerator layer's bugs (AMD AVIC, reference ``avic_ipiv.md`` Part M: ``BR-A*``)."""
+ACCEL_BY_ID: Mapping[str, Replay] = {r.id: r for r in ACCEL_REPLAYS}
+
 
 # =============================================================================================
 # Lookup and activation
@@ -321,7 +326,7 @@ def normalize(bug: str) -> str:
 
 
 def get(bug: str) -> Replay:
-    replay = BY_ID.get(normalize(bug))
+    replay = BY_ID.get(normalize(bug)) or ACCEL_BY_ID.get(normalize(bug))
     if replay is None:
         raise ReplayError(f"unknown bug replay {bug!r}; known: {', '.join(BY_ID)}")
     return replay
@@ -359,6 +364,8 @@ def from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 __all__ = [
+    "ACCEL_BY_ID",
+    "ACCEL_REPLAYS",
     "BY_ID",
     "ENV_VAR",
     "REPLAYS",

@@ -12,7 +12,7 @@ backend cannot be or do.  On kvm the state comes from KVM_GET_LAPIC and KVM_GET_
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 from apicsim.ops import (
@@ -26,7 +26,8 @@ from apicsim.ops import (
 from apicsim.scenario.expect import STAT_NAMES, ApicState
 from apicsim.scenario.format import BACKENDS, GuestSpec, Scenario, Step, VmSpec
 from hypervisor import Vm
-from hypervisor.config import VmConfig
+from hypervisor.accelerators import config_for
+from hypervisor.config import AccelConfig, VmConfig
 from hypervisor.exits import ExitReason
 from hypervisor.trace import Stats
 from lapic.apic import Features, LocalApic
@@ -60,7 +61,7 @@ def build_vm(spec: VmSpec) -> Vm:
         features=spec.features,
         enforce_pv_cpuid=spec.enforce_pv_cpuid,
         aps_started=spec.aps_started,
-        accelerator=spec.accelerator,
+        accelerator=_accelerator(spec),
         **kw,
     )
     if spec.kvm_options:
@@ -68,6 +69,16 @@ def build_vm(spec: VmSpec) -> Vm:
     vm = Vm(config)
     apply_setup(vm, spec)
     return vm
+
+
+def _accelerator(spec: VmSpec) -> str | AccelConfig:
+    """``[vm] accelerator`` with its ``accelerator_options`` applied to the config record."""
+    if not spec.accelerator_options:
+        return spec.accelerator
+    default = config_for(spec.accelerator)
+    assert isinstance(default, AccelConfig)
+    changed: AccelConfig = replace(default, **dict(spec.accelerator_options))
+    return changed
 
 
 def apply_setup(vm: ScenarioVm, spec: VmSpec) -> None:

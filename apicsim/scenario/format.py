@@ -11,6 +11,7 @@ Errors name the file, the TOML line (found by scanning the text: :class:`Locator
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,8 @@ from apicsim.ops import (
 )
 from apicsim.scenario.expect import EXPECT_KEYS, STAT_NAMES, Expectation, expectations
 from hypervisor.accel import ACCELERATORS
+from hypervisor.accelerators import config_for
+from hypervisor.config import AccelConfig
 from hypervisor.exits import ExitReason
 from lapic.apic import Features
 from lapic.faults import ApicTypeError, ApicValueError
@@ -180,6 +183,9 @@ class VmSpec:
     """``hypervisor.accel.ACCELERATORS`` name, passed to ``Vm(accelerator=...)``."""
     kvm_options: tuple[tuple[str, Any], ...] = ()
     """``[vm] kvm_options``: ``hypervisor.config.KvmOptions`` fields changed (name, value)."""
+    accelerator_options: tuple[tuple[str, Any], ...] = ()
+    """``[vm] accelerator_options``: fields of the accelerator's config record changed
+    (``hypervisor.accel.avic.Avic``'s ``x2avic``, ``enable_ipiv``, ``cpu_family``...)."""
     given: frozenset[str] = frozenset()
     """The ``[vm]`` keys the file sets (the rest are defaults)."""
     features_given: frozenset[str] = frozenset()
@@ -366,6 +372,7 @@ class _Parser:
             "mode",
             "svr",
             "accelerator",
+            "accelerator_options",
             "kvm_options",
         )
         self.check_table(raw, keys, "vm")
@@ -420,6 +427,10 @@ class _Parser:
                 choices = ", ".join(ACCELERATORS)
                 raise self.fail("vm", "accelerator", f"must be one of {choices}, got {accel!r}")
             kw["accelerator"] = accel
+        if "accelerator_options" in raw:
+            kw["accelerator_options"] = self.parse_accelerator_options(
+                raw["accelerator_options"], kw.get("accelerator", "emulated")
+            )
         base = raw.get("profile", "kvm")
         if base not in ("kvm", "sdm"):
             raise self.fail("vm", "profile", f'must be "kvm" or "sdm", got {base!r}')
@@ -453,6 +464,24 @@ class _Parser:
         if spec.vcpu_ids is not None and max(spec.vcpu_ids) >= spec.max_vcpu_ids:
             raise self.fail("vm", "vcpu_ids", "an id is not below max_vcpu_ids")
         return spec
+
+    def parse_accelerator_options(self, raw: object, name: str) -> tuple[tuple[str, Any], ...]:
+        """``[vm] accelerator_options``: fields of the accelerator's config record, checked
+        by building it."""
+        where = "vm.accelerator_options"
+        if not isinstance(raw, dict):
+            raise self.fail("vm", "accelerator_options", "must be a table of config fields")
+        default = config_for(name)
+        if not isinstance(default, AccelConfig):
+            raise self.fail("vm", "accelerator_options", f"accelerator {name!r} has no options")
+        allowed = [f.name for f in dataclasses.fields(default) if f.name != "name"]
+        self.check_table(raw, allowed, where)
+        try:
+            dataclasses.replace(default, **raw)
+        except (ApicValueError, ApicTypeError) as e:
+            bad = next((k for k in raw if k in str(e)), "")
+            raise self.fail(where, bad, str(e)) from None
+        return tuple(raw.items())
 
     def parse_kvm_options(self, raw: object) -> tuple[tuple[str, Any], ...]:
         """``[vm] kvm_options``: the KVM-level knobs of ``hypervisor.config.KvmOptions`` that

@@ -77,3 +77,19 @@ def test_the_demo_fails_when_a_vcpu_misses_the_ipi(
 )
 def test_the_demo_rejects_bad_options(args: list[str]) -> None:
     assert main(args) == 2
+
+
+def test_the_demo_shows_the_avic_columns_running_and_half_halted__AV_B2_AV_C4(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """AV-B2: with every target running the CPU sends all 79 IPIs with no exit and one
+    doorbell each; with the 40 odd vCPUs halted, x2apic_phys exits once per halted target
+    (TARGET_NOT_RUNNING) and KVM wakes each once."""
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert row(out, "AVIC VM exits") == ["0", "40", "0", "5"]
+    assert row(out, "AVIC incomplete IPIs") == ["0", "40", "0", "5"]
+    assert row(out, "AVIC doorbells")[:3] == ["79", "39", "79"]
+    assert row(out, "AVIC wake-ups") == ["0", "40", "0", "40"]
+    assert row(out, "AVIC result") == ["PASS"] * 4
+    assert row(out, "VM exits") == ["79", "5", "1"]
