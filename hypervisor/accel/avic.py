@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hypervisor.apic_map import Inhibits
-from hypervisor.config import AccelConfig, check_bool
+from hypervisor.config import AccelConfig
 from hypervisor.exits import ExitReason
 from hypervisor.host.steps import Protocol, Step, Steps
 from hypervisor.hw.avic import (
@@ -73,7 +73,7 @@ from hypervisor.trace import (
 from hypervisor.vcpu import RunState
 from lapic import destination
 from lapic.apic import LocalApic
-from lapic.faults import ApicTypeError, ApicValueError, check_int
+from lapic.faults import ApicTypeError, ApicValueError, check_bool, check_int
 from lapic.icr import Icr, Interrupt, interrupt_of_icr
 from lapic.ops import DefaultApicOps
 from lapic.registers import DFR_FLAT
