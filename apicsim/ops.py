@@ -586,6 +586,31 @@ class GetLapic(Op):
         return f"get_lapic cpu{self.vcpu} [{self.offset:#05x}]"
 
 
+@dataclass(frozen=True, slots=True)
+class SetCr8(Op):
+    """The host's KVM_GET_SREGS then KVM_SET_SREGS of ``vcpu`` with CR8 = ``cr8`` (None: the
+    CR8 as read, a VMM's save/restore round trip); the CR8 read.  KVM sets TPR = (cr8 & 0xF)
+    << 4, so even the round trip clears TPR bits 3:0 (KVMB-10)."""
+
+    vcpu: int
+    cr8: int | None = None
+
+    ACTION = "set_cr8"
+    FIELDS = {"vcpu": VCPU, "cr8": Field("int", hi=U64)}  # noqa: RUF012
+    RESULT = int
+    READS = True
+
+    def perform(self, backend: OpBackend) -> int:
+        vm = backend.vm
+        old = vm.get_cr8(self.vcpu)
+        vm.set_cr8(self.vcpu, old if self.cr8 is None else self.cr8)
+        return old
+
+    def describe(self) -> str:
+        cr8 = "as read" if self.cr8 is None else _h(self.cr8)
+        return f"set_cr8 cpu{self.vcpu} {cr8}"
+
+
 def _patched(image: bytes, writes: Sequence[tuple[int, int]]) -> bytes:
     out = bytearray(image)
     for off, value in writes:
@@ -936,17 +961,17 @@ class Restore(Macro):
 
 PRIMITIVES: tuple[type[Op], ...] = (
     Wrmsr, Rdmsr, MmioWrite, MmioRead, Icr, Hypercall, Msi, SetMsr, GetMsr, GetLapic, SetLapic,
-    Run, Halt, Advance, SendIpi, SetTpr, Eoi,
+    SetCr8, Run, Halt, Advance, SendIpi, SetTpr, Eoi,
 )  # fmt: skip
 MACROS: tuple[type[Op], ...] = (RegWrite, RegRead, Ipi, InitSipi, SetBase, Restore)
 OPS: dict[str, type[Op]] = {cls.ACTION: cls for cls in (*PRIMITIVES, *MACROS)}
 """Every operation by its scenario action name."""
 GUEST_ACTIONS = frozenset({"send_ipi", "set_tpr", "eoi"})
 
-Primitive = MmioRead | MmioWrite | Rdmsr | Wrmsr | SetMsr | GetMsr | Msi | SetLapic
+Primitive = MmioRead | MmioWrite | Rdmsr | Wrmsr | SetMsr | GetMsr | Msi | SetLapic | SetCr8
 """The primitives of a differential program: one guest access or one host ioctl each, which
 both backends perform alike (``tests/differential``)."""
-PRIMITIVE_TYPES = (MmioRead, MmioWrite, Rdmsr, Wrmsr, SetMsr, GetMsr, Msi, SetLapic)
+PRIMITIVE_TYPES = (MmioRead, MmioWrite, Rdmsr, Wrmsr, SetMsr, GetMsr, Msi, SetLapic, SetCr8)
 GUEST_PRIMITIVES = (MmioRead, MmioWrite, Rdmsr, Wrmsr)
 """The primitives that are one access by the guest of their ``vcpu``."""
 """Actions that call the Python guest (a scenario needs ``[guest]``)."""

@@ -175,6 +175,8 @@ class Vcpu:
     # ===================================================================================
     def record_exit(self, reason: ExitReason, qualification: int, value: int) -> None:
         vm = self.vm
+        if vm.sync_cr8_at_exit:
+            self.sync_cr8_to_lapic()
         self.exits += 1
         stats = vm.stats
         stats.exits += 1
@@ -183,6 +185,23 @@ class Vcpu:
             vm.exit_log.append(Exit(self.index, reason, qualification, value))
         if vm.tracer.on:
             vm.tracer.emit(KvmExit(self.vcpu_id, reason, qualification))
+
+    def sync_cr8_to_lapic(self) -> None:
+        """KVMB-11, SVM without AVIC (``KvmOptions.tpr_low_bits_survive_exit`` False): right
+        after an exit, before KVM handles it, ``svm.c`` ``sync_cr8_to_lapic`` copies the
+        VMCB's 4-bit V_TPR into the APIC (``kvm_set_cr8``), so TPR bits 3:0 are lost, unless
+        CR8 writes are intercepted: ``svm_update_cr8_intercept`` intercepts them while the
+        APIC is enabled and its highest IRR vector's class is not above the TPR's.  Modelled
+        at each exit from the state at that exit (the intercept is really set at the entry
+        before it; nothing else runs between the two here)."""
+        apic = self.apic
+        tpr = apic.tpr
+        if not tpr & 0xF:
+            return
+        irr = apic.irr.highest()
+        if apic.enabled and irr >= 0 and tpr >> 4 >= irr >> 4:
+            return
+        apic.set_cr8(tpr >> 4)
 
     def _apic_offset(self, gpa: int) -> int:
         base = self.apic.base_address
