@@ -69,6 +69,7 @@ from lapic.registers import (
     TIMER_TSC_DEADLINE,
 )
 from lapic.timer import ApicTimer
+from lapic.writers import RegisterMixin
 
 ENV_VAR = "APICSIM_REPLAY"
 """Environment variable naming the replays to activate for a pytest run."""
@@ -1028,7 +1029,33 @@ REPLAYS: tuple[Replay, ...] = (
     ),
 )
 
-BY_ID: Mapping[str, Replay] = {r.id: r for r in REPLAYS}
+
+def _fid1(p: _Patcher) -> None:
+    """The model before issue 8: a host CR8 write (KVM_SET_SREGS) keeps TPR bits 3:0."""
+
+    def set_cr8(self: LocalApic, cr8: int) -> None:
+        if cr8 & ~0xF:
+            return
+        self._write_tpr((cr8 & 0xF) << 4 | self.tpr & 0xF, False)
+
+    p.set(RegisterMixin, "set_cr8", set_cr8)
+
+
+MODEL_REPLAYS: tuple[Replay, ...] = (
+    _r(
+        "FID-1",
+        "",
+        "the model's own old behaviour, not a KVM bug: TPR bits 3:0 kept by KVM_SET_SREGS",
+        "a host CR8 write keeps TPR bits 3:0 (KVM's kvm_set_cr8 clears them: TPR 0x2F -> "
+        "KVM_GET_SREGS/KVM_SET_SREGS -> 0x20); the default differential run finds it",
+        ("REG-TPR-1", "KVMB-10"),
+        _fid1,
+    ),
+)
+"""Switches that put back an old behaviour of the model itself (the disagreements the
+differential suite must find), by the same mechanism as the bug replays."""
+
+BY_ID: Mapping[str, Replay] = {r.id: r for r in (*REPLAYS, *MODEL_REPLAYS)}
 
 
 # =============================================================================================
@@ -1080,6 +1107,7 @@ def from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
 __all__ = [
     "BY_ID",
     "ENV_VAR",
+    "MODEL_REPLAYS",
     "REPLAYS",
     "Replay",
     "ReplayError",

@@ -46,7 +46,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_the_registry_lists_every_bug_of_the_reference_once_in_order() -> None:
     """Reference §17 numbers its bugs 1..30; each is in the catalogue exactly once."""
     assert [r.id for r in REPLAYS] == [f"BUG-{n}" for n in range(1, 31)]
-    assert set(replays.BY_ID) == {r.id for r in REPLAYS}
+    assert set(replays.BY_ID) == {r.id for r in (*REPLAYS, *replays.MODEL_REPLAYS)}
 
 
 @pytest.mark.parametrize("replay", REPLAYS, ids=_param_id)

@@ -36,15 +36,16 @@ def examples(share: float) -> settings:
 
 DELIVERY = (
     "ipi", "ipi", "ipi", "icr_raw", "init_sipi", "msi", "msi", "msi", "eoi", "eoi",
-    "self_ipi", "restore", "apic_base", "reg_write", "reg_read",
+    "self_ipi", "restore", "apic_base", "reg_write", "reg_read", "cr8",
 )  # fmt: skip
 REGISTERS = (
     "reg_write", "reg_write", "reg_read", "reg_read", "mmio_read", "mmio_read", "mmio_write",
     "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "apic_base", "self_ipi",
+    "cr8",
 )  # fmt: skip
 STATE = (
     "restore", "restore", "restore", "eoi", "eoi", "reg_read", "reg_write", "msi", "ipi",
-    "apic_base", "mmio_read",
+    "apic_base", "mmio_read", "cr8",
 )  # fmt: skip
 
 
