@@ -31,8 +31,8 @@ from hypervisor.exits import Exit, ExitReason
 from hypervisor.host.machine import Host
 from hypervisor.vcpu import MpState, RunState, Vcpu
 from lapic.apic import LocalApic
-from lapic.state import ApicSnapshot
 from lapic.faults import ApicTypeError, ApicValueError
+from lapic.state import ApicSnapshot
 
 if TYPE_CHECKING:
     from collections.abc import Hashable

@@ -158,15 +158,16 @@ class Vcpu:
                 raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
             if self.apic.init_pending or self.apic.sipi_pending:
                 self.accept_events()
-            if self.apic.hw_enabled:
-                # Every entry processes KVM_REQ_EVENT, which recomputes PPR
-                # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
-                _ = self.apic.ppr
             if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+                # No entry, so no KVM_REQ_EVENT either: a PPR KVM_SET_LAPIC left stale stays.
                 raise ApicValueError(
                     f"vcpu {self.index} is {self.mp_state.name}: it executes nothing until "
                     "INIT/SIPI start it (or Vm(aps_started=True))"
                 )
+            if self.apic.hw_enabled:
+                # Every entry processes KVM_REQ_EVENT, which recomputes PPR
+                # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
+                _ = self.apic.ppr
             self.enter()
         self.host.running = self  # Scheduler.executing, inlined: every guest access runs this
 

@@ -11,8 +11,10 @@ per test); ``HYPOTHESIS_PROFILE=thorough`` runs twenty times as many.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
+from tests.differential.coverage import COVERAGE, NOT_COVERED
 from tests.differential.harness import check
 from tests.differential.strategies import Program, programs
 from tests.kvm.support import needs_kvm
@@ -108,3 +110,20 @@ def test_a_32_vcpu_vm_delivers_and_restores_like_the_model__MAP_1__FAST_7(
     x2APIC or not), then a short program of every kind: logical destinations spanning
     clusters, broadcasts, lowest priority among many."""
     check(program, test="vcpus32", rules=["MAP-1", "FAST-7", "LP-2"])
+
+
+TESTS = ("random_programs", "delivery", "registers", "state", "vcpus32")
+
+
+def test_the_run_saw_every_writable_bit_of_every_compared_register_both_0_and_1() -> None:
+    """The bit coverage of this run's comparisons (``coverage.py``): every writable bit of
+    every compared register (the state image's registers, ISR/TMR/IRR, IA32_APIC_BASE) was
+    seen both 0 and 1 in a state the engine compared, so no bit of them is a blind spot.  Runs
+    after the five tests above (it needs them in the same process)."""
+    if not COVERAGE.tests >= set(TESTS):
+        pytest.skip(f"needs the five differential tests in the same run, ran {COVERAGE.tests}")
+    missing = {name: f"{bits:#x}" for name, bits in COVERAGE.missing().items()}
+    assert not missing, (
+        f"writable bits never seen both 0 and 1 (register: bits): {missing}; "
+        f"not covered by design: {sorted(NOT_COVERED)}"
+    )
