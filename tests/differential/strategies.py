@@ -319,15 +319,17 @@ REGISTER_WORDS = (
 """The registers with writable bits (ID, TPR, LDR, DFR, SVR, ICR, ICR2, the LVTs, TDCR)."""
 
 
+_ADDRESSES = uniform_bits((1 << FEATURES.maxphyaddr) - 1).map(lambda a: a & ~0xFFF)
+"""Window addresses with uniform bits up to the KVM guest's MAXPHYADDR."""
+
+
 def set_bases(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[SetBase]:
     return st.builds(
         SetBase,
         vcpu,
         st.booleans(),
         st.sampled_from(("x2apic", "xapic", "disabled", "extd")),
-        st.one_of(
-            st.sampled_from(BASE_ADDRESSES), uniform_bits((1 << FEATURES.maxphyaddr) - 1).map(lambda a: a & ~0xFFF)
-        ),
+        st.one_of(st.sampled_from(BASE_ADDRESSES), _ADDRESSES),
         st.sampled_from(("keep", "clear", "set")),
         st.sampled_from(BASE_RESERVED),
     )
