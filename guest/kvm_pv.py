@@ -139,8 +139,21 @@ class KvmPv(Driver):
         calls = pv_send_ipi_hypercalls((apicids[c] for c in cpus), vector, self.bits_per_long)
         for a0, a1, a2, a3 in calls:
             ret = cpu.vcpu.hypercall(KVM_HC_SEND_IPI, a0, a1, a2, a3, long_mode=long_mode)
-            if ret & sign:  # WARN_ONCE(ret < 0, "kvm-guest: failed to send PV IPI: %ld")
-                cpu.pv_errors.append(ret - (sign << 1))
+            if ret & sign:
+                self._warn_once(cpu, ret - (sign << 1))
+
+    def _warn_once(self, cpu: GuestCpu, ret: int) -> None:
+        """PVG-4: ``WARN_ONCE(ret < 0, "kvm-guest: failed to send PV IPI: %ld")`` records the
+        negative result ``ret`` in ``cpu.pv_errors``."""
+        cpu.pv_errors.append(ret)
 
     def __repr__(self) -> str:
         return f"<KvmPv on {self.base!r}>"
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "KvmPv._warn_once",  # BUG-5: the WARN_ONCE on a failed PV IPI hypercall
+    }
+)

@@ -67,13 +67,21 @@ class ApicMap:
             return self.cluster[(dest >> 4) & 0xF], 0, dest & 0xF
         if mode == LogicalMode.X2APIC:
             offset = (dest >> 16) * 16
-            if offset > self.max_apic_id:
-                return self.phys_map, 0, 0
-            size = min(self.max_apic_id - offset + 1, 16)
-            return self.phys_map, offset, dest & (0xFFFF >> (16 - size))
+            if offset + 15 > self.max_apic_id:
+                return self._x2apic_cluster_past_map(dest, offset)
+            return self.phys_map, offset, dest & 0xFFFF
         if mode == LogicalMode.SW_DISABLED:
             return self.flat, 0, 0
         return None
+
+    def _x2apic_cluster_past_map(self, dest: int, offset: int) -> tuple[Slots, int, int]:
+        """FAST-6, the CVE-2013-6376 fix: an x2APIC cluster (``dest`` bits 31:16, first ID
+        ``offset``) that does not fit in ``phys_map`` is bounded by ``max_apic_id``: a cluster
+        past the end matches nothing, one that straddles it keeps only the IDs inside."""
+        if offset > self.max_apic_id:
+            return self.phys_map, 0, 0
+        size = min(self.max_apic_id - offset + 1, 16)
+        return self.phys_map, offset, dest & (0xFFFF >> (16 - size))
 
     def __repr__(self) -> str:
         used = {i: a.vcpu_id for i, a in enumerate(self.phys_map) if a is not None}
@@ -125,7 +133,7 @@ def _add_physical(new: ApicMap, apic: LocalApic, x2apic_format: bool) -> bool:
     x2 = apic.x2apic_mode
     phys = new.phys_map
     if x2apic_format:
-        if x2 or x2apic_id > 0xFF:
+        if x2 or _hotplug_hack_maps(x2apic_id):
             phys[x2apic_id] = apic
         if not x2:
             xapic_id = apic.physical_id
@@ -133,7 +141,7 @@ def _add_physical(new: ApicMap, apic: LocalApic, x2apic_format: bool) -> bool:
                 phys[xapic_id] = apic
         return True
     physical_id = x2apic_id if x2 else apic.physical_id
-    if phys[physical_id] is not None:
+    if _physical_id_aliased(phys, physical_id):
         return False
     phys[physical_id] = apic
     return True
@@ -163,10 +171,48 @@ def _add_logical(new: ApicMap, apic: LocalApic) -> None:
     if not mask:
         return
     index = (mask & -mask).bit_length() - 1
-    if mask & (mask - 1) or slots[index] is not None:
+    if _logical_id_covers_several_mdas(mask) or _logical_id_aliased(slots, index):
         new.logical_mode = LogicalMode.MAP_DISABLED
     else:
-        slots[index] = apic
+        slots[index] = apic  # cluster[ffs(mask) - 1] = apic
+
+
+# The checks KVM's map fixes added, one predicate each (the replays of specs/replays.md swap
+# exactly these, see REPLAY_SEAMS below).
+def _hotplug_hack_maps(x2apic_id: int) -> bool:
+    """MAP-3, KVM's hotplug hack (5bd5db385b3e): with 32-bit IDs an xAPIC-mode vCPU whose
+    x2APIC ID is above 0xFF is also mapped at that ID."""
+    return x2apic_id > 0xFF
+
+
+def _physical_id_aliased(phys: Slots, physical_id: int) -> bool:
+    """MAP-2 (5b84b0291702): the physical ID is already mapped, so the map is dropped."""
+    return phys[physical_id] is not None
+
+
+def _logical_id_covers_several_mdas(mask: int) -> bool:
+    """MAP-4 (2bf934aadcac): a logical ID with more than one bit set covers several MDAs, so
+    the logical map is disabled."""
+    return bool(mask & (mask - 1))
+
+
+def _logical_id_aliased(slots: Slots, index: int) -> bool:
+    """MAP-4 (2970052481b9): the logical slot is already taken by another vCPU, so the
+    logical map is disabled."""
+    return slots[index] is not None
 
 
 __all__ = ["ApicMap", "Inhibits", "LogicalMode", "build", "x2apic_ldr"]
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "build",  # BUG-16 4364b287982b: the map sized and filled in one consistent pass
+        "ApicMap._x2apic_cluster_past_map",  # BUG-8 CVE-2013-6376: the x2APIC cluster bound
+        "_hotplug_hack_maps",  # BUG-11 5bd5db385b3e: map a wide xAPIC-mode vCPU by x2APIC ID
+        "_physical_id_aliased",  # BUG-15 5b84b0291702: an aliased physical ID drops the map
+        "_logical_id_aliased",  # BUG-13 2970052481b9: an aliased logical ID disables it
+        "_logical_id_covers_several_mdas",  # BUG-14 2bf934aadcac: so does a multi-bit ID
+    }
+)

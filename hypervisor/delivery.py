@@ -142,3 +142,11 @@ def deliver(
         accept=accept,
     )
     return r, False
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "deliver",  # BUG-28 "set meaningful return value": the fast path's result
+    }
+)

@@ -81,13 +81,22 @@ def pv_send_ipi(
         trigger=Trigger((icr >> 15) & 1),
     )
     if apic_map is None:
-        return -EOPNOTSUPP
+        return _send_without_map(bitmap_low, bitmap_high, min_id, irq, op_64_bit, accept)
     cluster = 64 if op_64_bit else 32
     min_id &= _U32
     count = _send_half(apic_map, bitmap_low, min_id, irq, accept)
     min_id = (min_id + cluster) & _U32
     count += _send_half(apic_map, bitmap_high, min_id, irq, accept)
     return count
+
+
+def _send_without_map(
+    bitmap_low: int, bitmap_high: int, min_id: int, irq: Interrupt, op_64_bit: bool,
+    accept: AcceptFn,
+) -> int:
+    """PVH-12, the CVE-2018-19406 fix: without a map (no vCPU has created its APIC yet)
+    SEND_IPI answers -EOPNOTSUPP and delivers nothing."""
+    return -EOPNOTSUPP
 
 
 def _send_half(
@@ -161,3 +170,13 @@ def emulate_hypercall(
     else:
         ret = -KVM_ENOSYS
     return truncate_result(ret, op_64_bit)
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "_send_half",  # BUG-2 bdf7ffc89922: u32 min, bail when min > max_apic_id, bound the walk
+        "_send_without_map",  # BUG-3 CVE-2018-19406: -EOPNOTSUPP instead of a NULL map
+        "emulate_hypercall",  # BUG-4: KVM_HC_SEND_IPI compiled for 32-bit hosts too
+    }
+)

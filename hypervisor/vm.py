@@ -520,3 +520,11 @@ _KEYWORD_DEFAULTS: dict[str, object] = {
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY or name == "profile"
 }
 """The defaults of ``Vm``'s keywords: a keyword still at its default may accompany a config."""
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "Vm.pv_feature",  # BUG-7: guest_pv_has, PV features only if in the guest's CPUID
+    }
+)

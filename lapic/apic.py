@@ -617,9 +617,14 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
 
     def _set_version(self) -> None:
         lvr = KVM_APIC_VERSION | _MAX_LVT.place(self.lvt_count - 1)
-        if self.features.directed_eoi:
+        if self._advertises_directed_eoi():
             lvr |= LVR_DIRECTED_EOI
         self._w[_LVR] = lvr
+
+    def _advertises_directed_eoi(self) -> bool:
+        """LVR bit 24 (REG-LVR-1): only when the vCPU has directed EOI (KVM 0bcc3fb95b97: not
+        merely because the guest CPUID has x2APIC; the in-kernel IOAPIC has no EOI register)."""
+        return self.features.directed_eoi
 
     # ===================================================================================
     # Sending (§7)
@@ -777,9 +782,14 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
             return False
         # LVT vector 7:0 and delivery mode 10:8 (lapic.registers.LVT, pinned above).
         accepted = self._accept(value & 0xFF, (value >> 8) & 7, 1 if value & LVT_LEVEL else 0, True)
-        if accepted and offset == 0x340 and self.features.intel_compatible:
+        if accepted and offset == 0x340 and self._pmi_masks_lvtpc():
             self._w[offset >> 2] = value | LVT_MASKED
         return accepted
+
+    def _pmi_masks_lvtpc(self) -> bool:
+        """Whether delivering a PMI through LVTPC sets its mask bit (REG-LVT-2): on an
+        Intel-compatible vCPU, as the hardware does (KVM a16eb25b09c0)."""
+        return self.features.intel_compatible
 
     def _timer_fired(self) -> None:
         self._local_deliver(0x320)
@@ -847,3 +857,19 @@ __all__ = [
     "StateError",
 ]
 
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "LocalApic._apply_apic_base",  # BUG-10 map after re-enable; BUG-23 xAPIC ID reinit
+        "LocalApic.set_apic_base",  # BUG-30 58d269d8cccc: BSP is writable
+        "LocalApic.get_state",  # BUG-17 4b7c3f6d04bd, BUG-19 73b42dc69be8: the state image
+        "LocalApic.set_state",  # BUG-17 (x2APIC ID read-only), BUG-19 (ICR re-split)
+        "LocalApic.wrmsr",  # BUG-20 SELF IPI #GP; BUG-21 bits 63:32 #GP
+        "LocalApic.rdmsr",  # BUG-22: DFR non-existent in x2APIC mode
+        "LocalApic._pmi_masks_lvtpc",  # BUG-24 a16eb25b09c0: mask LVTPC on a PMI
+        "LocalApic._advertises_directed_eoi",  # BUG-25 0bcc3fb95b97: not with in-kernel IOAPIC
+        "LocalApic.eoi",  # BUG-29 highest-ISR cache purge
+        "LocalApic.ack",  # BUG-29: the highest-ISR cache
+    }
+)

@@ -74,9 +74,17 @@ def match_physical(mda_value: int, target: Target, profile: Profile) -> bool:
         mda_value &= 0xFF
     if is_broadcast(mda_value, x2):
         return True
-    if x2 or mda_value > 0xFF:
+    if x2:
         return mda_value == target.x2apic_id
+    if mda_value > 0xFF:
+        return _hotplug_hack_matches(mda_value, target)
     return mda_value == target.physical_id
+
+
+def _hotplug_hack_matches(mda_value: int, target: Target) -> bool:
+    """MATCH-4, KVM's hotplug hack (5bd5db385b3e): an xAPIC-mode target answers an MDA above
+    0xFF by its x2APIC ID (reached only under ``xapic_matches_x2apic_id``)."""
+    return mda_value == target.x2apic_id
 
 
 def match_logical(mda_value: int, target: Target, profile: Profile) -> bool:
@@ -150,3 +158,12 @@ def matches(
         broadcast_quirk=quirk,
         profile=profile,
     )
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "mda",  # BUG-12 03d2249ea608/9ea369b032d8: the MDA rewrite of an IOAPIC/MSI 0xFF
+        "_hotplug_hack_matches",  # BUG-11 5bd5db385b3e: match a wide MDA by the x2APIC ID
+    }
+)

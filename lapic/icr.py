@@ -306,3 +306,12 @@ def interrupt_of_icr(low: int, dest: int) -> Interrupt:
             False,
         ),
     )
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        # BUG-18 71bf395a276f: the x2APIC ICR's must-be-zero bits (swapped where imported).
+        "X2APIC_ICR_RESERVED",
+    }
+)

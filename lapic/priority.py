@@ -107,16 +107,19 @@ class PriorityMixin(ApicCore):
         report = self._op_eoi_reported
         if report is not None or self.eoi_hook is not None:
             level = v in self._tmr
-            suppressed = (
-                level
-                and self.profile.honor_suppress_eoi_broadcast
-                and bool(self._w[_SVR] & SVR_SUPPRESS_EOI_BROADCAST)
-            )
+            suppressed = level and self._eoi_broadcast_suppressed()
             if report is None:
                 self.eoi_hook(self, v, level, suppressed)  # type: ignore[arg-type,misc]
             else:
                 report(self, v, level, suppressed)  # type: ignore[arg-type]
         return v
+
+    def _eoi_broadcast_suppressed(self) -> bool:
+        """Whether a level-triggered EOI stays off the IOAPIC: SVR bit 12 (Suppress EOI
+        Broadcast), honoured only where the profile says so (DEOI-1, DEOI-2; the fix of BUG-26)."""
+        return self.profile.honor_suppress_eoi_broadcast and bool(
+            self._w[_SVR] & SVR_SUPPRESS_EOI_BROADCAST
+        )
 
     def set_cr8(self, cr8: int) -> None:
         """MOV to CR8 (REG-TPR-1): TPR = (cr8 & 0xF) << 4."""
@@ -138,3 +141,12 @@ class PriorityMixin(ApicCore):
         if tpr >> 4 >= irrv >> 4 and tpr >> 4 > isrv >> 4:
             return tpr
         return max(tpr >> 4, isrv >> 4, irrv >> 4) << 4
+
+
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        # BUG-26: before the Suppress-EOI-Broadcast fix every level EOI was broadcast.
+        "PriorityMixin._eoi_broadcast_suppressed",
+    }
+)
+"""What ``apicsim.replays`` may swap in this module (``specs/replays.md``)."""

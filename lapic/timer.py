@@ -191,8 +191,10 @@ class ApicTimer:
 
     def current_count(self, tmict: int) -> int:
         """TMCCT (KVM ``apic_get_tmcct`` with the same-instant choice of the module doc)."""
-        if self.mode == TIMER_TSC_DEADLINE or tmict == 0 or self.period == 0:
+        if self.mode == TIMER_TSC_DEADLINE or tmict == 0:
             return 0
+        if self.period == 0:
+            return self._count_without_period()
         if self.target is None:
             return 0
         remaining = self.target - self.clock.now
@@ -202,6 +204,11 @@ class ApicTimer:
         if remaining == self.period:
             return self.period // tick
         return (remaining % self.period) // tick
+
+    def _count_without_period(self) -> int:
+        """REG-TMR-1, the CVE-2013-6367 fix: TMICT != 0 but nothing counts (the reserved
+        timer mode), so TMCCT reads 0 instead of dividing by the zero period."""
+        return 0
 
     def cancel(self) -> None:
         self.target = None
@@ -240,3 +247,11 @@ class ApicTimer:
             f"ApicTimer(mode={self.mode:#x}, divide={self.divide}, period={self.period}, "
             f"target={self.target}, deadline={self.deadline})"
         )
+
+
+# What a bug replay (``apicsim/replays/``, specs/replays.md) may swap, and the fix behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "ApicTimer._count_without_period",  # BUG-9 CVE-2013-6367: TMCCT with a zero period
+    }
+)

@@ -261,3 +261,11 @@ class RegisterMixin(ApicCore):
         }
         for reg in LVT_REGISTERS:
             self._writers[reg.name] = self._lvt_writer(reg)
+
+
+# What a replay (``apicsim/replays/``) may swap, and the behaviour behind each.
+REPLAY_SEAMS: frozenset[str] = frozenset(
+    {
+        "RegisterMixin.set_cr8",  # FID-1: the model's old CR8 write that kept TPR bits 3:0
+    }
+)

@@ -6,8 +6,10 @@ ids, and these tests must never run (or start ``apicsim mutants`` again) under a
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from apicsim import cli, mutants, replays
-from apicsim.replays import REPLAYS, Replay, ReplayError
+from apicsim.replays import REPLAYS, Patcher, Replay, ReplayError, Swap, declared_seams
 from tests.test_spec_coverage import all_rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,6 +150,130 @@ def test_a_function_imported_by_name_is_patched_where_it_was_imported() -> None:
         assert hypervisor.delivery.deliver is not original
         assert in_vm() is hypervisor.delivery.deliver
     assert in_vm() is original and hypervisor.delivery.deliver is original
+
+
+# ---------------------------------------------------------------------------------------------
+# Declared seams: every swap targets a name its model module declares in REPLAY_SEAMS
+# ---------------------------------------------------------------------------------------------
+def _model_modules_all() -> list[ModuleType]:
+    """Every module of the model packages, imported (a declaration in a module nothing has
+    imported yet still counts)."""
+    found: list[ModuleType] = []
+    for package in ("lapic", "hypervisor", "guest"):
+        root = importlib.import_module(package)
+        found.append(root)
+        for info in pkgutil.walk_packages(root.__path__, package + "."):
+            found.append(importlib.import_module(info.name))
+    return found
+
+
+def _recorded_swaps(replay: Replay) -> tuple[Swap, ...]:
+    """The swaps ``replay`` makes, recorded by a patcher that checks nothing itself."""
+    assert replay.install is not None
+    patcher = Patcher(check_seams=False)
+    try:
+        replay.install(patcher)
+    finally:
+        patcher.restore()
+    return patcher.swaps
+
+
+@pytest.mark.parametrize("replay", REPLAYABLE, ids=_param_id)
+def test_a_replay_swaps_only_seams_that_the_module_defining_them_declares(replay: Replay) -> None:
+    """Each replay (the parameter ``n13`` is BUG-13) swaps at least one object, and each
+    object it swaps is named in ``REPLAY_SEAMS`` of the model module that defines it (for a
+    method: the module of the class along the MRO that defines it).  Copies swapped where a
+    function was imported by name follow a declared swap and stay inside the model."""
+    swaps = _recorded_swaps(replay)
+    assert any(s.declared for s in swaps), "the replay swaps nothing"
+    for s in swaps:
+        module = sys.modules[s.module]
+        assert s.module.split(".")[0] in ("lapic", "hypervisor", "guest"), s
+        assert s.seam in declared_seams(module), (
+            f"{replay.id} swaps {s.module}.{s.seam}, which {s.module}.REPLAY_SEAMS does not "
+            "declare"
+        )
+        assert s.holder.split(".")[0] in MODEL_PACKAGES, s
+
+
+def test_every_declared_seam_is_swapped_by_some_replay() -> None:
+    """No stale declaration: each name in a model module's ``REPLAY_SEAMS`` is the target of
+    at least one replay of the catalogue, and a seam is a plain or ``Class.attribute`` name
+    that the module holds (along the class's MRO)."""
+    switches = [*REPLAYABLE, *replays.MODEL_REPLAYS]
+    used = {(s.module, s.seam) for r in switches for s in _recorded_swaps(r) if s.declared}
+    declared: set[tuple[str, str]] = set()
+    for module in _model_modules_all():
+        for seam in declared_seams(module):
+            declared.add((module.__name__, seam))
+            owner: Any = module
+            *path, name = seam.split(".")
+            for part in path:
+                owner = vars(owner)[part]
+            assert name in vars(owner), f"{module.__name__} declares {seam}, which it lacks"
+    assert declared, "no model module declares a seam"
+    assert sorted(declared - used) == [], "declared seams that no replay swaps"
+    assert sorted(used - declared) == [], "swapped seams that no module declares"
+
+
+def test_the_patcher_refuses_a_name_the_model_does_not_declare() -> None:
+    import lapic.apic
+
+    patcher = Patcher()
+    try:
+        with pytest.raises(ReplayError, match=r"lapic\.apic\.LocalApic\.advance is not a declared"):
+            patcher.set(lapic.apic.LocalApic, "advance", lambda self: None)
+        with pytest.raises(ReplayError, match="not in the model any more"):
+            patcher.set(lapic.apic.LocalApic, "no_such_method", lambda self: None)
+    finally:
+        patcher.restore()
+    assert patcher.swaps == ()
+
+
+class _SeamBase:
+    def poke(self) -> int:
+        return 1
+
+
+class _SeamChild(_SeamBase):
+    pass
+
+
+REPLAY_SEAMS = frozenset({"_SeamBase.poke"})
+"""This test module's own seams, for the MRO test below."""
+
+
+def test_a_method_defined_in_a_base_class_is_swapped_there_and_restored_exactly() -> None:
+    """A method that moved into a mixin is still found from the class a replay names: the
+    patcher swaps it on the base class along the MRO (under the base's declared seam) and
+    puts back the very same function."""
+    original = vars(_SeamBase)["poke"]
+    patcher = Patcher()
+    try:
+        patcher.set(_SeamChild, "poke", lambda self: 2)
+        assert _SeamChild().poke() == 2 and "poke" not in vars(_SeamChild)
+        assert patcher.current(_SeamChild, "poke") is vars(_SeamBase)["poke"]
+    finally:
+        patcher.restore()
+    assert vars(_SeamBase)["poke"] is original and "poke" not in vars(_SeamChild)
+    assert patcher.swaps == (
+        Swap(__name__, "_SeamBase.poke", f"{__name__}._SeamBase", declared=True),
+    )
+
+
+def test_a_constant_is_swapped_only_where_the_model_imported_it() -> None:
+    """The x2APIC ICR's reserved mask replay: ``lapic.apic`` sees 0, while ``lapic.icr``
+    (where test modules import it from) keeps the true mask."""
+    import lapic.apic
+    import lapic.icr
+
+    mask = lapic.icr.X2APIC_ICR_RESERVED
+    replay = next(r for r in REPLAYABLE if r.id.endswith("-18"))
+    assert replay.apply is not None
+    with replay.apply():
+        assert vars(lapic.apic)["X2APIC_ICR_RESERVED"] == 0
+        assert lapic.icr.X2APIC_ICR_RESERVED is mask
+    assert vars(lapic.apic)["X2APIC_ICR_RESERVED"] is mask
 
 
 # ---------------------------------------------------------------------------------------------

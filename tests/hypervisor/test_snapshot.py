@@ -1,4 +1,4 @@
-"""VM snapshots: immutable, hashable, versioned, restorable, diffable (SNAP-1..4)."""
+"""VM snapshots: immutable, hashable, versioned, restorable, diffable (VMSNAP-1..4)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def play(vm: Vm, sequence: list[Op]) -> list[object]:
 
 @settings(max_examples=60, deadline=None)
 @given(prefix=ops, suffix=ops)
-def test_restore_then_the_same_operations_gives_the_same_results__SNAP_2(
+def test_restore_then_the_same_operations_gives_the_same_results__VMSNAP_2(
     prefix: list[Op], suffix: list[Op]
 ) -> None:
     vm = x2apic_vm(IDS, trace=True)
@@ -95,7 +95,7 @@ def test_restore_then_the_same_operations_gives_the_same_results__SNAP_2(
     assert fresh.snapshot() == after
 
 
-def test_a_snapshot_is_an_immutable_hashable_versioned_value__SNAP_1() -> None:
+def test_a_snapshot_is_an_immutable_hashable_versioned_value__VMSNAP_1() -> None:
     a, b = x2apic_vm(IDS), x2apic_vm(IDS)
     sa, sb = a.snapshot(), b.snapshot()
     assert sa.version == SNAPSHOT_VERSION == 1
@@ -107,7 +107,7 @@ def test_a_snapshot_is_an_immutable_hashable_versioned_value__SNAP_1() -> None:
     assert sa.vcpus[1].apic == b.lapic(1).snapshot()
 
 
-def test_diff_names_the_vcpu_the_register_and_old_and_new_values_in_hex__SNAP_3() -> None:
+def test_diff_names_the_vcpu_the_register_and_old_and_new_values_in_hex__VMSNAP_3() -> None:
     vm = x2apic_vm([0, 1])
     before = vm.snapshot()
     vm.vcpu(1).wrmsr(MSR_TPR, 0x20)
@@ -126,7 +126,7 @@ def test_diff_names_the_vcpu_the_register_and_old_and_new_values_in_hex__SNAP_3(
         before.diff(3)  # type: ignore[arg-type]
 
 
-def test_a_snapshot_refuses_while_queued_steps_are_pending__SNAP_4() -> None:
+def test_a_snapshot_refuses_while_queued_steps_are_pending__VMSNAP_4() -> None:
     vm = x2apic_vm([0, 1])
     vm.host.steps.queued = True
     vm.vcpu(1).halt()
@@ -143,7 +143,7 @@ def test_a_snapshot_refuses_while_queued_steps_are_pending__SNAP_4() -> None:
     assert vm.host.pcpu(1).wakeup_list == [vm.vcpu(1)]
 
 
-def test_restore_checks_its_argument_and_the_vcpus__SNAP_4() -> None:
+def test_restore_checks_its_argument_and_the_vcpus__VMSNAP_4() -> None:
     vm = x2apic_vm([0, 1])
     snap = vm.snapshot()
     with pytest.raises(ApicTypeError, match=r"^snap must be a VmSnapshot, not str$"):
@@ -159,7 +159,7 @@ def test_restore_checks_its_argument_and_the_vcpus__SNAP_4() -> None:
     assert len(one) == 2 and one.snapshot() == snap
 
 
-def test_restore_on_a_shared_host_leaves_other_vms_vcpus_alone__SNAP_4() -> None:
+def test_restore_on_a_shared_host_leaves_other_vms_vcpus_alone__VMSNAP_4() -> None:
     host = Host(2)
     a, b = Vm(2, host=host), Vm(1, host=host)
     a.vcpu(0).rdmsr(MSR_TPR - 0x808 + 0x1B)
@@ -176,7 +176,7 @@ def test_restore_on_a_shared_host_leaves_other_vms_vcpus_alone__SNAP_4() -> None
     assert host.pcpu(1).loaded is c.vcpu(0)
 
 
-def test_every_vm_attribute_but_the_apics_deepcopies__SNAP_1() -> None:
+def test_every_vm_attribute_but_the_apics_deepcopies__VMSNAP_1() -> None:
     vm = x2apic_vm([0, 1])
     vm.vcpu(0).wrmsr(MSR_ICR, (1 << 32) | ICR_ASSERT | 0x41)
     memo: dict[int, Any] = {id(a): a for a in vm._apics}
@@ -186,7 +186,7 @@ def test_every_vm_attribute_but_the_apics_deepcopies__SNAP_1() -> None:
     assert twin.host.pcpu(1).loaded is twin.vcpu(1)
 
 
-def test_deepcopy_of_a_vm_is_an_equal_independent_vm__SNAP_1() -> None:
+def test_deepcopy_of_a_vm_is_an_equal_independent_vm__VMSNAP_1() -> None:
     vm = x2apic_vm([0, 1])
     vm.vcpu(0).wrmsr(MSR_ICR, (1 << 32) | ICR_ASSERT | 0x41)
     twin = copy.deepcopy(vm)
@@ -194,7 +194,7 @@ def test_deepcopy_of_a_vm_is_an_equal_independent_vm__SNAP_1() -> None:
     assert twin.vcpu(1).run() == [0x41] and vm.lapic(1).pending_interrupt() == 0x41
 
 
-def test_pickle_round_trip_of_a_vm_gives_an_equal_vm__SNAP_1() -> None:
+def test_pickle_round_trip_of_a_vm_gives_an_equal_vm__VMSNAP_1() -> None:
     vm = x2apic_vm([0, 1, 5])
     vm.vcpu(0).wrmsr(MSR_ICR, (5 << 32) | ICR_ASSERT | 0x52)
     vm.signal_msi(0xFEE00000 | (1 << 12), 0, 0x61)
