@@ -5,8 +5,12 @@
 quirk), a set-up that gives each vCPU an xAPIC ID, LDR, DFR, a mode (xAPIC, x2APIC by the
 guest or by the host, disabled), SVR and TPR, then random operations of the given kinds.
 Every operation passes through :func:`tests.differential.exclusions.permitted`.  Values are
-drawn from a few interesting ones or at random; hypothesis shrinks toward the first of each
-list, so the interesting values come first and the simplest operations first.
+drawn from a few interesting ones, at random, or as uniform bits over the field's writable
+range (:func:`uniform_bits`); hypothesis shrinks toward the first of each list, so the
+interesting values come first and the simplest operations first.  A write (register, MSR,
+state image, CR8) is followed some of the time by guest execution on its vCPU and a host
+read-back (:func:`followups`), so a value that does not survive an exit or a KVM_GET/SET_SREGS
+round trip (KVMB-10/11) is seen.
 """
 
 from __future__ import annotations
