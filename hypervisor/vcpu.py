@@ -202,7 +202,7 @@ class Vcpu:
         irr = apic.irr.highest()
         if apic.enabled and irr >= 0 and tpr >> 4 >= irr >> 4:
             return
-        apic.set_cr8(tpr >> 4)
+        apic.set_cr8(tpr >> 4)  # kvm_set_cr8(vcpu, V_TPR)
 
     def _apic_offset(self, gpa: int) -> int:
         base = self.apic.base_address

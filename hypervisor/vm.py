@@ -427,7 +427,7 @@ class Vm:
     def get_cr8(self, i: int) -> int:
         """The CR8 of KVM_GET_SREGS: TPR bits 7:4 (REG-TPR-1)."""
         check_index(i, len(self._vcpus))
-        return self._apics[i].cr8
+        return self._apics[i].get_cr8()
 
     def set_cr8(self, i: int, cr8: int) -> None:
         """KVM_SET_SREGS of the vCPU's own KVM_GET_SREGS state with CR8 = ``cr8``: KVM's
@@ -435,7 +435,8 @@ class Vm:
         clears TPR bits 3:0; a ``cr8`` above 0xF leaves the TPR unchanged (KVMB-10)."""
         check_index(i, len(self._vcpus))
         check_int("cr8", cr8, 0, (1 << 64) - 1)
-        self._apics[i].set_cr8(cr8)
+        if not cr8 >> 4:  # kvm_set_cr8 refuses CR8_RESERVED_BITS
+            self._apics[i].set_cr8(cr8)
         self._vcpus[i].preempt()  # a vCPU ioctl runs outside guest mode
 
     def get_msr(self, i: int, msr: int) -> int:

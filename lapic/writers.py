@@ -122,20 +122,6 @@ class RegisterMixin(ApicCore):
         self._w[_TPR] = value & 0xFF
         self._update_ppr_and_notify()
 
-    # CR8, the TPR's other interface (KVM kvm_lapic_get_cr8 / kvm_set_cr8 -> kvm_lapic_set_tpr)
-    @property
-    def cr8(self) -> int:
-        """KVM ``kvm_lapic_get_cr8``: CR8 = TPR bits 7:4 (what KVM_GET_SREGS reports)."""
-        return (int(self._w[_TPR]) & 0xF0) >> 4
-
-    def set_cr8(self, cr8: int) -> None:
-        """KVM ``kvm_set_cr8``: ``cr8`` with bits above 3 set is refused (TPR unchanged);
-        otherwise ``kvm_lapic_set_tpr``: TPR := (cr8 & 0xF) << 4, so TPR bits 3:0 become 0
-        (REG-TPR-1, KVMB-10); PPR is recomputed as for any TPR write."""
-        if cr8 & ~0xF:
-            return
-        self._write_tpr((cr8 & 0xF) << 4, False)
-
     def _write_eoi(self, value: int, x2apic: bool) -> None:
         self.eoi()
 
@@ -261,11 +247,3 @@ class RegisterMixin(ApicCore):
         }
         for reg in LVT_REGISTERS:
             self._writers[reg.name] = self._lvt_writer(reg)
-
-
-# What a replay (``apicsim/replays/``) may swap, and the behaviour behind each.
-REPLAY_SEAMS: frozenset[str] = frozenset(
-    {
-        "RegisterMixin.set_cr8",  # FID-1: the model's old CR8 write that kept TPR bits 3:0
-    }
-)

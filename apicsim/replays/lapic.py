@@ -261,8 +261,6 @@ def fid1(p: Patcher) -> None:
     """FID-1, the model before issue 8: a host CR8 write (KVM_SET_SREGS) keeps TPR bits 3:0."""
 
     def set_cr8(self: LocalApic, cr8: int) -> None:
-        if cr8 & ~0xF:
-            return
         self._write_tpr((cr8 & 0xF) << 4 | self.tpr & 0xF, False)
 
     p.set(LocalApic, "set_cr8", set_cr8)
