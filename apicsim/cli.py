@@ -13,6 +13,11 @@
     Run scenarios on the model or on the host's KVM, one PASS/FAIL/SKIP line per expectation.
     See :mod:`apicsim.check`.
 
+``apicsim shell [SCENARIO] [--plain]``
+    An interactive session (IPython if installed, else the standard console) with the scenario
+    loaded: ``step()``, ``back()``, ``until(...)``, ``table()``, ``trace()``, ``diff()``.  See
+    :mod:`apicsim.shell`.
+
 ``apicsim mutants [--ids BUG-n,...] [--jobs N]``
     Put historical KVM bugs back into the model one at a time and check that the tests kill
     each one.  See :mod:`apicsim.mutants`.
@@ -56,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=scenario.BACKENDS,
         help="run the scenarios that list this backend (only 'model' is implemented)",
     )
+    sh = sub.add_parser("shell", help="step through a scenario interactively")
+    sh.add_argument("scenario", nargs="?", type=Path, default=None, help="a scenario file")
+    sh.add_argument("--plain", action="store_true", help="the standard console, not IPython")
     mutants.add_parser(sub)
     check.add_parser(sub)
     return p
@@ -85,6 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("apicsim demo: --vector must be in 16..255", file=sys.stderr)
             return 2
         return demo.run(vcpus=args.vcpus, vector=args.vector, out=sys.stdout)
+    if args.command == "shell":
+        from apicsim import shell
+
+        try:
+            return shell.run(args.scenario, plain=args.plain)
+        except scenario.ScenarioError as e:
+            print(f"apicsim shell: {e}", file=sys.stderr)
+            return 2
     if args.command == "mutants":
         return mutants.main(args, sys.stdout, sys.stderr)
     if args.command == "check":

@@ -1,39 +1,45 @@
 """The model against the host's KVM, side by side in one run (``apicsim.kvm.KvmVm``).
 
-Run: ``./dev python bench/bench_kernel.py`` (``--quick`` for a short run).  Prints one table
-and the ratios; each row is the best of several repeats of a loop timed with
+Run: ``./dev python bench/bench_kernel.py`` (``--quick`` for a short run).  Prints the machine
+(CPU model from ``/proc/cpuinfo``, kernel, Python), one table of rates and one table of every
+ratio with its target.  Each row is the best of several repeats of a loop timed with
 ``time.perf_counter`` (wall clock), so background load can only make a row look slower, and
-the model's and the kernel's repeats alternate, so that load falls on both alike.  Not a
-test: it exits 0 whatever it measures, and without a usable ``/dev/kvm`` it prints the model's
-rows only.
+the repeats of all rows alternate, so that load falls on every row alike.  Not a test: it
+exits 0 whatever it measures, and without a usable ``/dev/kvm`` it prints the model's rows only.
 
 What is measured, on the same topology for both (4 vCPUs, every APIC software-enabled and in
 x2APIC mode; the model gets the guest CPUID features and ``vector_hashing`` of the host's KVM):
 
-(a) one fixed, edge, physical MSI to the vCPU with APIC ID 2 (address 0xFEE02000, data 0xF0):
-    the model's ``Vm.signal_msi`` against ``KvmVm.signal_msi``, which is one KVM_SIGNAL_MSI
-    ioctl (libc ``ioctl`` through ctypes).  Target: the model at least half the ioctl's rate.
-(b) one guest ICR write, x2APIC unicast fixed IPI to APIC ID 1 (WRMSR 0x830): the model's
-    ``vm.vcpu(0).wrmsr`` (trap-and-emulate: VM exit, ICR emulation, map fast path, accept)
-    against ``KvmVm.vcpu(0).wrmsr``, a round trip into a real guest that executes the WRMSR
-    (KVM_SET_REGS, KVM_GET_MP_STATE, KVM_GET_SREGS, one KVM_RUN, KVM_GET_REGS).  Target: the
-    model at least 5x faster.
+(a) one fixed, edge, physical MSI to the vCPU with APIC ID 2 (address 0xFEE02000, data 0xF0).
+    Model: ``Vm.signal_msi``.  Baseline: the raw KVM_SIGNAL_MSI ioctl issued from Python
+    (``fcntl.ioctl`` on the VM fd with a ``struct kvm_msi`` built once), the fastest honest way
+    to ask the kernel for the same delivery from Python.  Also shown, labelled as such: the
+    ``KvmVm.signal_msi`` wrapper, which checks its arguments and packs the struct on every call.
+    Target: the model at least 0.5x the raw ioctl's rate (goal 1.0x).
+(b) one guest ICR write, x2APIC unicast fixed IPI to APIC ID 1 (WRMSR 0x830).  Model:
+    ``vm.vcpu(0).wrmsr`` (trap-and-emulate: the exit and its record in the exit log, ICR
+    emulation, the route, the accept, the kick), with 4 and with 4096 vCPUs (the 4096-vCPU
+    VM sends to its last vCPU).  Kernel baseline: a guest loop ``wrmsr; out; jmp`` entered once
+    with its registers set, then one KVM_RUN per WRMSR (the fewest ioctls a VMM needs: KVM_RUN,
+    then a look at ``kvm_run.exit_reason``).  Also shown, labelled: the ``KvmVcpu.wrmsr``
+    wrapper (KVM_GET_MP_STATE, KVM_GET_SREGS, KVM_SET_REGS, KVM_RUN, KVM_GET_REGS per write).
+    Targets: the model at least 0.35x the raw KVM_SIGNAL_MSI rate; the 4096-vCPU cost per
+    write within 1.1x of the 4-vCPU cost.
 
-Why it is fair: both sides are called from Python, one operation per call, through the same
-interface (``hypervisor.api.HostApi``, which ``hypervisor.Vm`` and ``KvmVm`` share), with the
-same arguments and the same argument checks (``hypervisor.api``), and both deliver the same
-interrupt to the same vCPU state (the destination's IRR bit is set by the first call; every
-later call is delivered onto it, on both).  The model runs
-with its exit log and tracer off, as KVM runs with its tracepoints off.  (b) on the kernel side
-includes what any VMM pays to run guest code from Python: the register set-up ioctls and the
-exit back to userspace; it is "one guest ICR write as seen from the host", not KVM's in-kernel
-emulation time alone.  On this host KVM is ``kvm_pvm`` (guest code runs through KVM's
+The model runs as configured by default (its exit log on, 4096 entries) with its tracer off,
+as KVM runs with its tracepoints off; both deliver the same interrupt to the same vCPU state
+(the destination's IRR bit is set by the first call; every later call is delivered onto it).
+(b) on the kernel side includes what any VMM pays to run guest code from Python (the exit back
+to userspace); it is "one guest ICR write as seen from the host", not KVM's in-kernel
+emulation time alone.  On this host KVM may be ``kvm_pvm`` (guest code runs through KVM's
 instruction emulator; ``specs/kvm_backend.md``), so its KVM_RUN is slower than with VMX/SVM.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -43,36 +49,60 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from apicsim.kvm import KvmVm, guest_features, host_vector_hashing, kvm_available
+from apicsim.kvm import ioctl as k
 from hypervisor import Vm
 
 VCPUS = 4
+BIG_VCPUS = 4096
 VECTOR = 0xF0
 MSI_ADDRESS = 0xFEE00000 | 2 << 12  # fixed, physical, destination APIC ID 2
 MSI_DATA = VECTOR  # fixed, edge
 ICR = 1 << 32 | 0x4000 | VECTOR  # x2APIC: destination 1, fixed, physical, assert, edge
+BIG_ICR = (BIG_VCPUS - 1) << 32 | 0x4000 | VECTOR  # the same, to the last of 4096 vCPUs
 X2APIC_ENABLE = 0xFEE00C00  # APIC_BASE: EN | EXTD, default base
 SVR = 0x1FF
 
+Loop = Callable[[int], None]
 
-def best_rates(loops: list[tuple[Callable[[int], None], int]], repeats: int) -> list[float]:
+
+def machine() -> str:
+    """The CPU model (``/proc/cpuinfo``), the kernel and the Python that ran the benchmark."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}; Linux {platform.release()}; "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+
+
+def best_rates(loops: list[tuple[Loop, int]], repeats: int) -> list[float]:
     """Operations per second of each ``(fn, n)`` (``fn(n)`` does ``n`` operations): the best
-    of ``repeats``.  The repeats are interleaved (model, kernel, model, kernel, ...) so that
-    background load falls on both sides alike."""
+    of ``repeats``.  The repeats are interleaved (row 1, row 2, ..., row 1, ...) so that
+    background load falls on every row alike."""
     best = [float("inf")] * len(loops)
     for _ in range(repeats):
-        for k, (fn, n) in enumerate(loops):
+        for i, (fn, n) in enumerate(loops):
             t0 = time.perf_counter()
             fn(n)
-            best[k] = min(best[k], time.perf_counter() - t0)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return [n / t for (_, n), t in zip(loops, best, strict=True)]
 
 
-def model_vm() -> Vm:
-    """The model, configured as the host's KVM guest (features, vector_hashing)."""
+def model_vm(vcpus: int) -> Vm:
+    """The model, configured as the host's KVM guest (features, vector_hashing); every other
+    option at its default (the exit log on)."""
     ok, _ = kvm_available()
     features = guest_features() if ok else None
     hashing = host_vector_hashing() if ok else None
-    return Vm(VCPUS, features=features, vector_hashing=hashing, exit_log=0)
+    vm = Vm(vcpus, features=features, vector_hashing=hashing)
+    setup_x2apic([vm.vcpu(i).wrmsr for i in range(vcpus)])
+    return vm
 
 
 def setup_x2apic(wrmsrs: list[Callable[[int, int], None]]) -> None:
@@ -82,7 +112,7 @@ def setup_x2apic(wrmsrs: list[Callable[[int, int], None]]) -> None:
         wrmsr(0x80F, SVR)
 
 
-def msi_loop(signal: Callable[[int, int, int, int], int]) -> Callable[[int], None]:
+def msi_loop(signal: Callable[[int, int, int, int], int]) -> Loop:
     def run(n: int) -> None:
         for _ in range(n):
             signal(MSI_ADDRESS, 0, MSI_DATA, 0)
@@ -90,76 +120,149 @@ def msi_loop(signal: Callable[[int, int, int, int], int]) -> Callable[[int], Non
     return run
 
 
-def icr_loop(wrmsr: Callable[[int, int], None]) -> Callable[[int], None]:
+def raw_msi_loop(vm_fd: int) -> Loop:
+    """KVM_SIGNAL_MSI from Python with a prebuilt ``struct kvm_msi``: one ioctl per MSI."""
+    msi = k.KvmMsi(address_lo=MSI_ADDRESS, address_hi=0, data=MSI_DATA, flags=0)
+    request = k.KVM_SIGNAL_MSI
+
+    def run(n: int) -> None:
+        ioctl = fcntl.ioctl
+        for _ in range(n):
+            ioctl(vm_fd, request, msi, True)
+
+    assert fcntl.ioctl(vm_fd, request, msi, True) == 1
+    return run
+
+
+def icr_loop(wrmsr: Callable[[int, int], None], value: int = ICR) -> Loop:
     def run(n: int) -> None:
         for _ in range(n):
-            wrmsr(0x830, ICR)
+            wrmsr(0x830, value)
 
     return run
 
 
+def raw_wrmsr_loop(kvm: KvmVm) -> tuple[Loop, Callable[[], None]]:
+    """The guest's ``wrmsr; out; jmp`` loop on vCPU 0: each run enters it once with RIP and
+    RCX/EDX:EAX set (the first of its ``n`` writes, through ``KvmVcpu.execute``, since another
+    row runs other guest code on vCPU 0 in between); every further KVM_RUN executes one WRMSR
+    of the ICR and exits at the OUT.  Returns the loop and the clean-up (the exit-reason view
+    must be released before the VM closes)."""
+    vcpu = kvm.vcpu(0)
+    entry = kvm.stubs.wrmsr_loop
+    reasons = memoryview(vcpu.run_page).cast("I")
+    slot = k.RUN_EXIT_REASON // 4
+    fd = vcpu.fd
+    request = k.KVM_RUN
+
+    def run(n: int) -> None:
+        vcpu.execute(entry, "WRMSR loop", rcx=0x830, rax=ICR & 0xFFFFFFFF, rdx=ICR >> 32)
+        ioctl = fcntl.ioctl
+        for _ in range(n - 1):
+            ioctl(fd, request, 0)
+            if reasons[slot] != k.KVM_EXIT_IO:
+                raise RuntimeError(f"WRMSR loop: exit reason {reasons[slot]}")
+
+    return run, reasons.release
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
+    key: str
     name: str
     rate: float | None
     """Operations per second (None: not measured here)."""
 
 
+ROWS = {
+    "msi_model": "(a) MSI        model   Vm.signal_msi",
+    "msi_raw": "(a) MSI        kernel  KVM_SIGNAL_MSI ioctl, prebuilt struct (baseline)",
+    "msi_wrapper": "(a) MSI        kernel  KvmVm.signal_msi wrapper (checks + packs per call)",
+    "icr_model": "(b) ICR write  model   vcpu(0).wrmsr(0x830), 4 vCPUs",
+    "icr_model_big": "(b) ICR write  model   vcpu(0).wrmsr(0x830), 4096 vCPUs",
+    "icr_raw": "(b) ICR write  kernel  guest WRMSR loop, one KVM_RUN per write (baseline)",
+    "icr_wrapper": "(b) ICR write  kernel  KvmVcpu.wrmsr wrapper (5 ioctls per write)",
+}
+
+
 def measure(quick: bool) -> tuple[list[Row], str | None]:
-    """The four rows ((a) model, (a) kernel, (b) model, (b) kernel); the reason KVM was not
-    measured, if it was not."""
-    msi_n, icr_model_n, icr_kvm_n, repeats = (
-        (5_000, 5_000, 300, 3) if quick else (50_000, 50_000, 3_000, 5)
+    """Every row of ``ROWS``; the reason KVM was not measured, if it was not."""
+    n, kvm_n, wrapper_n, repeats = (
+        (5_000, 2_000, 200, 3) if quick else (50_000, 20_000, 2_000, 5)
     )
-    vm = model_vm()
-    setup_x2apic([vm.vcpu(i).wrmsr for i in range(VCPUS)])
+    vm = model_vm(VCPUS)
+    big = model_vm(BIG_VCPUS)
     assert vm.signal_msi(MSI_ADDRESS, 0, MSI_DATA, 0) == 1
-    model_msi_loop = (msi_loop(vm.signal_msi), msi_n)
-    model_icr_loop = (icr_loop(vm.vcpu(0).wrmsr), icr_model_n)
-    names = (
-        "(a) MSI       model   Vm.signal_msi",
-        "(a) MSI       kernel  KVM_SIGNAL_MSI",
-        "(b) ICR write model   vcpu(0).wrmsr(0x830)",
-        "(b) ICR write kernel  guest WRMSR, one KVM_RUN",
-    )
+    loops: dict[str, tuple[Loop, int]] = {
+        "msi_model": (msi_loop(vm.signal_msi), n),
+        "icr_model": (icr_loop(vm.vcpu(0).wrmsr), n),
+        "icr_model_big": (icr_loop(big.vcpu(0).wrmsr, BIG_ICR), n),
+    }
     ok, why = kvm_available()
     if not ok:
-        model_msi, model_icr = best_rates([model_msi_loop, model_icr_loop], repeats)
-        rates: list[float | None] = [model_msi, None, model_icr, None]
-        return [Row(name, rate) for name, rate in zip(names, rates, strict=True)], why
+        rates = dict(zip(loops, best_rates(list(loops.values()), repeats), strict=True))
+        return [Row(key, name, rates.get(key)) for key, name in ROWS.items()], why
     with KvmVm(VCPUS) as kvm:
         setup_x2apic([kvm.vcpu(i).wrmsr for i in range(VCPUS)])
         assert kvm.signal_msi(MSI_ADDRESS, 0, MSI_DATA, 0) == 1
-        msi = best_rates([model_msi_loop, (msi_loop(kvm.signal_msi), msi_n)], repeats)
-        icr = best_rates([model_icr_loop, (icr_loop(kvm.vcpu(0).wrmsr), icr_kvm_n)], repeats)
+        loops["msi_raw"] = (raw_msi_loop(kvm.fd), n)
+        loops["msi_wrapper"] = (msi_loop(kvm.signal_msi), kvm_n)
+        loops["icr_wrapper"] = (icr_loop(kvm.vcpu(0).wrmsr), wrapper_n)
+        raw_icr, release = raw_wrmsr_loop(kvm)
+        loops["icr_raw"] = (raw_icr, kvm_n)
+        try:
+            rates = dict(zip(loops, best_rates(list(loops.values()), repeats), strict=True))
+        finally:
+            release()
         assert VECTOR in kvm.lapic_view(1).irr and VECTOR in kvm.lapic_view(2).irr
     assert VECTOR in vm.lapic(1).irr and VECTOR in vm.lapic(2).irr
-    rates = [msi[0], msi[1], icr[0], icr[1]]
-    return [Row(name, rate) for name, rate in zip(names, rates, strict=True)], None
+    assert VECTOR in big.lapic(BIG_VCPUS - 1).irr
+    return [Row(key, name, rates.get(key)) for key, name in ROWS.items()], None
+
+
+def ratios(rows: list[Row]) -> list[tuple[str, float, str, bool | None]]:
+    """``(what, ratio, target, met)`` for every ratio that can be computed from ``rows``."""
+    r = {row.key: row.rate for row in rows}
+    out: list[tuple[str, float, str, bool | None]] = []
+
+    def add(what: str, num: str, den: str, target: float | None, at_most: bool = False) -> None:
+        a, b = r.get(num), r.get(den)
+        if a is None or b is None:
+            return
+        value = a / b
+        if target is None:
+            out.append((what, value, "", None))
+        elif at_most:
+            out.append((what, value, f"<= {target:g}x", value <= target))
+        else:
+            out.append((what, value, f">= {target:g}x", value >= target))
+
+    add("(a) model MSI / raw KVM_SIGNAL_MSI rate (goal 1.0x)", "msi_model", "msi_raw", 0.5)
+    add("(a) model MSI / KvmVm.signal_msi wrapper rate", "msi_model", "msi_wrapper", None)
+    add("(a) KvmVm.signal_msi wrapper / raw ioctl rate", "msi_wrapper", "msi_raw", None)
+    add("(b) model ICR write / raw KVM_SIGNAL_MSI rate", "icr_model", "msi_raw", 0.35)
+    add("(b) model ICR write / guest WRMSR, one KVM_RUN", "icr_model", "icr_raw", None)
+    add("(b) model ICR write / KvmVcpu.wrmsr wrapper", "icr_model", "icr_wrapper", None)
+    add("(b) model cost per ICR write, 4096 / 4 vCPUs", "icr_model", "icr_model_big", 1.1, True)
+    return out
 
 
 def report(rows: list[Row], why: str | None) -> None:
+    print(f"machine: {machine()}")
     width = max(len(r.name) for r in rows)
-    print(f"{'benchmark (4 x2APIC vCPUs)':<{width}}  {'ops/s':>12}  {'per op':>10}")
+    print(f"{'benchmark (x2APIC vCPUs)':<{width}}  {'ops/s':>12}  {'per op':>10}")
     for r in rows:
         if r.rate is None:
             print(f"{r.name:<{width}}  {'-':>12}  {'-':>10}")
         else:
             print(f"{r.name:<{width}}  {r.rate:>12,.0f}  {1e6 / r.rate:>8.2f}us")
     if why is not None:
-        print(f"\nKVM not measured: {why}; targets not evaluated")
-        return
-    model_msi, kvm_msi, model_icr, kvm_icr = (r.rate for r in rows)
-    assert model_msi and kvm_msi and model_icr and kvm_icr
-    targets = [
-        ("(a) model / ioctl rate, MSI", model_msi / kvm_msi, 0.5),
-        ("(b) model / kernel rate, ICR write", model_icr / kvm_icr, 5.0),
-    ]
+        print(f"\nKVM not measured: {why}; only the model's ratios are shown")
     print()
     print(f"{'ratio':<{width}}  {'measured':>12}  {'target':>10}  verdict")
-    for name, ratio, target in targets:
-        verdict = "met" if ratio >= target else "NOT met"
-        print(f"{name:<{width}}  {ratio:>11.2f}x  {'>= ' + f'{target:g}x':>10}  {verdict}")
+    for what, value, target, met in ratios(rows):
+        verdict = "" if met is None else ("met" if met else "NOT met")
+        print(f"{what:<{width}}  {value:>11.3f}x  {target:>10}  {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,14 @@ executes them (so every one is a VM exit under trap-and-emulate):
 The APIC base address is the one the firmware tables report (the vCPU's IA32_APIC_BASE when
 the guest boots), read without an exit.
 
-Not modelled: AP bring-up by INIT/SIPI (every vCPU must already be runnable: ``Vm(...,
-aps_started=True)``, the default), the instruction stream (RFLAGS.IF, interrupt shadows), CPU
-hotplug, the LVTs, the timer and ESR setup of ``setup_local_APIC``, the read-modify-write of SVR
-and TPR (written whole here), TPR = 0x10 of recent kernels (0 here, as the brief says).
+``GuestCpu.send_INIT_SIPI`` sends INIT (assert, then de-assert) and two STARTUP IPIs as
+Linux's ``wakeup_secondary_cpu_via_init`` does (ESR cleared before, read after each SIPI).
+
+Not modelled: AP bring-up at boot (every vCPU must already be runnable: ``Vm(...,
+aps_started=True)``, the default; ``send_INIT_SIPI`` is the helper for driving it by hand), the
+udelay()s between the INIT/SIPI writes, the instruction stream (RFLAGS.IF, interrupt shadows),
+CPU hotplug, the LVTs, the timer and ESR setup of ``setup_local_APIC``, the read-modify-write of
+SVR and TPR (written whole here), TPR = 0x10 of recent kernels (0 here, as the brief says).
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ from lapic.faults import ApicTypeError, ApicValueError, check_int
 if TYPE_CHECKING:
     from hypervisor.vcpu import Vcpu
     from hypervisor.vm import Vm
+
+APIC_ESR = 0x280
+APIC_ICR = 0x300
+APIC_ICR2 = 0x310
+APIC_INT_LEVELTRIG = 0x8000
+APIC_INT_ASSERT = 0x4000
+APIC_DM_INIT = 0x500
+APIC_DM_STARTUP = 0x600
+"""ICR/ESR offsets and ICR bits of ``wakeup_secondary_cpu_via_init`` (``asm/apicdef.h``)."""
 
 DRIVERS: tuple[str, ...] = ("flat", "physflat", "x2apic_phys", "x2apic_cluster", "kvm_pv")
 """The names ``Guest(vm, driver=...)`` accepts."""
@@ -125,6 +138,37 @@ class GuestCpu:
     def _nmi(self, vcpu: Vcpu) -> None:
         """The NMI handler: recorded as vector 2; an NMI takes no EOI."""
         self.handled.append(NMI_VECTOR)
+
+    # ===================================================================================
+    # INIT/SIPI (wakeup_secondary_cpu_via_init)
+    # ===================================================================================
+    def icr_write(self, low: int, apicid: int) -> None:
+        """``native_apic_icr_write`` (ICR2 then ICR) / ``native_x2apic_icr_write``."""
+        if self.x2apic:
+            self.write_apic(APIC_ICR, apicid << 32 | low)
+        else:
+            self.write_apic(APIC_ICR2, (apicid & 0xFF) << 24)
+            self.write_apic(APIC_ICR, low)
+
+    def send_INIT_SIPI(self, target: int, start_eip: int = 0x9F000) -> int:
+        """Linux ``wakeup_secondary_cpu_via_init``: INIT level-assert, INIT de-assert, then
+        STARTUP twice with vector ``start_eip >> 12`` to CPU ``target``'s APIC ID; returns
+        the ESR bits read after the last STARTUP (``accept_status``, masked with 0xEF)."""
+        check_int("target", target, 0, len(self.guest) - 1)
+        check_int("start_eip", start_eip, 0, 0xFF000)
+        if start_eip & 0xFFF:
+            raise ApicValueError(f"start_eip={start_eip:#x} must be 4 KiB aligned")
+        apicid = self.guest.cpu_to_apicid[target]
+        self.write_apic(APIC_ESR, 0)
+        self.read_apic(APIC_ESR)
+        self.icr_write(APIC_INT_LEVELTRIG | APIC_INT_ASSERT | APIC_DM_INIT, apicid)
+        self.icr_write(APIC_INT_LEVELTRIG | APIC_DM_INIT, apicid)
+        status = 0
+        for _ in range(2):
+            self.write_apic(APIC_ESR, 0)
+            self.icr_write(APIC_DM_STARTUP | start_eip >> 12, apicid)
+            status = self.read_apic(APIC_ESR) & 0xEF
+        return status
 
     # ===================================================================================
     # IPIs (apic->send_IPI_*)

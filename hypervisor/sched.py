@@ -117,7 +117,7 @@ class Scheduler:
         # kick_ipi's common case (no INIT pending) inlined, as this runs once per IPI.
         state = vcpu.run_state
         if state is RunState.IN_GUEST:
-            if vcpu.apic.init_pending:
+            if apic.events.init:  # init_pending, without the property
                 self.kick_ipi(vcpu)
             elif self.host.running is not vcpu:
                 self.vm.stats.kicks += 1

@@ -107,6 +107,8 @@ class VmSnapshot:
     map_dirty: bool
     map_inhibits: int
     apic_base_modified: bool
+    trace_stamps: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
+    """``Tracer.saved()``: the trace's sequence counter and (sequence number, ns) stamps."""
 
     def diff(self, other: VmSnapshot) -> list[str]:
         """What changed from ``self`` to ``other``, one readable line per difference."""
@@ -256,10 +258,12 @@ def snapshot_vm(vm: Vm) -> VmSnapshot:
         exit_log=None if vm.exit_log is None else tuple(vm.exit_log),
         trace=tuple(vm.tracer.events),
         accel=vm.accel.state(),
-        map=_map_state(vm, vm._map),
+        # A VM whose map was never built (dirty since its first vCPU) has no _map yet.
+        map=_map_state(vm, getattr(vm, "_map", None)),
         map_dirty=vm._map_dirty,
-        map_inhibits=vm._map_inhibits,
+        map_inhibits=getattr(vm, "_map_inhibits", 0),
         apic_base_modified=vm._apic_base_modified,
+        trace_stamps=vm.tracer.saved(),
     )
 
 
@@ -320,7 +324,7 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
     if vm.exit_log is not None:
         vm.exit_log.clear()
         vm.exit_log.extend(snap.exit_log or ())
-    vm.tracer.events[:] = snap.trace
+    vm.tracer.load(snap.trace, snap.trace_stamps)
     vm.accel.set_state(snap.accel)
     vm._map = None if snap.map is None else _rebuild_map(vm, snap.map)
     vm._map_dirty = snap.map_dirty

@@ -14,19 +14,46 @@ names and fields follow ``arch/x86/kvm/trace.h``:
 ``KvmEoi``             ``kvm_eoi``: vCPU, vector
 ``KvmHypercall``       ``kvm_hypercall``: nr, a0..a3
 ``KvmMsiSetIrq``       ``kvm_msi_set_irq``: address, data
-``KvmApicWrite``       ``kvm_apic``: register write (offset, value)
+``KvmApicWrite``       ``kvm_apic``: an emulated APIC register write (offset, value): xAPIC
+                       MMIO and x2APIC WRMSR alike (``kvm_lapic_reg_write``)
+``KvmMsr``             ``kvm_msr``: an emulated WRMSR of an APIC MSR, after it (``faulted``:
+                       it injected #GP)
+``KvmInjVirq``         ``kvm_inj_virq``: an interrupt injected at VM entry (after its ack)
+``KvmInjNmi``          ``kvm_inj_nmi``: an NMI injected at VM entry
 ``KvmPvSendIpi``       no tracepoint in KVM: one per ``kvm_pv_send_ipi`` call with its result
+``AccelEvent``         an accelerator's own event (``kvm_avic_*``, ``kvm_pi_*`` style): name
+                       and value, emitted by accelerators that complete accesses in hardware
 =====================  ===============================================================
 
-Counters (``Stats``) are plain integer attributes, always updated.
+The register-level events (``kvm_apic``, ``kvm_msr``, ``kvm_inj_virq``, ``kvm_inj_nmi``) are
+emitted only while ``tracer.detail`` is also true (``apicsim.Session`` sets it), so a trace of
+the delivery events alone stays as it was. Each emitted event gets a sequence number (counting
+from 0 for the VM, never reused, not reset by :meth:`Tracer.clear`) and the virtual time of the
+host clock in nanoseconds (:class:`TraceRecord`, from :meth:`Tracer.records`).
+:func:`format_event` prints an event as ``trace-cmd report`` does, with the fields decoded and
+numbers in hex (``kvm_apic_ipi: dst 0x2 vec 0x41 (Fixed|physical|assert|edge|dst)``);
+:meth:`Tracer.report` filters by vCPU, event name and vector; :meth:`Tracer.write` writes a text
+file close to ``trace-cmd report`` (one line per event: task, CPU, timestamp, event, fields).
+
+Not modelled: the host task names and pids of a real trace (the task column is ``CPU n/KVM``,
+the CPU column the vCPU index), KVM's RIP fields (no instruction stream), tracepoints for
+events the model does not simulate (page faults, ``kvm_entry``).
+
+Counters (``Stats``) are plain integer attributes, always updated; ``Stats.snapshot()`` is a
+frozen copy and ``stats - earlier`` the counts since then (:class:`StatsSnapshot`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 from hypervisor.exits import ExitReason
+from lapic.faults import ApicTypeError, ApicValueError
+from lapic.registers import REGISTER_BY_OFFSET
 
 
 class KvmExit(NamedTuple):
@@ -74,6 +101,28 @@ class KvmApicWrite(NamedTuple):
     value: int
 
 
+class KvmMsr(NamedTuple):
+    vcpu: int
+    msr: int
+    data: int
+    faulted: bool = False
+
+
+class KvmInjVirq(NamedTuple):
+    vcpu: int
+    vector: int
+
+
+class KvmInjNmi(NamedTuple):
+    vcpu: int
+
+
+class AccelEvent(NamedTuple):
+    vcpu: int
+    name: str
+    value: int
+
+
 class KvmPvSendIpi(NamedTuple):
     vcpu: int
     bitmap_low: int
@@ -91,27 +140,256 @@ Event = (
     | KvmHypercall
     | KvmMsiSetIrq
     | KvmApicWrite
+    | KvmMsr
+    | KvmInjVirq
+    | KvmInjNmi
     | KvmPvSendIpi
+    | AccelEvent
 )
+
+EVENT_NAMES: dict[type, str] = {
+    KvmExit: "kvm_exit",
+    KvmApicIpi: "kvm_apic_ipi",
+    KvmApicAcceptIrq: "kvm_apic_accept_irq",
+    KvmEoi: "kvm_eoi",
+    KvmHypercall: "kvm_hypercall",
+    KvmMsiSetIrq: "kvm_msi_set_irq",
+    KvmApicWrite: "kvm_apic",
+    KvmMsr: "kvm_msr",
+    KvmInjVirq: "kvm_inj_virq",
+    KvmInjNmi: "kvm_inj_nmi",
+    KvmPvSendIpi: "kvm_pv_send_ipi",
+    AccelEvent: "kvm_accel",
+}
+"""The tracepoint name of each event type (what ``trace-cmd report`` prints)."""
+
+DELIVERY_MODES = ("Fixed", "LowPrio", "SMI", "Res3", "NMI", "INIT", "SIPI", "ExtINT")
+"""KVM's ``kvm_deliver_mode`` names, by ICR bits 10:8."""
+_SHORTHANDS = ("dst", "self", "all", "all-but-self")
+
+
+def decode_icr_low(icr_low: int) -> str:
+    """``Fixed|physical|assert|edge|dst``: the ICR fields as ``kvm_apic_ipi`` prints them."""
+    return "|".join(
+        (
+            DELIVERY_MODES[(icr_low >> 8) & 7],
+            "logical" if icr_low & (1 << 11) else "physical",
+            "assert" if icr_low & (1 << 14) else "de-assert",
+            "level" if icr_low & (1 << 15) else "edge",
+            _SHORTHANDS[(icr_low >> 18) & 3],
+        )
+    )
+
+
+def _reg_name(offset: int) -> str:
+    reg = REGISTER_BY_OFFSET.get(offset & ~0xF)
+    return f"APIC_{reg.name}" if reg is not None else f"{offset:#x}"
+
+
+def format_event(event: Event) -> str:
+    """The event as ``trace-cmd report`` prints its tracepoint (``name: fields``), in hex."""
+    name = EVENT_NAMES[type(event)]
+    match event:
+        case KvmExit(_, reason, qual):
+            text = f"reason {reason.name} info {qual:#x}"
+        case KvmApicIpi(_, low, dest):
+            text = f"dst {dest:#x} vec {low & 0xFF:#04x} ({decode_icr_low(low)})"
+        case KvmApicAcceptIrq(vcpu, dm, trig, vec, ok):
+            text = (
+                f"apicid {vcpu:#x} vec {vec:#04x} ({DELIVERY_MODES[(dm >> 8) & 7]}|"
+                f"{'level' if trig else 'edge'}){'' if ok else ' (coalesced)'}"
+            )
+        case KvmEoi(vcpu, vec):
+            text = f"apicid {vcpu:#x} vector {vec:#04x}"
+        case KvmHypercall(_, nr, a0, a1, a2, a3):
+            text = f"nr {nr:#x} a0 {a0:#x} a1 {a1:#x} a2 {a2:#x} a3 {a3:#x}"
+        case KvmMsiSetIrq(addr, data):
+            dest_mode = "logical" if addr & (1 << 2) else "physical"
+            text = (
+                f"dst {(addr >> 12) & 0xFF | (addr >> 32) << 8:#x} vec {data & 0xFF:#04x} "
+                f"({DELIVERY_MODES[(data >> 8) & 7]}|{dest_mode}|"
+                f"{'level' if data & (1 << 15) else 'edge'}"
+                f"{'|rh' if addr & (1 << 3) else ''})"
+            )
+        case KvmApicWrite(_, offset, value):
+            text = f"apic_write {_reg_name(offset)} = {value:#x}"
+        case KvmMsr(_, msr, data, faulted):
+            text = f"msr_write {msr:x} = {data:#x}{' (#GP)' if faulted else ''}"
+        case KvmInjVirq(_, vec):
+            text = f"irq {vec:#04x}"
+        case KvmInjNmi(_):
+            text = ""
+        case KvmPvSendIpi(_, low, high, min_id, icr, result):
+            text = (
+                f"bitmap {high:#x}:{low:#x} min {min_id:#x} icr {icr:#x} "
+                f"({decode_icr_low(icr)}) ret {result}"
+            )
+        case AccelEvent(_, what, value):
+            text = f"{what} {value:#x}"
+        case _:  # pragma: no cover - every Event type is matched above
+            raise ApicTypeError(f"event must be a trace event, not {type(event).__name__}")
+    return f"{name}: {text}" if text else f"{name}:"
+
+
+def event_vcpu(event: Event) -> int | None:
+    """The vCPU (index for host events: None) an event belongs to."""
+    return None if isinstance(event, KvmMsiSetIrq) else int(event[0])
+
+
+def event_vector(event: Event) -> int | None:
+    """The interrupt vector an event is about, where it has one."""
+    match event:
+        case KvmApicIpi(_, low, _) | KvmPvSendIpi(_, _, _, _, low, _):
+            return low & 0xFF
+        case KvmApicAcceptIrq(_, _, _, vec, _) | KvmEoi(_, vec) | KvmInjVirq(_, vec):
+            return vec
+        case KvmMsiSetIrq(_, data):
+            return data & 0xFF
+        case KvmInjNmi(_):
+            return 2
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """One emitted event with its sequence number and virtual time (ns)."""
+
+    seq: int
+    ns: int
+    event: Event
+
+    @property
+    def name(self) -> str:
+        return EVENT_NAMES[type(self.event)]
+
+    def line(self, *, seq: bool = True) -> str:
+        """One line in ``trace-cmd report`` layout (``seq``: the sequence number first)."""
+        vcpu = event_vcpu(self.event)
+        task = "qemu-system-x86" if vcpu is None else f"CPU {vcpu}/KVM"
+        cpu = 0 if vcpu is None else vcpu
+        stamp = f"{self.ns // 1_000_000_000}.{self.ns % 1_000_000_000:09d}"
+        body = f"{task:>16} [{cpu:03d}] {stamp}: {format_event(self.event)}"
+        return f"#{self.seq:<5d} {body}" if seq else body
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+class _Clock(Protocol):
+    now: int
 
 
 class Tracer:
-    """Collects events while ``on``; ``events`` is a plain list a test can compare."""
+    """Collects events while ``on``; ``events`` is a plain list a test can compare.
 
-    __slots__ = ("events", "on")
+    ``stamps`` holds ``(sequence number, virtual ns)`` of each event, in step with
+    ``events``; :meth:`records` pairs them."""
 
-    def __init__(self, on: bool = False) -> None:
+    __slots__ = ("clock", "detail", "events", "next_seq", "on", "stamps")
+
+    def __init__(
+        self, on: bool = False, clock: _Clock | None = None, *, detail: bool = False
+    ) -> None:
         self.on = on
+        self.detail = detail
+        """Also emit the register-level events (``kvm_apic``, ``kvm_msr``, ``kvm_inj_*``)."""
         self.events: list[Event] = []
+        self.stamps: list[tuple[int, int]] = []
+        self.next_seq = 0
+        self.clock = clock
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+        clock = self.clock
+        self.stamps.append((self.next_seq, 0 if clock is None else clock.now))
+        self.next_seq += 1
 
     def clear(self) -> None:
+        """Forget the events (sequence numbers keep counting)."""
         self.events.clear()
+        self.stamps.clear()
 
     def of(self, kind: type[Event]) -> list[Event]:
         return [e for e in self.events if type(e) is kind]
+
+    def saved(self) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """The sequence counter and stamps (the events are saved separately)."""
+        return self.next_seq, tuple(self.stamps)
+
+    def load(self, events: Iterable[Event], saved: tuple[int, tuple[tuple[int, int], ...]]) -> None:
+        """Make the trace equal to ``events`` with what :meth:`saved` returned."""
+        self.events[:] = events
+        self.next_seq, stamps = saved
+        self.stamps[:] = stamps
+
+    def records(
+        self,
+        *,
+        vcpu: int | Iterable[int] | None = None,
+        name: str | Iterable[str] | None = None,
+        vector: int | Iterable[int] | None = None,
+        since: int = 0,
+    ) -> list[TraceRecord]:
+        """The events with their stamps, oldest first, filtered: by vCPU index, by event name
+        (``"kvm_apic_ipi"``; the prefix ``kvm_`` may be left out), by vector, and from the
+        sequence number ``since`` on.  Each filter takes one value or several."""
+        vcpus = _one_or_many("vcpu", vcpu, int)
+        names = _one_or_many("name", name, str)
+        if names is not None:
+            names = {n if n.startswith("kvm_") else "kvm_" + n for n in names}
+            unknown = names - set(EVENT_NAMES.values())
+            if unknown:
+                raise ApicValueError(
+                    f"name={sorted(unknown)[0]!r} is not a trace event; "
+                    f"known: {', '.join(sorted(EVENT_NAMES.values()))}"
+                )
+        vectors = _one_or_many("vector", vector, int)
+        out = []
+        for rec in self._all():
+            ev = rec.event
+            if rec.seq < since:
+                continue
+            if vcpus is not None and event_vcpu(ev) not in vcpus:
+                continue
+            if names is not None and EVENT_NAMES[type(ev)] not in names:
+                continue
+            if vectors is not None and event_vector(ev) not in vectors:
+                continue
+            out.append(rec)
+        return out
+
+    def _all(self) -> Iterator[TraceRecord]:
+        stamps = self.stamps
+        if len(stamps) != len(self.events):  # the list was changed by hand: number afresh
+            stamps = [(i, 0) for i in range(len(self.events))]
+        for (seq, ns), ev in zip(stamps, self.events, strict=True):
+            yield TraceRecord(seq, ns, ev)
+
+    def report(self, *, seq: bool = True, **filters: Any) -> str:
+        """The (filtered, see :meth:`records`) trace as ``trace-cmd report`` text."""
+        return "\n".join(r.line(seq=seq) for r in self.records(**filters))
+
+    def write(self, path: str | Path, **filters: Any) -> int:
+        """Write the trace as ``trace-cmd report`` text (no sequence numbers, so it diffs
+        against a real report); returns the number of events written."""
+        recs = self.records(**filters)
+        lines = [r.line(seq=False) for r in recs]
+        Path(path).write_text("".join(line + "\n" for line in lines))
+        return len(recs)
+
+
+def _one_or_many(what: str, value: object, kind: type) -> set[Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, kind):
+        return {value}
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ApicTypeError(f"{what} must be a {kind.__name__} or several, not {value!r}")
+    out = set(value)
+    for v in out:
+        if not isinstance(v, kind):
+            raise ApicTypeError(f"{what} must be a {kind.__name__} or several, not {v!r}")
+    return out
 
 
 class Stats:
@@ -152,6 +430,66 @@ class Stats:
         out["exits_by_reason"] = {r.name: n for r, n in sorted(self.exits_by_reason.items())}
         return out
 
+    def snapshot(self) -> StatsSnapshot:
+        """A frozen copy of the counters now (``stats - snap`` is what happened since)."""
+        return StatsSnapshot(
+            tuple((n, int(getattr(self, n))) for n in self.__slots__ if n != "exits_by_reason"),
+            tuple(sorted((r.name, n) for r, n in self.exits_by_reason.items() if n)),
+        )
+
+    def __sub__(self, other: object) -> StatsSnapshot:
+        if not isinstance(other, Stats | StatsSnapshot):
+            return NotImplemented
+        return self.snapshot() - other
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
         return f"Stats({inner})"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """The counters of a :class:`Stats` at one moment, or the difference of two moments
+    (``later - earlier``).  Counters read as attributes (``delta.exits``,
+    ``delta.exits_by_reason["MSR_WRITE"]``); printed with the non-zero counts only."""
+
+    counts: tuple[tuple[str, int], ...]
+    by_reason: tuple[tuple[str, int], ...]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "exits_by_reason":
+            return dict(self.by_reason)
+        for k, v in self.counts:
+            if k == name:
+                return v
+        raise AttributeError(name)
+
+    def __sub__(self, other: object) -> StatsSnapshot:
+        if isinstance(other, Stats):
+            other = other.snapshot()
+        if not isinstance(other, StatsSnapshot):
+            return NotImplemented
+        theirs = dict(other.counts)
+        reasons = dict(other.by_reason)
+        mine = dict(self.by_reason)
+        return StatsSnapshot(
+            tuple((k, v - theirs.get(k, 0)) for k, v in self.counts),
+            tuple(
+                (r, mine.get(r, 0) - reasons.get(r, 0))
+                for r in sorted(set(mine) | set(reasons))
+                if mine.get(r, 0) != reasons.get(r, 0)
+            ),
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.counts)
+        out["exits_by_reason"] = dict(self.by_reason)
+        return out
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.counts if v]
+        if self.by_reason:
+            parts.append(
+                "exits_by_reason={" + ", ".join(f"{r}: {n}" for r, n in self.by_reason) + "}"
+            )
+        return f"Stats({', '.join(parts)})"

@@ -28,9 +28,16 @@ from typing import TYPE_CHECKING
 
 from hypervisor.exits import Exit, ExitReason
 from hypervisor.pv_ipi import emulate_hypercall
-from hypervisor.trace import KvmExit, KvmHypercall
+from hypervisor.trace import (
+    KvmApicWrite,
+    KvmExit,
+    KvmHypercall,
+    KvmInjNmi,
+    KvmInjVirq,
+    KvmMsr,
+)
 from lapic.apic import LocalApic
-from lapic.faults import ApicValueError, check_int, gp
+from lapic.faults import ApicValueError, GuestFault, check_int, gp
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
 
 if TYPE_CHECKING:
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
     from hypervisor.vm import Vm
 
 NMI_VECTOR = 2
+_new_tuple = tuple.__new__
 
 Handler = Callable[["Vcpu", int], None]
 NmiHandler = Callable[["Vcpu"], None]
@@ -182,8 +190,9 @@ class Vcpu:
         stats = vm.stats
         stats.exits += 1
         stats.exits_by_reason[reason] += 1
-        if vm.exit_log is not None:
-            vm.exit_log.append(Exit(self.index, reason, qualification, value))
+        log = vm.exit_log
+        if log is not None:  # Exit(...) without NamedTuple.__new__'s keyword handling
+            log.append(_new_tuple(Exit, (self.index, reason, qualification, value)))
         if vm.tracer.on:
             vm.tracer.emit(KvmExit(self.vcpu_id, reason, qualification))
 
@@ -216,7 +225,10 @@ class Vcpu:
         return self.apic.mmio_read(self._apic_offset(gpa), size)
 
     def emulate_mmio_write(self, gpa: int, value: int, size: int) -> None:
-        self.apic.mmio_write(self._apic_offset(gpa), value, size)
+        offset = self._apic_offset(gpa)
+        if self.vm.tracer.on and self.vm.tracer.detail:
+            self.vm.tracer.emit(KvmApicWrite(self.vcpu_id, offset, value))
+        self.apic.mmio_write(offset, value, size)
 
     def emulate_rdmsr(self, msr: int) -> int:
         if _apic_msr(msr):
@@ -225,9 +237,27 @@ class Vcpu:
 
     def emulate_wrmsr(self, msr: int, value: int) -> None:
         if 0x800 <= msr <= 0xBFF or msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR):
+            tracer = self.vm.tracer
+            if tracer.on and tracer.detail:
+                self._traced_wrmsr(msr, value)
+                return
             self.apic.wrmsr(msr, value)
             return
         raise gp(f"WRMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
+
+    def _traced_wrmsr(self, msr: int, value: int) -> None:
+        """The WRMSR with KVM's tracepoints in its order: ``kvm_apic`` as the register write
+        starts (x2APIC mode only: ``kvm_lapic_reg_write``), ``kvm_msr`` when it is done, or
+        marked as faulted when the MSR write injects #GP (``trace_kvm_msr_write_ex``)."""
+        tracer = self.vm.tracer
+        if 0x800 <= msr <= 0xBFF and self.apic.x2apic_mode:
+            tracer.emit(KvmApicWrite(self.vcpu_id, (msr - 0x800) << 4, value))
+        try:
+            self.apic.wrmsr(msr, value)
+        except GuestFault:
+            tracer.emit(KvmMsr(self.vcpu_id, msr, value, True))
+            raise
+        tracer.emit(KvmMsr(self.vcpu_id, msr, value))
 
     # ===================================================================================
     # Scheduling and events
@@ -304,15 +334,20 @@ class Vcpu:
         handle = handler or self.interrupt_handler or Vcpu.default_handler
         handle_nmi = nmi_handler or self.nmi_handler or Vcpu.default_nmi_handler
         done: list[int] = []
+        tracer = self.vm.tracer
         while apic.nmi_pending:
             apic.nmi_pending -= 1
             done.append(NMI_VECTOR)
+            if tracer.on and tracer.detail:
+                tracer.emit(KvmInjNmi(self.vcpu_id))
             handle_nmi(self)
         while True:
             vector = apic.ack()
             if vector is None:
                 break
             done.append(vector)
+            if tracer.on and tracer.detail:
+                tracer.emit(KvmInjVirq(self.vcpu_id, vector))
             handle(self, vector)
         return done
 
@@ -333,9 +368,17 @@ class Vcpu:
             self.mmio_write(self.apic.base_address + 0xB0, 0)
 
     def __repr__(self) -> str:
+        apic = self.apic
+        pending = ""
+        if apic.init_pending:
+            pending += " INIT-pending"
+        if apic.sipi_pending:
+            pending += f" SIPI-pending={apic.sipi_vector:#04x}"
+        if apic.nmi_pending:
+            pending += f" NMI-pending={apic.nmi_pending}"
         return (
             f"<Vcpu index={self.index} id={self.vcpu_id} {self.run_state.value} "
-            f"mp={self.mp_state.name} pcpu={self.pcpu} exits={self.exits}>"
+            f"mp={self.mp_state.name} pcpu={self.pcpu} exits={self.exits}{pending}>"
         )
 
 

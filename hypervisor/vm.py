@@ -33,15 +33,22 @@ loaded on pCPU ``i``), whose clock its APIC timers use and whose step scheduler 
 multi-step protocols (``hypervisor.sched``).  ``snapshot()`` / ``restore()`` capture and
 reinstate everything simulated (``hypervisor.snapshot``).
 
+Delivery keeps the routes the optimized map decided (``hypervisor.routes``, FAST-10): a message
+sent again goes straight to its targets, an MSI without a second decode; ``vm.route_cache =
+False`` routes every message anew.
+
 Not modelled: the IOAPIC/PIC, irq routing tables (KVM_SET_GSI_ROUTING), KVM_SET_SREGS.
 """
 
 from __future__ import annotations
 
+import html as _html
 import inspect
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+from hypervisor import views
 from hypervisor.accelerators import make as make_accelerator
 from hypervisor.api import (
     MsrError,
@@ -64,6 +71,7 @@ from hypervisor.delivery import AcceptFn, deliver
 from hypervisor.exits import Exit
 from hypervisor.host.machine import MAX_PCPUS, Host
 from hypervisor.pv_ipi import pv_send_ipi
+from hypervisor.routes import RouteCache
 from hypervisor.sched import Scheduler
 from hypervisor.snapshot import VmSnapshot, restore_vm, snapshot_vm
 from hypervisor.trace import (
@@ -89,7 +97,12 @@ KVM_MSI_VALID_DEVID = 1
 class Vm:
     """A KVM VM: ``Vm(config)`` with a :class:`~hypervisor.config.VmConfig`, or
     ``Vm(vcpus, profile, **keywords)`` with the keywords of :meth:`VmConfig.build`, which
-    makes the config (one code path).  ``vm.config`` gives it back."""
+    makes the config (one code path).  ``vm.config`` gives it back.
+
+    Looking inside: ``vm.table()`` (one row per vCPU), ``vm.dump()`` (every APIC decoded),
+    ``vm.stats`` (counters; ``vm.stats - snap`` since ``snap = vm.stats.snapshot()``),
+    ``vm.tracer`` (``Vm(..., trace=True)``: KVM's tracepoints as data, ``vm.tracer.report()``
+    prints them as ``trace-cmd report`` does), ``vm.snapshot()``/``vm.restore(snap)``."""
 
     def __init__(
         self,
@@ -183,18 +196,23 @@ class Vm:
         self.pv_features = options.pv_features
         self.aps_started = config.aps_started
         self.stats = Stats()
-        self.tracer = Tracer(config.trace)
+        self.tracer = Tracer(config.trace, self.clock)
         exit_log = config.exit_log
         self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
-        # The map, its dirty bit and its inhibits are first set by add_vcpu (every VM has a
-        # vCPU), and read only through apic_map, which rebuilds a dirty map first.
-        self._map: ApicMap | None
-        self._map_dirty: bool
-        self._map_inhibits: int
+        # The map, its dirty bit and its inhibits are set again by add_vcpu (every VM has a
+        # vCPU), and read only through apic_map, which rebuilds a dirty map first (and by a
+        # snapshot, which records them as they are).
+        self._map: ApicMap | None = None
+        self._map_dirty = True
+        self._map_inhibits = 0
         self._apic_base_modified = False
         """APICV_INHIBIT_REASON_APIC_BASE_MODIFIED: set by an APIC_BASE write, never cleared."""
+        self.route_cache = True
+        """Keep the routes the optimized map decided (``hypervisor.routes``); False: every
+        message is decoded and routed anew (what the route cache is tested against)."""
+        self._routes = RouteCache()
         self.accel = accel
         self._use_map = uses_optimized_map(self.profile, options)
         for vid in config.vcpu_ids:
@@ -228,6 +246,7 @@ class Vm:
     def restore(self, snap: VmSnapshot) -> None:
         """Make this VM (and its pCPUs, clock, counters) equal to ``snap``."""
         restore_vm(self, snap)
+        self._routes.forget()  # the restored map is another map
 
     # ===================================================================================
     # vCPUs
@@ -249,6 +268,7 @@ class Vm:
         apic.map_hook = self._mark_map_dirty
         apic.notify_hook = self.accel.notifier(vcpu)
         apic.eoi_hook = self._on_eoi
+        self._routes.forget()  # a new vCPU can change any route (it may alias an ID)
         if self.options.map_excludes_new_vcpu:
             # KVMB-8: KVM rebuilds the map during KVM_CREATE_VCPU before the vCPU is online
             # and marks it clean, so the new vCPU is not in it until the map is dirtied.
@@ -288,6 +308,7 @@ class Vm:
     # ===================================================================================
     def _mark_map_dirty(self, apic: LocalApic) -> None:
         self._map_dirty = True
+        self._routes.forget()  # every route was decided from the map being replaced
         if apic.hw_enabled and apic.base_address != APIC_DEFAULT_BASE:
             # __kvm_apic_set_base: set on the write itself, never cleared.
             self._apic_base_modified = True
@@ -338,11 +359,38 @@ class Vm:
         """One interrupt message through KVM's delivery.  Also every APIC's ``send_hook``
         (KVM ``kvm_apic_send_ipi``), so the source comes first.  With the host's steps
         queued, the delivery waits as a protocol (``Scheduler.delivery_steps``), whose
-        resolve step calls this with an ``accept`` that only records the targets."""
+        resolve step calls this with an ``accept`` that only records the targets.  Eager,
+        untraced and with the route cache on, a message whose route the map already decided
+        goes straight to its targets (``hypervisor.routes``)."""
         if accept is None:
             if self._steps.queued:
                 return self.sched.start_delivery(source, irq)
+            if self.route_cache and not self.tracer.on:
+                by_source = self._routes.by_source.get(source)
+                route = None if by_source is None else by_source.get(irq[6] << 8 | irq[0])
+                if route is None or route[0] != irq:
+                    return self._deliver_and_learn(source, irq)
+                # The cached route: what _route does for it, minus the map lookup, with
+                # _accept inlined (untraced).
+                stats = self.stats
+                if source is not None:
+                    stats.ipis += 1
+                stats.fast_path += 1
+                vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
+                r = 0
+                for apic in route[1]:
+                    if apic.accept_fast(vector, mode, trigger, level):
+                        stats.irqs_accepted += 1
+                        r += 1
+                return r
             accept = self._accept
+        return self._route(source, irq, accept)[0]
+
+    def _route(
+        self, source: LocalApic | None, irq: Interrupt, accept: AcceptFn
+    ) -> tuple[int, bool]:
+        """KVM's delivery of ``irq`` (map first, then the slow path), counted and traced:
+        ``(result, fast path used)``."""
         stats = self.stats
         if source is not None:
             stats.ipis += 1
@@ -364,6 +412,19 @@ class Vm:
             stats.fast_path += 1
         else:
             stats.slow_path += 1
+        return r, fast
+
+    def _deliver_and_learn(self, source: LocalApic | None, irq: Interrupt) -> int:
+        """:meth:`_route` with this VM's accept, remembering the route when the map decided
+        it (``RouteCache.learn`` says which routes may be kept)."""
+        learner = self._routes.learner(irq, self._accept)
+        if learner is None:
+            return self._route(source, irq, self._accept)[0]
+        learn, seen = learner
+        the_map = self.apic_map if self._use_map else None
+        r, fast = self._route(source, irq, learn)
+        if fast and self._map is the_map and not self._map_dirty:
+            self._routes.learn_source(source, irq, seen)
         return r
 
     def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
@@ -378,7 +439,34 @@ class Vm:
         # Equivalent default: 0 and KVM_MSI_VALID_DEVID (1) take the same path (no device ids).
         flags: int = 0,  # pragma: no mutate
     ) -> int:
-        """KVM_SIGNAL_MSI (``kvm_send_userspace_msi`` -> ``kvm_set_msi``)."""
+        """KVM_SIGNAL_MSI (``kvm_send_userspace_msi`` -> ``kvm_set_msi``).  An (address,
+        data) pair whose route the map already decided is not decoded again (the route cache,
+        eager and untraced only; the pair was checked when its route was learnt)."""
+        if (
+            type(address_lo) is int
+            and type(data) is int
+            and type(address_hi) is int
+            and type(flags) is int
+            and not address_hi
+            and not flags
+            and self.route_cache
+            and not self.tracer.on
+            and not self._steps.queued
+        ):
+            by_data = self._routes.msi.get(data)
+            route = None if by_data is None else by_data.get(address_lo)
+            if route is not None:  # what the path below does for it, with _accept inlined
+                stats = self.stats
+                stats.msis += 1
+                stats.fast_path += 1
+                irq, targets = route
+                vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
+                r = 0
+                for apic in targets:
+                    if apic.accept_fast(vector, mode, trigger, level):
+                        stats.irqs_accepted += 1
+                        r += 1
+                return r
         check_msi(address_lo, address_hi, data, flags)
         if flags & ~KVM_MSI_VALID_DEVID:
             return -EINVAL
@@ -389,7 +477,17 @@ class Vm:
             addr = address_lo | (address_hi << 32 if self.x2apic_format else 0)
             self.tracer.emit(KvmMsiSetIrq(addr, data))
         irq = Msi(address_lo, address_hi, data).decode(x2apic_format=self.x2apic_format)
-        return self._deliver(None, irq)
+        if address_hi or not self.route_cache or self.tracer.on or self._steps.queued:
+            return self._deliver(None, irq)
+        learner = self._routes.learner(irq, self._accept)
+        if learner is None:
+            return self._route(None, irq, self._accept)[0]
+        learn, seen = learner
+        the_map = self.apic_map if self._use_map else None
+        r, fast = self._route(None, irq, learn)
+        if fast and self._map is the_map and not self._map_dirty:
+            self._routes.learn_msi(address_lo, data, irq, seen)
+        return r
 
     # -- hypercall host side (hypervisor.pv_ipi.HypercallHost) ------------------------------
     def pv_feature(self, feature: int) -> bool:
@@ -472,17 +570,18 @@ class Vm:
         return sum(a.poll_timer() for a in self._apics)
 
     def dump(self) -> str:
-        lines = [
-            f"Vm {len(self._vcpus)} vCPUs [{self.profile.name}] accel={self.accel.name} "
-            f"x2apic_format={self.x2apic_format} broadcast_quirk={self.broadcast_quirk} "
-            f"vector_hashing={self.vector_hashing}",
-            f"  map: {self.apic_map!r}",
-            f"  {self.stats!r}",
-        ]
-        for v in self._vcpus:
-            lines.append(f"  {v!r}")
-            lines.extend("    " + line for line in v.apic.dump().splitlines())
-        return "\n".join(lines)
+        """Configuration, counters, then each vCPU with its APIC decoded (``lapic.dump``)."""
+        return views.dump(self)
+
+    def table(self) -> str:
+        """One row per vCPU: ID, mode, TPR/PPR, IRR/ISR/TMR, pending events, run state."""
+        return views.table(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self) if cycle else repr(self) + "\n" + views.table(self))
+
+    def _repr_html_(self) -> str:
+        return f"<p>{_html.escape(repr(self))}</p>" + views.html_table(self)
 
     def __repr__(self) -> str:
         return (

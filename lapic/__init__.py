@@ -16,7 +16,7 @@ from lapic.icr import DeliveryMode, DestMode, Icr, Interrupt, Level, Msi, Shorth
 from lapic.ops import ApicEvent, ApicOps, DefaultApicOps
 from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.timer import Clock
-from lapic.vectors import VectorSet
+from lapic.vectors import FrozenVectorSet, VectorSet
 
 __all__ = [
     "ApicEvent",
@@ -31,6 +31,7 @@ __all__ = [
     "DestMode",
     "Features",
     "Field",
+    "FrozenVectorSet",
     "GuestFault",
     "Icr",
     "Interrupt",

@@ -41,8 +41,10 @@ Choices settled here (each is also in ``specs/lapic.md``):
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from lapic import destination
+from lapic import dump as apic_dump
 from lapic.core import ApicCore, ApicHook, ApicMode, EoiHook, Features, SendHook
 from lapic.events import PendingEvents
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int, gp
@@ -98,7 +100,7 @@ from lapic.registers import (
 )
 from lapic.state import GAPS, ApicSnapshot, StateError, StateMixin
 from lapic.timer import ApicTimer, Clock
-from lapic.vectors import SPAN_BYTES, VectorBitmap, VectorSet
+from lapic.vectors import SPAN_BYTES, FrozenVectorSet, VectorBitmap
 from lapic.writers import ICR2_OFF, ICR_OFF, LVT_ORDER, LVT_WORDS, RegisterMixin
 
 if sys.byteorder != "little":  # pragma: no cover - x86 models run on little-endian hosts
@@ -362,16 +364,19 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         return int(self._w[_ICR]) | int(self._w[_ICR2]) << 32
 
     @property
-    def irr(self) -> VectorSet:
-        return self._irr
+    def irr(self) -> FrozenVectorSet:
+        """The IRR now, as a frozen value (a later change of the APIC does not change it)."""
+        return self._irr.frozen()
 
     @property
-    def isr(self) -> VectorSet:
-        return self._isr
+    def isr(self) -> FrozenVectorSet:
+        """The ISR now, as a frozen value."""
+        return self._isr.frozen()
 
     @property
-    def tmr(self) -> VectorSet:
-        return self._tmr
+    def tmr(self) -> FrozenVectorSet:
+        """The TMR now, as a frozen value."""
+        return self._tmr.frozen()
 
     def lvt(self, name: str) -> int:
         """An LVT entry by register name (``"LVTT"``, ``"LVT0"``, ...)."""
@@ -820,28 +825,14 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         return f"LocalApic(vcpu_id={self.vcpu_id}, profile={self.profile!r}, bsp={self.bsp})"
 
     def dump(self) -> str:
-        """A state summary a person can read at a glance."""
-        lines = [
-            f"LocalApic vcpu {self.vcpu_id} [{self.profile.name}] {self.mode.name} "
-            f"base={self.apic_base:#x} id={self.id_register:#010x} "
-            f"{'sw-enabled' if self.sw_enabled else 'sw-disabled'}",
-            f"  TPR={self.tpr:#04x} PPR={self.ppr:#04x} LDR={self.ldr:#010x} "
-            f"DFR={self.dfr:#010x} SVR={self.svr:#x} ESR={self.esr:#x}",
-            f"  IRR={_fmt(self._irr)} ISR={_fmt(self._isr)} TMR={_fmt(self._tmr)}",
-            "  LVT " + " ".join(
-                f"{n}={self._w[LVT_WORDS[n]]:#x}" for n in LVT_ORDER[: self.lvt_count]
-            ),
-            f"  ICR={self.icr:#018x} TMICT={self._w[_TMICT]:#x} "
-            f"TDCR={self._w[_TDCR]:#x} timer={self.timer!r}",
-        ]
-        pend = self.events.frozen().describe()
-        if pend:
-            lines.append("  pending: " + ", ".join(pend))
-        return "\n".join(lines)
+        """Every register decoded, as QEMU's ``info lapic`` shows it (``lapic.dump``)."""
+        return apic_dump.text(self)
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self) if cycle else self.dump())
 
-def _fmt(vs: VectorSet) -> str:
-    return "{" + ",".join(f"{v:#x}" for v in vs) + "}"
+    def _repr_html_(self) -> str:
+        return apic_dump.html(self)
 
 
 _NO_EVENTS = PendingEvents().frozen()

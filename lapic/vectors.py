@@ -4,10 +4,12 @@ The architectural layout (SDM Vol. 3 "Interrupt Request, In-Service and Trigger 
 Registers"; KVM ``APIC_VECTOR_TO_REG_OFFSET``): vector ``v`` is bit ``v % 32`` of the 32-bit
 word at ``base + (v // 32) * 0x10``.  Eight such words, 16 bytes apart, span 128 bytes.
 
-A :class:`VectorSet` is a *view*: a little-endian ``bitarray`` laid over those 128 bytes of
+A :class:`VectorBitmap` is a *view*: a little-endian ``bitarray`` laid over those 128 bytes of
 some buffer (normally the APIC register page).  So the register page stays the one home of
-IRR/ISR/TMR; the sets, the xAPIC MMIO reads and the 1 KiB KVM state image all read the same
-bytes.  Bits of the 12 unused bytes between words are never set by anyone.
+IRR/ISR/TMR; the bitmaps, the xAPIC MMIO reads and the 1 KiB KVM state image all read the same
+bytes.  Bits of the 12 unused bytes between words are never set by anyone.  What a user holds
+(``LocalApic.irr``/``isr``/``tmr``) is a :class:`FrozenVectorSet`: a copy taken when read,
+immutable and hashable, so a saved value never changes under its holder.
 
 Not modelled here: any ordering or priority policy (see ``lapic.apic``).
 """
@@ -15,9 +17,9 @@ Not modelled here: any ordering or priority policy (see ``lapic.apic``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Self
+from typing import Any, Self
 
-from bitarray import bitarray
+from bitarray import bitarray, frozenbitarray
 
 from lapic.faults import ApicTypeError, ApicValueError
 
@@ -90,9 +92,74 @@ class VectorSet:
         start = n << 7
         return int.from_bytes(self._bits[start : start + 32].tobytes(), "little")
 
+    def frozen(self) -> FrozenVectorSet:
+        """An immutable, hashable copy of the set as it is now."""
+        return FrozenVectorSet(_bits=frozenbitarray(self._bits))
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{v:#04x}" for v in self)
         return f"VectorSet({{{inner}}})" if inner else "VectorSet()"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+class FrozenVectorSet(VectorSet):
+    """A value: a :class:`VectorSet` copied out of an APIC (``LocalApic.irr`` and friends).
+
+    Immutable (no mutators; its bits are a ``frozenbitarray``) and hashable; equal to a plain
+    ``set``/``frozenset`` of the same vectors; set algebra (``|``, ``&``, ``-``, ``^``) gives
+    frozen sets; printed with vectors in hex."""
+
+    __slots__ = ()
+
+    def __init__(self, vectors: Iterable[int] = (), *, _bits: bitarray | None = None) -> None:
+        if _bits is None:
+            super().__init__(vectors)
+            self._bits = frozenbitarray(self._bits)
+        else:
+            super().__init__(_bits=_bits)
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self))
+
+    def frozen(self) -> FrozenVectorSet:
+        return self
+
+    def _other(self, other: object) -> FrozenVectorSet | None:
+        if isinstance(other, VectorSet):
+            return other if isinstance(other, FrozenVectorSet) else other.frozen()
+        if isinstance(other, (set, frozenset)):
+            return FrozenVectorSet(other)
+        return None
+
+    def __or__(self, other: object) -> FrozenVectorSet:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return FrozenVectorSet(_bits=frozenbitarray(self._bits | o._bits))
+
+    def __and__(self, other: object) -> FrozenVectorSet:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return FrozenVectorSet(_bits=frozenbitarray(self._bits & o._bits))
+
+    def __sub__(self, other: object) -> FrozenVectorSet:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return FrozenVectorSet(_bits=frozenbitarray(self._bits & ~o._bits))
+
+    def __xor__(self, other: object) -> FrozenVectorSet:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return FrozenVectorSet(_bits=frozenbitarray(self._bits ^ o._bits))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{v:#04x}" for v in self)
+        return "{" + inner + "}" if inner else "{}"
 
 
 class VectorBitmap(VectorSet):

@@ -90,6 +90,14 @@ class Asm:
     def jmp_self(self) -> Asm:
         return self.emit(0xEB, 0xFE)
 
+    def jmp_to(self, target: int) -> Asm:
+        """``jmp rel8`` to offset ``target`` of this code (within -128..127 of the next
+        instruction)."""
+        rel = target - (len(self.code) + 2)
+        if not -128 <= rel <= 127:
+            raise ApicValueError(f"target {target:#x} is out of rel8 range ({rel})")
+        return self.emit(0xEB, rel & 0xFF)
+
     def align(self, boundary: int, fill: int = 0xCC) -> Asm:
         while len(self.code) % boundary:
             self.code.append(fill)

@@ -13,7 +13,8 @@ and claimed by the in-kernel APIC.  Layout (guest physical = guest linear):
 ``0x8000``             IDT: 256 interrupt gates
 ``0x9000``             one 8-byte handler per vector: ``mov al, v; out FAULT_PORT, al``
 ``0x9800``             the NMI handler: ``inc qword gs:[0]; iretq``
-``0xA000``             access stubs, each ending in ``out DONE_PORT, al``
+``0xA000``             access stubs, each ending in ``out DONE_PORT, al`` (the WRMSR loop
+                       then jumps back to its WRMSR: each KVM_RUN executes one WRMSR)
 ``0x100000 + 0x1000*k``  vCPU k's page: NMI counter at +0 (GS base), stack top at +0x1000
 =====================  =============================================================
 """
@@ -102,6 +103,9 @@ class Stubs:
     """MSR[ECX] := EDX:EAX."""
     vmcall: int = 0
     """VMCALL with the registers as given (RAX = nr)."""
+    wrmsr_loop: int = 0
+    """``wrmsr; out DONE_PORT, al; jmp`` back to the WRMSR: once the registers are set, every
+    further KVM_RUN executes one more WRMSR (the fewest ioctls per guest MSR write)."""
 
 
 def _tss_descriptor(base: int, limit: int) -> bytes:
@@ -176,6 +180,8 @@ def build(mem: memoryview) -> Stubs:
     vmcall = STUBS + len(asm)
     asm.vmcall()
     finish()
+    wrmsr_loop = STUBS + len(asm)
+    asm.wrmsr().out_al(DONE_PORT).jmp_to(wrmsr_loop - STUBS).align(16)
     stubs = asm.bytes()
     mem[STUBS : STUBS + len(stubs)] = stubs
-    return Stubs(load, store, rdmsr, wrmsr, vmcall)
+    return Stubs(load, store, rdmsr, wrmsr, vmcall, wrmsr_loop)

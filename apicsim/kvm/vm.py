@@ -297,6 +297,12 @@ class KvmVcpu:
         return int(struct.unpack_from("<Q", self.vm.memory, self.page)[0])
 
     # -- running the guest --------------------------------------------------------------------
+    @property
+    def run_page(self) -> mmap.mmap:
+        """The vCPU's shared ``struct kvm_run`` (``exit_reason`` at ``ioctl.RUN_EXIT_REASON``),
+        for a caller that issues KVM_RUN itself (``bench/bench_kernel.py``)."""
+        return self._run
+
     def _check_apic_page(self, gpa: int) -> None:
         # KVM's MMIO window is APIC_BASE & MSR_IA32_APICBASE_BASE (0xFFFFF000): 32 bits only.
         base = self.vm.get_msr(self.index, APIC_BASE_MSR) & APIC_BASE_ADDR_MASK

@@ -18,13 +18,14 @@ posted-interrupt descriptor first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from enum import Enum
 
 import pytest
 from hypothesis import strategies as st
 
-from hypervisor import KvmOptions, Vm, VmConfig, accel
+from apicsim.testing.plugin import Platform as Platform  # one definition, re-exported
+from hypervisor import KvmOptions, Vm, accel
 from lapic.faults import GuestFault
 from lapic.profile import PRESETS, LowestPriorityPolicy, Profile
 
@@ -69,41 +70,6 @@ OPTIONS: dict[str, KvmOptions] = {
     MIXED.name: MIXED_OPTIONS,
 }
 """The KVM options of each profile's VMs (a preset's own, and the mixed ones)."""
-
-
-class Platform:
-    """One cell of the matrix: how VMs are built for a test.  Immutable; printed by name (a
-    plain class, so that Hypothesis' failure reports show ``<Platform kvm/emulated>`` rather
-    than every Profile field)."""
-
-    __slots__ = ("accelerator", "kvm", "profile")
-
-    def __init__(self, profile: Profile, accelerator: str, kvm: KvmOptions) -> None:
-        self.profile = profile
-        self.accelerator = accelerator
-        self.kvm = kvm
-
-    def vm(self, vcpus: int = 1, *, vcpu_ids: Sequence[int] | None = None) -> Vm:
-        """A VM on this platform (KVM's defaults for everything the profile does not set)."""
-        config = VmConfig.build(
-            vcpus, self.profile, vcpu_ids=vcpu_ids, accelerator=self.accelerator
-        )
-        return Vm(config.replace(kvm=self.kvm))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Platform):
-            return NotImplemented
-        mine = (self.profile, self.accelerator, self.kvm)
-        return mine == (other.profile, other.accelerator, other.kvm)
-
-    def __hash__(self) -> int:
-        return hash((self.profile, self.accelerator, self.kvm))
-
-    def __str__(self) -> str:
-        return f"{self.profile.name}/{self.accelerator}"
-
-    def __repr__(self) -> str:
-        return f"<Platform {self}>"
 
 
 MATRIX: tuple[Platform, ...] = tuple(

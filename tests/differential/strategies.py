@@ -10,7 +10,9 @@ range (:func:`uniform_bits`); hypothesis shrinks toward the first of each list, 
 interesting values come first and the simplest operations first.  A write (register, MSR,
 state image, CR8) is followed some of the time by guest execution on its vCPU and a host
 read-back (:func:`followups`), so a value that does not survive an exit or a KVM_GET/SET_SREGS
-round trip (KVMB-10/11) is seen.
+round trip (KVMB-10/11) is seen.  The :class:`Topology` type is
+``apicsim.testing.strategies.Topology`` (one type for the suites and for users' own property
+tests).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from hypothesis import strategies as st
 
@@ -44,36 +45,12 @@ from apicsim.ops import (
     SetMsr,
     Wrmsr,
 )
+from apicsim.testing.strategies import Topology as Topology  # the one topology type
 from tests.differential.exclusions import FAR_DEADLINE, permitted
 from tests.kvm.support import FEATURES
 
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """The VM: its vCPU ids (creation order) and its KVM_CAP_X2APIC_API flags."""
-
-    vcpu_ids: tuple[int, ...]
-    x2apic_format: bool = False
-    broadcast_quirk: bool = True
-
-    @property
-    def contiguous(self) -> bool:
-        return self.vcpu_ids == tuple(range(len(self.vcpu_ids)))
-
-    def vm_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``tests.kvm.support.Factory`` (both backends)."""
-        args: dict[str, Any] = {
-            "x2apic_format": self.x2apic_format,
-            "broadcast_quirk": self.broadcast_quirk,
-        }
-        if self.contiguous:
-            args["vcpus"] = len(self.vcpu_ids)
-        else:
-            args["vcpu_ids"] = list(self.vcpu_ids)
-        return args
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,120 @@
+"""The route cache: the targets the optimized map chose for a message, kept until the map
+changes.
+
+KVM's optimized map (``kvm->arch.apic_map``, ``hypervisor.apic_map``) is already a cache of
+the destination decision: ``kvm_irq_delivery_to_apic_fast`` looks a message's destination up
+in it instead of asking every APIC.  This module keeps the answer of that lookup (reference
+``kvm_lapic.md`` §10.2, FAST-1..9) per message, so a message sent again is neither decoded nor
+looked up again:
+
+* per source APIC (None for a device MSI), a decoded :class:`~lapic.icr.Interrupt` -> the
+  APICs the map chose, in the order the map path offered it to them (keyed by destination
+  and vector, the whole message compared on a hit);
+* per raw MSI (address_lo, data) with address_hi = 0 and no flags: the decoded message and
+  its targets (KVM_SIGNAL_MSI then skips the decode too).
+
+What may be kept: only a route the map decided (``deliver`` reported the fast path) with at
+least one target, for a message that is not lowest priority (its arbitration reads PPR and
+``arb_prio``, or hashes the vector: it is decided anew every time), learnt while the map
+stayed the same.  Everything else is routed anew every time, as before.
+
+When it is forgotten (``forget``): whenever the map is marked dirty (``Vm._mark_map_dirty``,
+every APIC's ``map_hook``: an APIC ID, LDR, DFR, APIC_BASE (enable, x2APIC mode, base),
+SVR software enable, a RESET/INIT or a KVM_SET_LAPIC image), when a vCPU is added (hotplug)
+and when a snapshot is restored.  Those are everything a route depends on besides the
+message: the map, and the source's x2APIC mode (the broadcast test), itself an APIC_BASE
+change.  The acceptance (``accept``: enable bits, SVR, the vector's validity) runs on every
+delivery, so it needs no invalidation.
+
+The cache is bounded (``LIMIT`` routes; past it, everything is forgotten).  Not modelled:
+anything of KVM; this is a simulator speed-up whose answers equal the uncached ones (tested
+by ``tests/hypervisor/test_routes.py`` against a VM with ``route_cache = False``).
+"""
+
+from __future__ import annotations
+
+from hypervisor.delivery import AcceptFn
+from lapic.apic import LocalApic
+from lapic.icr import Interrupt
+
+LIMIT = 1 << 16
+"""Routes kept at most (ICR routes and MSI routes together)."""
+
+Targets = tuple[LocalApic, ...]
+
+
+class RouteCache:
+    """The routes of one VM (``Vm._routes``)."""
+
+    __slots__ = ("_size", "by_source", "msi")
+
+    def __init__(self) -> None:
+        self.by_source: dict[LocalApic | None, dict[int, tuple[Interrupt, Targets]]] = {}
+        """source APIC (None: a device) -> ``dest << 8 | vector`` -> (message, targets): one
+        message per key (the last learnt), compared whole on a hit, so the lookup hashes
+        two ints instead of the message.  Read directly by the hot path of ``Vm._deliver``
+        (what :meth:`of_source` does, inlined); written only here."""
+        self.msi: dict[int, dict[int, tuple[Interrupt, Targets]]] = {}
+        """data -> address_lo -> (message, targets); read like ``by_source``."""
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def forget(self) -> None:
+        """Drop every route (the map they were decided from is being replaced)."""
+        if self._size:
+            self.by_source.clear()
+            self.msi.clear()
+            self._size = 0
+
+    def of_source(self, source: LocalApic | None, irq: Interrupt) -> Targets | None:
+        """The targets of ``irq`` sent by ``source``, if known."""
+        by = self.by_source.get(source)
+        route = None if by is None else by.get(irq[6] << 8 | irq[0])
+        return None if route is None or route[0] != irq else route[1]
+
+    def of_msi(self, address_lo: int, data: int) -> tuple[Interrupt, Targets] | None:
+        """The decoded message and targets of the MSI (``address_lo``, 0, ``data``), if
+        known."""
+        by = self.msi.get(data)
+        return None if by is None else by.get(address_lo)
+
+    @staticmethod
+    def learner(irq: Interrupt, accept: AcceptFn) -> tuple[AcceptFn, list[LocalApic]] | None:
+        """An ``accept`` that also lists the APICs it is offered ``irq`` to, and that list;
+        None for a message whose route must not be kept (lowest priority)."""
+        if irq.lowest_priority:
+            return None
+        seen: list[LocalApic] = []
+
+        def learn(apic: LocalApic, message: Interrupt) -> bool:
+            seen.append(apic)
+            return accept(apic, message)
+
+        return learn, seen
+
+    def learn_source(self, source: LocalApic | None, irq: Interrupt, seen: list[LocalApic]) -> None:
+        """Keep the route the map decided for ``irq`` from ``source`` (if it has targets)."""
+        if not seen:
+            return
+        self._grow()
+        by = self.by_source.get(source)
+        if by is None:
+            by = self.by_source[source] = {}
+        by[irq[6] << 8 | irq[0]] = (irq, tuple(seen))
+
+    def learn_msi(self, address_lo: int, data: int, irq: Interrupt, seen: list[LocalApic]) -> None:
+        """Keep the route the map decided for the MSI (``address_lo``, 0, ``data``)."""
+        if not seen:
+            return
+        self._grow()
+        by = self.msi.get(data)
+        if by is None:
+            by = self.msi[data] = {}
+        by[address_lo] = (irq, tuple(seen))
+
+    def _grow(self) -> None:
+        if self._size >= LIMIT:
+            self.forget()
+        self._size += 1
