@@ -142,6 +142,14 @@ class HostApi(StateReader, Protocol):
 
     def set_msr(self, i: int, msr: int, value: int) -> bool: ...
 
+    def get_cr8(self, i: int) -> int:
+        """The CR8 of KVM_GET_SREGS (TPR bits 7:4)."""
+        ...
+
+    def set_cr8(self, i: int, cr8: int) -> None:
+        """KVM_SET_SREGS of the vCPU's own state with CR8 replaced (KVMB-10)."""
+        ...
+
     def signal_msi(
         self, address_lo: int, address_hi: int = 0, data: int = 0, flags: int = 0
     ) -> int: ...

@@ -132,6 +132,16 @@ class KvmOptions:
     software-enable or APIC_BASE mode change, KVM_SET_LAPIC, another vCPU).  Only matters with
     ``optimized_apic_map``; the sdm preset: False."""
 
+    tpr_low_bits_survive_exit: bool = True
+    """KVMB-11.  Whether TPR bits 3:0 survive a guest exit.  True: VMX with a TPR shadow (the
+    virtual-APIC page holds the whole TPR byte; ``vmx/vmx.c``, SDM 30.1.2) and this project's
+    host (Linux 6.18, PVM backend: measured by ``apicsim.kvm.host_tpr_low_bits_survive_exit``).
+    False: SVM without AVIC, where the guest's TPR lives in the VMCB's 4-bit V_TPR and, after
+    every exit while CR8 writes are not intercepted, KVM copies it back into the APIC
+    (``svm/svm.c`` ``sync_cr8_to_lapic`` -> ``kvm_set_cr8``: TPR := V_TPR << 4).  KVM
+    intercepts CR8 writes while a requested vector's class is not above the TPR's
+    (``svm_update_cr8_intercept``, from ``x86.c`` ``update_cr8_intercept``)."""
+
     enforce_pv_cpuid: bool = False
     """KVM_CAP_ENFORCE_PV_FEATURE_CPUID: a hypercall whose feature bit is not in
     ``pv_features`` fails with -KVM_ENOSYS (HC-4)."""
@@ -189,6 +199,7 @@ _KVM_OPTION_TYPES: dict[str, type[Any]] = {
     "lowest_priority": LowestPriorityPolicy,
     "optimized_apic_map": bool,
     "map_excludes_new_vcpu": bool,
+    "tpr_low_bits_survive_exit": bool,
     "enforce_pv_cpuid": bool,
 }
 

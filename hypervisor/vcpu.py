@@ -175,15 +175,16 @@ class Vcpu:
                 raise ApicValueError(f"vcpu {self.index} is halted: run() it before it executes")
             if self.apic.init_pending or self.apic.sipi_pending:
                 self.accept_events()
-            if self.apic.hw_enabled:
-                # Every entry processes KVM_REQ_EVENT, which recomputes PPR
-                # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
-                _ = self.apic.ppr
             if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+                # No entry, so no KVM_REQ_EVENT either: a PPR KVM_SET_LAPIC left stale stays.
                 raise ApicValueError(
                     f"vcpu {self.index} is {self.mp_state.name}: it executes nothing until "
                     "INIT/SIPI start it (or Vm(aps_started=True))"
                 )
+            if self.apic.hw_enabled:
+                # Every entry processes KVM_REQ_EVENT, which recomputes PPR
+                # (kvm_check_and_inject_events -> kvm_apic_has_interrupt -> apic_update_ppr).
+                _ = self.apic.ppr
             self.enter()
         self.host.running = self  # Scheduler.executing, inlined: every guest access runs this
 
@@ -192,6 +193,8 @@ class Vcpu:
     # ===================================================================================
     def record_exit(self, reason: ExitReason, qualification: int, value: int) -> None:
         vm = self.vm
+        if vm.sync_cr8_at_exit:
+            self.sync_cr8_to_lapic()
         self.exits += 1
         stats = vm.stats
         stats.exits += 1
@@ -201,6 +204,23 @@ class Vcpu:
             log.append(_new_tuple(Exit, (self.index, reason, qualification, value)))
         if vm.tracer.on:
             vm.tracer.emit(KvmExit(self.vcpu_id, reason, qualification))
+
+    def sync_cr8_to_lapic(self) -> None:
+        """KVMB-11, SVM without AVIC (``KvmOptions.tpr_low_bits_survive_exit`` False): right
+        after an exit, before KVM handles it, ``svm.c`` ``sync_cr8_to_lapic`` copies the
+        VMCB's 4-bit V_TPR into the APIC (``kvm_set_cr8``), so TPR bits 3:0 are lost, unless
+        CR8 writes are intercepted: ``svm_update_cr8_intercept`` intercepts them while the
+        APIC is enabled and its highest IRR vector's class is not above the TPR's.  Modelled
+        at each exit from the state at that exit (the intercept is really set at the entry
+        before it; nothing else runs between the two here)."""
+        apic = self.apic
+        tpr = apic.tpr
+        if not tpr & 0xF:
+            return
+        irr = apic.irr.highest()
+        if apic.enabled and irr >= 0 and tpr >> 4 >= irr >> 4:
+            return
+        apic.set_cr8(tpr >> 4)  # kvm_set_cr8(vcpu, V_TPR)
 
     def _apic_offset(self, gpa: int) -> int:
         base = self.apic.base_address

@@ -193,6 +193,8 @@ class Vm:
         self.bsp_vcpu_id = config.bsp_vcpu_id
         self.features = config.features
         self.enforce_pv_cpuid = options.enforce_pv_cpuid
+        self.sync_cr8_at_exit = not options.tpr_low_bits_survive_exit
+        """KVMB-11: SVM without AVIC copies V_TPR into the APIC after each exit."""
         self.pv_features = options.pv_features
         self.aps_started = config.aps_started
         self.stats = Stats()
@@ -523,6 +525,21 @@ class Vm:
         raw = check_state_data(data)
         self._apics[i].set_state(raw, x2apic_format=self.x2apic_format)
         self._vcpus[i].preempt()  # a vCPU ioctl runs outside guest mode; the next access re-enters
+
+    def get_cr8(self, i: int) -> int:
+        """The CR8 of KVM_GET_SREGS: TPR bits 7:4 (REG-TPR-1)."""
+        check_index(i, len(self._vcpus))
+        return self._apics[i].get_cr8()
+
+    def set_cr8(self, i: int, cr8: int) -> None:
+        """KVM_SET_SREGS of the vCPU's own KVM_GET_SREGS state with CR8 = ``cr8``: KVM's
+        ``kvm_set_cr8`` sets TPR = (cr8 & 0xF) << 4, so even a round trip of the CR8 it read
+        clears TPR bits 3:0; a ``cr8`` above 0xF leaves the TPR unchanged (KVMB-10)."""
+        check_index(i, len(self._vcpus))
+        check_int("cr8", cr8, 0, (1 << 64) - 1)
+        if not cr8 >> 4:  # kvm_set_cr8 refuses CR8_RESERVED_BITS
+            self._apics[i].set_cr8(cr8)
+        self._vcpus[i].preempt()  # a vCPU ioctl runs outside guest mode
 
     def get_msr(self, i: int, msr: int) -> int:
         check_index(i, len(self._vcpus))

@@ -122,7 +122,8 @@ class PriorityMixin(ApicCore):
         )
 
     def set_cr8(self, cr8: int) -> None:
-        """MOV to CR8 (REG-TPR-1): TPR = (cr8 & 0xF) << 4."""
+        """MOV to CR8 (REG-TPR-1), and KVM's ``kvm_lapic_set_tpr``: TPR = (cr8 & 0xF) << 4,
+        so TPR bits 3:0 become 0 (KVMB-10)."""
         check_int("cr8", cr8, 0, _U64_MAX)
         self._w[_TPR] = _CLASS.place(cr8 & 0xF)
         self._update_ppr_and_notify()
@@ -147,6 +148,8 @@ REPLAY_SEAMS: frozenset[str] = frozenset(
     {
         # BUG-26: before the Suppress-EOI-Broadcast fix every level EOI was broadcast.
         "PriorityMixin._eoi_broadcast_suppressed",
+        # FID-1: the model's old behaviour, a CR8 write that kept TPR bits 3:0 (KVMB-10).
+        "PriorityMixin.set_cr8",
     }
 )
 """What ``apicsim.replays`` may swap in this module (``specs/replays.md``)."""

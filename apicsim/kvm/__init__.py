@@ -13,6 +13,7 @@ from apicsim.kvm.vm import (
     KvmVcpu,
     KvmVm,
     guest_features,
+    host_tpr_low_bits_survive_exit,
     host_vector_hashing,
     kvm_available,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "KvmVm",
     "LapicView",
     "guest_features",
+    "host_tpr_low_bits_survive_exit",
     "host_vector_hashing",
     "kvm_available",
     "lapic_view",

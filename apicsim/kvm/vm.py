@@ -637,6 +637,24 @@ class KvmVm:
         if r < 0:
             raise StateError(err, f"KVM_SET_LAPIC failed: {os.strerror(err)}")
 
+    def get_cr8(self, i: int) -> int:
+        """KVM_GET_SREGS' CR8 (KVM ``kvm_get_cr8``: TPR bits 7:4)."""
+        check_index(i, len(self._vcpus))
+        sregs = k.KvmSregs()
+        k.ioctl(self._vcpus[i].fd, k.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return int(sregs.cr8)
+
+    def set_cr8(self, i: int, cr8: int) -> None:
+        """KVM_GET_SREGS, then KVM_SET_SREGS of that state with CR8 = ``cr8``, as a VMM's
+        save/restore does: KVM's ``kvm_set_cr8`` sets TPR = (cr8 & 0xF) << 4 (KVMB-10)."""
+        check_index(i, len(self._vcpus))
+        check_int("cr8", cr8, 0, (1 << 64) - 1)
+        fd = self._vcpus[i].fd
+        sregs = k.KvmSregs()
+        k.ioctl(fd, k.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        sregs.cr8 = cr8
+        k.ioctl(fd, k.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
     def get_msr(self, i: int, msr: int) -> int:
         check_index(i, len(self._vcpus))
         check_msr(msr)
@@ -747,6 +765,21 @@ def host_vector_hashing() -> bool | None:
             return f.read().strip() in ("Y", "1")
     except OSError:
         return None
+
+
+def host_tpr_low_bits_survive_exit() -> bool:
+    """KVMB-11, measured: whether TPR bits 3:0 survive the guest's exits on this host (pass it
+    to ``hypervisor.KvmOptions(tpr_low_bits_survive_exit=...)``).  A 1-vCPU VM's guest writes
+    TPR 0x2F by MMIO, then makes two more accesses (two more exits: MMIO and RDMSR); True if
+    KVM_GET_LAPIC still shows 0x2F, False if it shows 0x20 (SVM without AVIC copies its 4-bit
+    V_TPR back at each exit)."""
+    with KvmVm(1) as vm:
+        cpu = vm.vcpu(0)
+        base = vm.get_msr(0, APIC_BASE_MSR) & APIC_BASE_ADDR_MASK
+        cpu.mmio_write(base + 0x80, 0x2F)
+        cpu.mmio_read(base + 0x20)
+        cpu.rdmsr(APIC_BASE_MSR)
+        return vm.get_lapic(0)[0x80] == 0x2F
 
 
 def guest_features() -> Features:

@@ -310,7 +310,21 @@ REPLAYS: tuple[Replay, ...] = (
     ),
 )
 
-BY_ID: Mapping[str, Replay] = {r.id: r for r in REPLAYS}
+MODEL_REPLAYS: tuple[Replay, ...] = (
+    _r(
+        "FID-1",
+        "",
+        "the model's own old behaviour, not a KVM bug: TPR bits 3:0 kept by KVM_SET_SREGS",
+        "a host CR8 write keeps TPR bits 3:0 (KVM's kvm_set_cr8 clears them: TPR 0x2F -> "
+        "KVM_GET_SREGS/KVM_SET_SREGS -> 0x20); the default differential run finds it",
+        ("REG-TPR-1", "KVMB-10"),
+        lapic_replays.fid1,
+    ),
+)
+"""Switches that put back an old behaviour of the model itself (a disagreement with KVM the
+differential suite must find), by the same mechanism as the bug replays."""
+
+BY_ID: Mapping[str, Replay] = {r.id: r for r in (*REPLAYS, *MODEL_REPLAYS)}
 
 ACCEL_REPLAYS: tuple[Replay, ...] = tuple(_r(*row) for row in accel_replays.ROWS)
 """The accelerator layer's bugs (AMD AVIC, reference ``avic_ipiv.md`` Part M: ``BR-A*``)."""
@@ -368,6 +382,7 @@ __all__ = [
     "ACCEL_REPLAYS",
     "BY_ID",
     "ENV_VAR",
+    "MODEL_REPLAYS",
     "REPLAYS",
     "ApplyFn",
     "Patcher",

@@ -255,3 +255,12 @@ def bug30(p: Patcher) -> None:
 
 __all__ = ["bug9", "bug10", "bug12", "bug17", "bug18", "bug19", "bug20", "bug21", "bug22",
            "bug23", "bug24", "bug25", "bug26", "bug29", "bug30"]
+
+
+def fid1(p: Patcher) -> None:
+    """FID-1, the model before issue 8: a host CR8 write (KVM_SET_SREGS) keeps TPR bits 3:0."""
+
+    def set_cr8(self: LocalApic, cr8: int) -> None:
+        self._write_tpr((cr8 & 0xF) << 4 | self.tpr & 0xF, False)
+
+    p.set(LocalApic, "set_cr8", set_cr8)

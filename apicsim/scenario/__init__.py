@@ -54,6 +54,7 @@ msi            address_lo, [address_hi=0], data, [flags=0]            KVM_SIGNAL
 set_msr        vcpu, msr, value (host-initiated KVM_SET_MSRS)         true if set
 get_lapic      vcpu, offset (a dword of the 1 KiB KVM_GET_LAPIC)      value read
 set_lapic      vcpu, writes = { "0x20" = 0x05000000, ... }            0 or -errno
+set_cr8        vcpu, [cr8] (KVM_GET/SET_SREGS; absent: as read)       CR8 read
 run            vcpu                                                   vectors handled
 halt           vcpu (HLT; the model only)                             true if it blocked
 advance        ns                                                     timers fired

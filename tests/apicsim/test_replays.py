@@ -48,7 +48,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_the_registry_lists_every_bug_of_the_reference_once_in_order() -> None:
     """Reference §17 numbers its bugs 1..30; each is in the catalogue exactly once."""
     assert [r.id for r in REPLAYS] == [f"BUG-{n}" for n in range(1, 31)]
-    assert set(replays.BY_ID) == {r.id for r in REPLAYS}
+    assert set(replays.BY_ID) == {r.id for r in (*REPLAYS, *replays.MODEL_REPLAYS)}
 
 
 @pytest.mark.parametrize("replay", REPLAYS, ids=_param_id)
@@ -200,7 +200,8 @@ def test_every_declared_seam_is_swapped_by_some_replay() -> None:
     """No stale declaration: each name in a model module's ``REPLAY_SEAMS`` is the target of
     at least one replay of the catalogue, and a seam is a plain or ``Class.attribute`` name
     that the module holds (along the class's MRO)."""
-    used = {(s.module, s.seam) for r in REPLAYABLE for s in _recorded_swaps(r) if s.declared}
+    switches = [*REPLAYABLE, *replays.MODEL_REPLAYS]
+    used = {(s.module, s.seam) for r in switches for s in _recorded_swaps(r) if s.declared}
     declared: set[tuple[str, str]] = set()
     for module in _model_modules_all():
         for seam in declared_seams(module):

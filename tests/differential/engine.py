@@ -228,7 +228,10 @@ def run(program: Program, reference: ModelSide, subject: Side, *, stop: bool = T
                 raise AssertionError(f"{op} expanded to {prim}, excluded by {rule.key}")
             skip = sends_init_to_itself(prim, reference.model)
             if skip is None and not isinstance(prim, Msi):
-                skip = skipped_at_run_time(prim, window(subject, prim.vcpu), subject.ram_size)
+                base = reference.model.get_msr(prim.vcpu, APIC_BASE_MSR)
+                skip = skipped_at_run_time(
+                    prim, window(subject, prim.vcpu), subject.ram_size, base
+                )
             if skip is not None:
                 trace.steps.append(Executed(number, op, prim, skip))
                 continue

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from apicsim.kvm import KvmVm
 from hypervisor import Vm
 from tests.differential import replay
+from tests.differential.coverage import COVERAGE
 from tests.differential.engine import KvmSide, ModelSide, Side, Trace, run
 from tests.differential.strategies import Program
 from tests.kvm.support import FEATURES, VECTOR_HASHING, Factory
@@ -46,6 +47,7 @@ def check(program: Program, *, test: str, rules: Sequence[str]) -> Trace:
     COUNTS.examples += 1
     COUNTS.performed += trace.performed
     COUNTS.skipped += len(trace.steps) - trace.performed
+    COVERAGE.add_trace(trace, test)
     if trace.differences:
         fail(program, trace, test=test, rules=rules)
     return trace

@@ -31,6 +31,7 @@ from apicsim.ops import (
     Msi,
     Primitive,
     Rdmsr,
+    SetCr8,
     SetLapic,
     SetMsr,
     Wrmsr,
@@ -72,7 +73,7 @@ def _expect(prim: Primitive, out: Outcome) -> list[str]:
         return [f"result = -{value}"]
     if kind != "ok":
         return []
-    if isinstance(prim, MmioRead | Rdmsr):
+    if isinstance(prim, MmioRead | Rdmsr | SetCr8):
         return [f"value = {_h(value)}"]
     if isinstance(prim, Msi):
         return [f"result = {value}"]

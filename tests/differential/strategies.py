@@ -5,10 +5,14 @@
 quirk), a set-up that gives each vCPU an xAPIC ID, LDR, DFR, a mode (xAPIC, x2APIC by the
 guest or by the host, disabled), SVR and TPR, then random operations of the given kinds.
 Every operation passes through :func:`tests.differential.exclusions.permitted`.  Values are
-drawn from a few interesting ones or at random; hypothesis shrinks toward the first of each
-list, so the interesting values come first and the simplest operations first.  The
-:class:`Topology` type is ``apicsim.testing.strategies.Topology`` (one type for the suites and
-for users' own property tests).
+drawn from a few interesting ones, at random, or as uniform bits over the field's writable
+range (:func:`uniform_bits`); hypothesis shrinks toward the first of each list, so the
+interesting values come first and the simplest operations first.  A write (register, MSR,
+state image, CR8) is followed some of the time by guest execution on its vCPU and a host
+read-back (:func:`followups`), so a value that does not survive an exit or a KVM_GET/SET_SREGS
+round trip (KVMB-10/11) is seen.  The :class:`Topology` type is
+``apicsim.testing.strategies.Topology`` (one type for the suites and for users' own property
+tests).
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ from apicsim.ops import (
     RegWrite,
     Restore,
     SetBase,
+    SetCr8,
     SetMsr,
     Wrmsr,
 )
 from apicsim.testing.strategies import Topology as Topology  # the one topology type
 from tests.differential.exclusions import FAR_DEADLINE, permitted
+from tests.kvm.support import FEATURES
 
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
@@ -72,11 +78,12 @@ REGISTER_OFFSETS = (
 
 IMAGE_DWORDS = (
     0x080, 0x0F0, 0x020, 0x0D0, 0x0E0, 0x100, 0x110, 0x170, 0x180, 0x1F0, 0x200, 0x270,
-    0x280, 0x300, 0x304, 0x310, 0x320, 0x350, 0x360, 0x370, 0x380, 0x390, 0x3E0, 0x030,
-    0x090, 0x0A0, 0x0B0, 0x3F0, 0x024, 0x104, 0x2F0, 0x000,
+    0x280, 0x300, 0x304, 0x310, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x380, 0x390,
+    0x3E0, 0x030, 0x090, 0x0A0, 0x0B0, 0x3F0, 0x024, 0x104, 0x2F0, 0x000,
+    *range(0x120, 0x170, 0x10), *range(0x190, 0x200, 0x10), *range(0x210, 0x270, 0x10),
 )  # fmt: skip
-"""Dwords of the KVM_GET_LAPIC image a restore may change (registers, their upper halves and
-the bytes between the vector words)."""
+"""Dwords of the KVM_GET_LAPIC image a restore may change (registers, their upper halves,
+the bytes between the vector words, and every word of ISR, TMR and IRR)."""
 
 VALUES32 = (
     0, 0x1FF, 0xFF, 0x20, 0xF0, 0x10, 0x0FFFFFFF, 0xFFFFFFFF, 0x01000000, 0x000100F1,
@@ -107,7 +114,17 @@ def _pick(values: Sequence[int], lo: int, hi: int) -> st.SearchStrategy[int]:
 
 @functools.cache
 def _pick_cached(values: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy[int]:
+    if lo == 0 and hi & (hi + 1) == 0:  # a whole range of bits: uniform bits too
+        return st.one_of(st.sampled_from(values), st.integers(lo, hi), uniform_bits(hi))
     return st.one_of(st.sampled_from(values), st.integers(lo, hi))
+
+
+@functools.cache
+def uniform_bits(mask: int) -> st.SearchStrategy[int]:
+    """Every bit of ``mask`` independently 0 or 1 with probability 1/2.  (Hypothesis's own
+    ``integers`` favour small and boundary values, so the high bits of a wide register would
+    be seen 1 too rarely; the coverage report showed it.)"""
+    return st.randoms(use_true_random=True).map(lambda r: r.getrandbits(mask.bit_length()) & mask)
 
 
 # =============================================================================================
@@ -157,8 +174,45 @@ def vcpu_setup(draw: st.DrawFn, i: int, ids: Sequence[int]) -> list[Op]:
     if draw(st.integers(0, 4)) != 0:
         ops.append(RegWrite(i, 0xF0, draw(_pick([0x1FF, 0xFF, 0x10F, 0x3FF, 0x11FF], 0, 0x3FF))))
     if draw(st.booleans()):
-        ops.append(RegWrite(i, 0x80, draw(_pick([0x20, 0xF0, 0x50, 0x00], 0, 0xFF))))
+        tpr = draw(_pick([0x20, 0x2F, 0xF0, 0xFF, 0x0F, 0x51, 0x00], 0, 0xFF))
+        ops.append(RegWrite(i, 0x80, tpr))
+        ops += draw(followups(i))
     return ops
+
+
+CR8_VALUES = (0, 0xF, 2, 0x10, 0x12, U64)
+"""Values a host KVM_SET_SREGS writes to CR8; above 0xF KVM leaves the TPR unchanged."""
+
+
+@st.composite
+def followups(draw: st.DrawFn, i: int) -> list[Op]:
+    """What may follow a register, MSR or state-image write of vCPU ``i``: some of the time
+    guest execution on that vCPU (a register read, an EOI, a self IPI: one exit each), some of
+    the time a host read-back that goes through KVM_GET/SET_SREGS (the CR8 round trip a VMM's
+    save/restore does) or KVM_GET_MSRS.  Every step is also followed by a KVM_GET_LAPIC of
+    every vCPU (the engine's snapshot)."""
+    out: list[Op] = []
+    roll = draw(st.integers(0, 7))  # shrinks to 0: nothing follows (5 times in 8)
+    if roll & 1:
+        out.append(
+            draw(
+                st.one_of(
+                    st.builds(RegRead, st.just(i), st.sampled_from(REGISTER_OFFSETS)),
+                    st.builds(RegWrite, st.just(i), st.just(0xB0), st.just(0)),
+                    st.builds(Ipi, st.just(i), st.just(0), st.sampled_from((0x40031, 0x400F1))),
+                )
+            )
+        )
+    if roll & 2:
+        out.append(
+            draw(
+                st.one_of(
+                    st.just(SetCr8(i)),
+                    st.builds(GetMsr, st.just(i), st.sampled_from((APIC_BASE_MSR, 0x808))),
+                )
+            )
+        )
+    return out
 
 
 # =============================================================================================
@@ -226,9 +280,28 @@ def mmio_writes(draw: st.DrawFn, vcpu: st.SearchStrategy[int]) -> MmioWrite:
 
 
 def restores(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[Restore]:
-    value = st.one_of(st.none(), _pick(VALUES32, 0, U32))
-    writes = st.lists(st.tuples(st.sampled_from(IMAGE_DWORDS), value), min_size=1, max_size=4)
+    value = st.one_of(st.none(), _pick(VALUES32, 0, U32), uniform_bits(U32))
+    some = st.lists(st.tuples(st.sampled_from(IMAGE_DWORDS), value), min_size=1, max_size=4)
+    every = st.sampled_from((VECTOR_WORDS, REGISTER_WORDS)).flatmap(
+        lambda words: st.lists(uniform_bits(U32), min_size=len(words), max_size=len(words)).map(
+            lambda vs: list(zip(words, vs, strict=True))
+        )
+    )
+    writes = st.one_of(some, some, some, some, some, every)
     return st.builds(lambda i, w: Restore(i, tuple(w)), vcpu, writes)
+
+
+VECTOR_WORDS = tuple(range(0x100, 0x280, 0x10))
+"""The 24 words of ISR, TMR and IRR."""
+REGISTER_WORDS = (
+    0x020, 0x080, 0x0D0, 0x0E0, 0x0F0, 0x300, 0x310, 0x320, 0x330, 0x340, 0x350, 0x360,
+    0x370, 0x3E0,
+)  # fmt: skip
+"""The registers with writable bits (ID, TPR, LDR, DFR, SVR, ICR, ICR2, the LVTs, TDCR)."""
+
+
+_ADDRESSES = uniform_bits((1 << FEATURES.maxphyaddr) - 1).map(lambda a: a & ~0xFFF)
+"""Window addresses with uniform bits up to the KVM guest's MAXPHYADDR."""
 
 
 def set_bases(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[SetBase]:
@@ -237,7 +310,7 @@ def set_bases(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[SetBase]:
         vcpu,
         st.booleans(),
         st.sampled_from(("x2apic", "xapic", "disabled", "extd")),
-        st.sampled_from(BASE_ADDRESSES),
+        st.one_of(st.sampled_from(BASE_ADDRESSES), _ADDRESSES),
         st.sampled_from(("keep", "clear", "set")),
         st.sampled_from(BASE_RESERVED),
     )
@@ -245,17 +318,25 @@ def set_bases(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[SetBase]:
 
 KINDS = (
     "ipi", "init_sipi", "msi", "eoi", "self_ipi", "reg_write", "reg_read", "mmio_read",
-    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "restore",
+    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "restore", "cr8",
 )  # fmt: skip
 
+WRITES = frozenset({"reg_write", "mmio_write", "wrmsr", "set_msr", "restore", "cr8"})
+"""The kinds that write a register, an MSR or the state image: :func:`followups` may follow
+each of them."""
 
-def operations(topology: Topology, kinds: Sequence[str] = KINDS) -> st.SearchStrategy[Op]:
-    """One operation of one of ``kinds`` (repeat a kind to weight it)."""
+
+def operations(
+    topology: Topology, kinds: Sequence[str] = KINDS
+) -> st.SearchStrategy[list[Op]]:
+    """One operation of one of ``kinds`` (repeat a kind to weight it), a write followed by
+    its :func:`followups` (guest execution on its vCPU, a host read-back) some of the time."""
     return _operations(topology.vcpu_ids, tuple(kinds))
 
 
+
 @functools.cache
-def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrategy[Op]:
+def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrategy[list[Op]]:
     vcpu = st.integers(0, len(ids) - 1)
     by_kind: dict[str, st.SearchStrategy[Op]] = {
         "ipi": st.builds(Ipi, vcpu, _destinations(ids), icr_low()),
@@ -282,6 +363,7 @@ def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrate
         "get_msr": st.builds(GetMsr, vcpu, st.sampled_from(MSRS)),
         "apic_base": set_bases(vcpu),
         "restore": restores(vcpu),
+        "cr8": st.builds(SetCr8, vcpu, st.one_of(st.none(), st.sampled_from(CR8_VALUES))),
         "icr_raw": st.builds(
             Wrmsr,
             vcpu,
@@ -289,7 +371,20 @@ def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrate
             st.builds(lambda d, lo: d << 32 | lo, _destinations(ids), icr_low()),
         ),
     }
-    return st.one_of([by_kind[k] for k in kinds]).filter(permitted)
+    plain = [by_kind[k] for k in kinds if k not in WRITES]
+    writes = [by_kind[k] for k in kinds if k in WRITES]
+    one = st.one_of(
+        *(p.filter(permitted).map(lambda op: [op]) for p in plain),
+        *(w.filter(permitted).flatmap(_then_followups) for w in writes),
+    )
+    return one
+
+
+def _then_followups(op: Op) -> st.SearchStrategy[list[Op]]:
+    vcpu = getattr(op, "vcpu", None)
+    if not isinstance(vcpu, int):
+        return st.just([op])
+    return followups(vcpu).map(lambda fs: [op, *(f for f in fs if permitted(f))])
 
 
 @st.composite
@@ -314,5 +409,5 @@ def programs(
     chunks = draw(
         st.lists(st.lists(one, min_size=1, max_size=max_ops), min_size=1, max_size=chunks_max)
     )
-    ops = [op for chunk in chunks for op in chunk]
+    ops = [op for chunk in chunks for group in chunk for op in group]
     return Program(topo, tuple(op for op in setup if permitted(op)), tuple(ops))

@@ -7,8 +7,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from apicsim.kvm import AnyVm, KvmVm, guest_features, host_vector_hashing, kvm_available
+from apicsim.kvm import (
+    AnyVm,
+    KvmVm,
+    guest_features,
+    host_tpr_low_bits_survive_exit,
+    host_vector_hashing,
+    kvm_available,
+)
 from hypervisor import Vm
+from hypervisor.config import VmConfig
 from lapic import ApicValueError, Features, GuestFault, StateError
 
 T = TypeVar("T")
@@ -31,6 +39,8 @@ FEATURES = guest_features() if KVM_OK else Features()
 """The virtual CPU KvmVm's guest CPUID advertises: the model is given the same."""
 VECTOR_HASHING = host_vector_hashing() if KVM_OK else None
 """KVM's ``vector_hashing`` module parameter: the model's lowest-priority policy follows it."""
+TPR_LOW_BITS_SURVIVE_EXIT = host_tpr_low_bits_survive_exit() if KVM_OK else True
+"""KVMB-11 as measured on this host: the model's ``KvmOptions.tpr_low_bits_survive_exit``."""
 
 
 class Factory:
@@ -49,7 +59,7 @@ class Factory:
         vcpu_ids: Sequence[int] | None = None,
     ) -> AnyVm:
         if self.backend == "model":
-            return Vm(
+            config = VmConfig.build(
                 vcpus,
                 x2apic_format=x2apic_format,
                 broadcast_quirk=broadcast_quirk,
@@ -57,6 +67,8 @@ class Factory:
                 features=FEATURES,
                 vector_hashing=VECTOR_HASHING,
             )
+            kvm = config.kvm.replace(tpr_low_bits_survive_exit=TPR_LOW_BITS_SURVIVE_EXIT)
+            return Vm(config.replace(kvm=kvm))
         vm = KvmVm(
             vcpus, x2apic_format=x2apic_format, broadcast_quirk=broadcast_quirk, vcpu_ids=vcpu_ids
         )
