@@ -48,6 +48,17 @@ def br_a6(p: Patcher) -> None:
     p.set(AvicState, "handle_not_running", handle_not_running)
 
 
+def br_a7(p: Patcher) -> None:
+    """b51818afdc1d before the BUSY test (bd17f417c07d's WARN): causes 0 and 2 only send the
+    IPI, so a BUSY bit the CPU left in the backing page stays set and a guest polling
+    ICR.BUSY hangs."""
+
+    def emulate_failed_ipi(self: AvicState, vcpu: Vcpu, w: IcrWrite, irq: Interrupt) -> None:
+        self._vm().deliver(irq, w.sender)
+
+    p.set(AvicState, "emulate_failed_ipi", emulate_failed_ipi)
+
+
 def br_a8(p: Patcher) -> None:
     """Before 5aede752a839: INVALID_TARGET ignored (nothing delivered)."""
 
@@ -171,9 +182,7 @@ ROWS: tuple[Row, ...] = (
      br_a6, ""),
     ("BR-A7", "b51818afdc1d",
      "KVM: SVM: Don't rewrite guest ICR on AVIC IPI virtualization failure",
-     "stale ICR.BUSY after a failed acceleration", ("AV-B5",), None,
-     "the local APIC model clears BUSY on every ICR write and the CPU model leaves it clear, "
-     "so no path ever leaves it set"),
+     "stale ICR.BUSY after a failed acceleration", ("AV-B5", "AV-B7"), br_a7, ""),
     ("BR-A8", "5aede752a839",
      "KVM: SVM: Process ICR on AVIC IPI delivery failure due to invalid target",
      "INVALID_TARGET ignored: the valid targets never get the IPI", ("AV-B4",), br_a8, ""),

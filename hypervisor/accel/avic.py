@@ -74,7 +74,7 @@ from hypervisor.vcpu import RunState
 from lapic import destination
 from lapic.apic import LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, check_bool, check_int
-from lapic.icr import Icr, Interrupt, interrupt_of_icr
+from lapic.icr import DELIVERY_STATUS, Icr, Interrupt, interrupt_of_icr
 from lapic.ops import DefaultApicOps
 from lapic.registers import DFR_FLAT
 
@@ -122,6 +122,10 @@ class Avic(AccelConfig):
     logical_table_pa: int = 0x2346_0000
     vm_id: int = 1
     """The VM id of the GA tag (one-based, 5ea11f2b31b8)."""
+    icr_busy_causes: frozenset[IpiFailure] = frozenset()
+    """UNVERIFIED (APM; KVM's comment: "hardware may sometimes leave the BUSY flag set"): the
+    ``AVIC_INCOMPLETE_IPI`` causes for which the CPU leaves ICR.BUSY (bit 12) set in the
+    backing page when it traps (AV-B7).  Empty: the CPU always clears it, as before."""
     invalid_vector_exit: bool = False
     """UNVERIFIED (APM): the CPU refuses vectors 0-15 with INVALID_IPI_VECTOR (cause 4, which
     KVM ignores).  False: they are sent like any other vector, as KVM's emulation does."""
@@ -139,6 +143,10 @@ class Avic(AccelConfig):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ApicTypeError(f"{name} must be an int, not {type(value).__name__}")
             check_int(name, value, 0, top)
+        if not isinstance(self.icr_busy_causes, frozenset) or not all(
+            isinstance(c, IpiFailure) for c in self.icr_busy_causes
+        ):
+            raise ApicTypeError("icr_busy_causes must be a frozenset of IpiFailure")
         for name in ("backing_page_base", "physical_table_pa", "logical_table_pa"):
             if getattr(self, name) & 0xFFF:
                 raise ApicValueError(f"{name}={getattr(self, name):#x} is not page-aligned")
@@ -225,6 +233,10 @@ class AvicState:
         """vCPU index -> (cached LDR logical id, flat) as ``svm->ldr_reg``/``dfr_reg``."""
         self._ops = AvicOps(self)
         self._hw_sender: LocalApic | None = None
+        self._busy_after: dict[LocalApic, bool] = {}
+        """ICR.BUSY as the last INCOMPLETE_IPI exit of the running guest write left it."""
+        self.icr_rewrites = 0
+        """How many times KVM re-ran a guest ICR write found with BUSY set (AV-B7)."""
         self._active = True
 
     # ===================================================================================
@@ -519,8 +531,11 @@ class AvicState:
         if vm.tracer.on:
             vm.tracer.emit(KvmAvicIncompleteIpi(vcpu.vcpu_id, w.icrh, w.icrl, cause, index))
         irq = interrupt_of_icr(w.icrl, w.icrh if w.x2apic else w.icrh >> 24)
+        busy = cause in self.config.icr_busy_causes
+        if busy:  # AV-B7: the trap has landed; the CPU left BUSY set in the backing page
+            self._set_icr_busy(w.sender, True)
         if cause is IpiFailure.INVALID_INT_TYPE:
-            vm.deliver(irq, w.sender)  # kvm_apic_send_ipi (the hardware left BUSY clear)
+            self.emulate_failed_ipi(vcpu, w, irq)
         elif cause is IpiFailure.INVALID_TARGET:
             self.handle_invalid_target(vcpu, w, irq)
         elif cause is IpiFailure.TARGET_NOT_RUNNING:
@@ -530,7 +545,32 @@ class AvicState:
 
     def handle_invalid_target(self, vcpu: Vcpu, w: IcrWrite, irq: Interrupt) -> None:
         """Cause 2: the CPU sent nothing, so KVM emulates the whole IPI (5aede752a839)."""
+        self.emulate_failed_ipi(vcpu, w, irq)
+
+    def emulate_failed_ipi(self, vcpu: Vcpu, w: IcrWrite, irq: Interrupt) -> None:
+        """Causes 0 and 2 (AV-C1, AV-B7): ``if (icrl & APIC_ICR_BUSY)
+        kvm_apic_write_nodecode(vcpu, APIC_ICR); else kvm_apic_send_ipi(apic, icrl, icrh);``.
+        The BUSY test reads the backing page, where the trap-like exit left the guest's write:
+        with BUSY set KVM re-runs the whole ICR write from the page (``kvm_lapic_reg_write``
+        sends the IPI and stores ICR with BUSY clear); else it only sends the IPI and never
+        writes ICR (b51818afdc1d)."""
+        if self._icr_busy(w.sender):
+            self.icr_rewrites += 1
+            self._set_icr_busy(w.sender, False)
         self._vm().deliver(irq, w.sender)
+
+    @staticmethod
+    def _icr_busy(apic: LocalApic) -> bool:
+        return bool(int.from_bytes(apic.regs[ICR : ICR + 4], "little") & DELIVERY_STATUS)
+
+    def _set_icr_busy(self, apic: LocalApic, busy: bool) -> None:
+        """Set or clear ICR.BUSY in the backing page (the page *is* ``apic.regs``).  During an
+        eager guest write the handler runs before the register store, so the state to keep is
+        also remembered for :meth:`_hw_write` to re-apply after the store."""
+        low = int.from_bytes(apic.regs[ICR : ICR + 4], "little")
+        low = low | DELIVERY_STATUS if busy else low & ~DELIVERY_STATUS
+        apic.regs[ICR : ICR + 4] = low.to_bytes(4, "little")
+        self._busy_after[apic] = busy
 
     def handle_not_running(self, vcpu: Vcpu, w: IcrWrite, irq: Interrupt, index: int) -> None:
         """Cause 1: the CPU already wrote every IRR; KVM only kicks (never re-emulates: the
@@ -673,10 +713,15 @@ class AvicState:
     def _hw_write(self, vcpu: Vcpu, write: Callable[[], None]) -> None:
         """Run a register write whose IPI the CPU sends (``send`` sees ``_hw_sender``)."""
         self._hw_sender = vcpu.apic
+        self._busy_after.pop(vcpu.apic, None)
         try:
             write()
         finally:
             self._hw_sender = None
+        busy = self._busy_after.pop(vcpu.apic, None)
+        if busy is not None:  # the ICR store of the write ran after the (eager) exit
+            self._set_icr_busy(vcpu.apic, busy)
+            del self._busy_after[vcpu.apic]
 
     def _x2avic(self, vcpu: Vcpu, msr: int) -> bool:
         return (
@@ -763,6 +808,7 @@ REPLAY_SEAMS: frozenset[str] = frozenset(
     {
         "AvicState.handle_not_running",  # BR-A6: bb218fbcfaaa re-emulated (reverted)
         "AvicState.handle_invalid_target",  # BR-A8 5aede752a839: emulate, not ignore
+        "AvicState.emulate_failed_ipi",  # BR-A7 b51818afdc1d: clear a BUSY the CPU left set
         "AvicState.load_allowed",  # BR-A3 18869f26df1a: no load inside the blocking window
         "AvicState.hw_entry",  # BR-A18 d921665e01ba: never set IsRunning without IPIv
         "AvicState.id_too_big",  # BR-A21: inhibit, do not reject the vCPU

@@ -27,8 +27,9 @@ Model choices where the APM is not available (``[UNVERIFIED]`` in the reference,
 software-disabled APIC, TMR cleared for the edge vector); EXITINFO2's index is the physical
 destination for a physical message, the logical-table index for a failing xAPIC logical
 bit, else the guest physical ID of the first failing target (0 for INVALID_INT_TYPE and
-INVALID_IPI_VECTOR); the hardware leaves ICR.BUSY clear; a logical or physical destination of
-all ones is a broadcast.
+INVALID_IPI_VECTOR); the hardware leaves ICR.BUSY clear unless ``Avic.icr_busy_causes`` names
+the cause (AV-B7, applied where the exit is taken, in ``hypervisor.accel.avic``); a logical or
+physical destination of all ones is a broadcast.
 
 Not modelled: the IOMMU's guest-virtual APIC (device posted interrupts write IRR only through
 KVM here), INVALID_BACKING_PAGE (every entry KVM writes has a page), nested AVIC.

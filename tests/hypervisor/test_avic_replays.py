@@ -16,6 +16,7 @@ from hypervisor.accel.avic import Avic, AvicState
 from lapic.faults import ApicValueError
 
 from . import test_avic as ex
+from . import test_avic_busy as busy
 from .builders import MSR_ICR, REG_DFR, REG_LDR, SVR_ON, mmio_write
 
 
@@ -79,6 +80,7 @@ def check_br_a25() -> None:
 KILLERS: dict[str, Callable[[], None]] = {
     "BR-A3": check_br_a3,
     "BR-A6": ex.test_irr_then_is_running_exit_target_not_running_and_no_second_irr_write__AV_B2,
+    "BR-A7": busy.test_busy_left_on_an_invalid_int_type_exit_makes_kvm_rewrite_the_icr_once__AV_B7,
     "BR-A8": ex.test_an_invalid_logical_target_sends_nothing_then_kvm_emulates_the_whole_ipi__AV_B4,
     "BR-A9": ex.test_x2apic_logical_fast_path_kicks_each_bit_of_the_cluster__AV_C3,
     "BR-A10": check_br_a10,
@@ -104,7 +106,7 @@ def test_every_br_a_of_part_m_is_catalogued_once_with_a_replay_or_a_reason() -> 
 
 @pytest.mark.parametrize("bug", sorted(KILLERS))
 def test_each_replayable_br_a_passes_fixed_and_is_killed_by_its_named_test(bug: str) -> None:
-    """BR-A3, BR-A6, BR-A8, BR-A9, BR-A10, BR-A17, BR-A18, BR-A19, BR-A20, BR-A21, BR-A23,
+    """BR-A3, BR-A6, BR-A7, BR-A8, BR-A9, BR-A10, BR-A17, BR-A18, BR-A19, BR-A20, BR-A21, BR-A23,
     BR-A25: the check passes on the model and fails with the replay active; the replay
     restores every object it swapped."""
     check = KILLERS[bug]
