@@ -19,7 +19,10 @@ interception``, ``avic_handle_ldr_update``/``avic_handle_dfr_update``, ``avic_ri
   KVM's exit handlers, IsRunning across load/put/block/unblock, host-side delivery
   (``svm_deliver_interrupt``) installed as each APIC's ``ApicOps``, and the inhibit switch
   (while inhibited the VM is trap-and-emulate; IRR is the same page both ways, so nothing is
-  lost or duplicated across a switch).
+  lost or duplicated across a switch).  The VM's flag (``active``) flips at once; with queued
+  steps each vCPU's ``apicv_active`` (:meth:`AvicState.vcpu_active`) and physical entry follow
+  in its own atomic step (``avic.apicv_update.N``, KVM_REQ_APICV_UPDATE ->
+  ``avic_refresh_apicv_exec_ctrl``), so a test can interleave the switch with a delivery.
 
 Choices where the sources are open (``specs/avic.md`` AVIC-CHOICE-*): an xAPIC access while
 AVIC is inhibited takes the emulated MMIO exit (``EPT_MISCONFIG``, the model's name for KVM's
@@ -238,6 +241,8 @@ class AvicState:
         self.icr_rewrites = 0
         """How many times KVM re-ran a guest ICR write found with BUSY set (AV-B7)."""
         self._active = True
+        self._stale: set[int] = set()
+        """vCPU indices whose apicv_active has not yet followed the last inhibit change."""
 
     # ===================================================================================
     # Set-up
@@ -325,12 +330,39 @@ class AvicState:
         active = not vm.inhibits
         if active is not self._active:
             self._active = active
+            steps = vm.host.steps
             for v in vm.vcpus:
-                if not active:
-                    self._put_entry(v, blocking=False)
-                elif v.run_state is RunState.IN_GUEST and v.last_pcpu is not None:
-                    self._load_entry(v, v.last_pcpu)
+                if steps.queued:  # each vCPU applies it at its own KVM_REQ_APICV_UPDATE
+                    self._stale ^= {v.index}
+                    steps.start(f"avic.apicv_update.{v.index}", self._update_steps(v))
+                else:
+                    self._refresh_entry(v)
         return active
+
+    def _update_steps(self, vcpu: Vcpu) -> Protocol:
+        """``kvm_vcpu_update_apicv`` -> ``avic_refresh_apicv_exec_ctrl`` on one vCPU, one
+        atomic step: its own apicv_active follows the VM's, then its physical entry."""
+        yield Step(
+            f"avic.apicv_update[{vcpu.index}]", frozenset({"avic.inhibits", "run_state"}),
+            frozenset({"avic.physical_table"}), lambda: self._apply_update(vcpu),
+        )
+        return None
+
+    def _apply_update(self, vcpu: Vcpu) -> None:
+        if vcpu.index in self._stale:
+            self._stale.discard(vcpu.index)
+            self._refresh_entry(vcpu)
+
+    def _refresh_entry(self, v: Vcpu) -> None:
+        if not self._active:
+            self._put_entry(v, blocking=False)
+        elif v.run_state is RunState.IN_GUEST and v.last_pcpu is not None:
+            self._load_entry(v, v.last_pcpu)
+
+    def vcpu_active(self, vcpu: Vcpu) -> bool:
+        """``kvm_vcpu_apicv_active``: the VM's state once this vCPU applied the last inhibit
+        change (with queued steps it may lag behind :attr:`active` for a while)."""
+        return self.active != (vcpu.index in self._stale)
 
     def refresh(self) -> None:
         """Apply an inhibit change now (KVM ``kvm_set_or_clear_apicv_inhibit`` refreshes every
@@ -373,7 +405,7 @@ class AvicState:
     def vcpu_load(self, vcpu: Vcpu, pcpu: Pcpu) -> None:
         """``avic_vcpu_load`` (AV-E1): host id := this pCPU's, IsRunning := 1 (hardware table:
         only with IPIv); skipped while blocking or inhibited."""
-        if not self.active:
+        if not self.vcpu_active(vcpu):
             return
         if not self.load_allowed(vcpu):
             return
@@ -387,13 +419,13 @@ class AvicState:
 
     def vcpu_put(self, vcpu: Vcpu) -> None:
         """``avic_vcpu_put`` (AV-E2): IsRunning := 0, host id kept."""
-        if self.active:
+        if self.vcpu_active(vcpu):
             self._put_entry(vcpu, blocking=False)
 
     def vcpu_blocking(self, vcpu: Vcpu) -> None:
         """``avic_vcpu_blocking`` (AV-E3/E4): put with GA_LOG_INTR in the shadow entry, even
         with guest interrupts disabled."""
-        if self.active:
+        if self.vcpu_active(vcpu):
             self._put_entry(vcpu, blocking=True)
 
     def vcpu_unblocking(self, vcpu: Vcpu) -> None:
@@ -432,7 +464,7 @@ class AvicState:
         the legacy path (KVM_REQ_EVENT + kick) must run (AVIC inactive)."""
         vcpu = self._vm().vcpus[self._index[apic]]
         in_guest = self.in_guest_mode(vcpu)
-        if not self.active:
+        if not self.vcpu_active(vcpu):
             return True
         if in_guest:
             self.ring_doorbell(vcpu)
@@ -673,7 +705,7 @@ class AvicState:
         base = apic.base_address
         return (
             apic.hw_enabled and not apic.x2apic_mode and base <= gpa < base + 0x1000
-            and self.active
+            and self.vcpu_active(vcpu)
         )
 
     def mmio_read(self, vcpu: Vcpu, gpa: int, size: int) -> int:
@@ -726,7 +758,7 @@ class AvicState:
     def _x2avic(self, vcpu: Vcpu, msr: int) -> bool:
         return (
             X2APIC_MSR_BASE <= msr <= 0x8FF and self.config.x2avic and vcpu.apic.x2apic_mode
-            and self.active
+            and self.vcpu_active(vcpu)
         )
 
     def rdmsr(self, vcpu: Vcpu, msr: int) -> int:
@@ -783,6 +815,7 @@ class AvicState:
         self._ldr_cache = dict(ldr)
         self.doorbells = deque(doorbells, maxlen=DOORBELL_LOG)
         self._active = bool(active)
+        self._stale = set()
         self.warnings = list(warnings)
 
     def dump(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -158,6 +159,51 @@ def test_fixed_ipis_between_running_vcpus_take_no_exit__AVIC_O_1(
     assert vm.stats.doorbells == sum(1 for s, d, _ in ipis if s != d)
 
 
+def inhibit_race(inhibit: bool, halted: bool) -> tuple[Vm, Steps]:
+    """vCPU 0 sends VECTOR to vCPU 1 through the CPU while vCPU 2's APIC ID write switches
+    AVIC off (``inhibit``) or back on: the sender's steps and every vCPU's apicv update are
+    queued, so ``explore`` runs them in every order."""
+    vm = Vm(3, accelerator=Avic(), host=Host(3))
+    for i in range(3):
+        mmio_write(vm, i, REG_SVR, SVR_ON)
+    if not inhibit:
+        mmio_write(vm, 2, REG_ID, 7 << 24)
+    if halted:
+        vm.vcpu(1).halt()
+    steps = vm.host.steps
+    steps.queued = True
+    mmio_write(vm, 0, REG_ICR2, 1 << 24)
+    mmio_write(vm, 0, REG_ICR, VECTOR)
+    mmio_write(vm, 2, REG_ID, (7 if inhibit else 2) << 24)
+    return vm, steps
+
+
+@pytest.mark.parametrize("inhibit", [True, False])
+@pytest.mark.parametrize("halted", [False, True])
+def test_an_inhibit_toggle_racing_a_delivery_loses_and_duplicates_nothing__AV_G3(
+    inhibit: bool, halted: bool
+) -> None:
+    orders = 0
+    for order in explore(lambda: inhibit_race(inhibit, halted)[1]):
+        vm, steps = inhibit_race(inhibit, halted)
+        assert any(t.name.startswith("avic.apicv_update") for t in steps.pending())
+        steps.replay(order)
+        assert not steps.pending()
+        avic = avic_of(vm)
+        assert avic.active is not inhibit
+        assert all(avic.vcpu_active(v) is not inhibit for v in vm.vcpus)
+        for v in vm.vcpus:  # the switch is complete: the table says what AVIC-on/off means
+            e = avic.physical_table[v.vcpu_id]
+            assert e.is_running == (not inhibit and v.run_state is RunState.IN_GUEST), order
+        steps.queued = False
+        v1 = vm.vcpu(1)
+        assert v1.run_state is not RunState.BLOCKED or not v1.has_events(), order  # no lost wake
+        assert v1.run() == [VECTOR], order  # once
+        assert v1.run() == []
+        orders += 1
+    assert orders > 3
+
+
 # =============================================================================================
 # The state machine (Part O)
 # =============================================================================================
@@ -226,13 +272,14 @@ class AvicMachine(RuleBasedStateMachine):
 
     @rule(on=st.booleans())
     def toggle_inhibit(self, on: bool) -> None:
+        """APIC_ID_MODIFIED on or off: the VM's flag flips at once, each vCPU's apicv_active
+        and physical entry follow in its own queued step (AV-G3), which the ``step`` rule
+        interleaves with senders' hardware steps and run-state changes."""
         last = self.n - 1
         v = self.vm.vcpu(last)
-        if v.run_state is RunState.BLOCKED or self.steps.pending():
+        if v.run_state is RunState.BLOCKED or not self._free(last):
             return
-        self.steps.queued = False
         mmio_write(self.vm, last, REG_ID, (7 if on else last) << 24)
-        self.steps.queued = True
 
     @precondition(lambda self: bool(self.steps.pending()))
     @rule(data=st.data())
@@ -251,7 +298,7 @@ class AvicMachine(RuleBasedStateMachine):
                 assert v.run_state is RunState.IN_GUEST
                 assert v.last_pcpu is not None and v.last_pcpu.apic_id == e.host_id
                 assert v.last_pcpu.loaded is v
-                assert avic.config.enable_ipiv and avic._active
+                assert avic.config.enable_ipiv and avic.vcpu_active(v)
             assert not vm.lapic(v.index).icr & 0x1000
         assert avic.warnings == []
 
