@@ -102,7 +102,7 @@ class Topology:
 
     vcpu_ids: tuple[int, ...]
     x2apic_format: bool = False
-    broadcast_quirk: bool | None = True
+    broadcast_quirk: bool = True
     x2apic: bool = False
     apics: tuple[ApicSpec, ...] = ()
     dfr: int = DFR_FLAT
