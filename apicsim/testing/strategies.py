@@ -2,9 +2,9 @@
 and operation programs (operations of :mod:`apicsim.ops`).
 
 * :func:`topologies`: a :class:`Topology` (vCPU ids, x2APIC or xAPIC mode, KVM's
-  ``x2apic_format`` and broadcast quirk); :meth:`Topology.build` makes the ``hypervisor.Vm``
-  and puts every vCPU in its mode with the APIC software-enabled (SVR = 0x1FF), as a guest
-  would (``tests/differential`` draws its own distribution of the same type);
+  ``x2apic_format`` and broadcast quirk); both live in :mod:`apicsim.testing.topologies`
+  (the one home of topologies, with per-vCPU APIC states and ``build_bus``) and are
+  re-exported here;
 * :func:`icr_values`: 64-bit ICR values (vector, delivery mode, destination mode, level,
   trigger, shorthand, destination) with the reserved bits clear;
 * :func:`msi_values`: ``(address_lo, data)`` pairs for ``vm.signal_msi``;
@@ -21,77 +21,19 @@ Sources: the ICR layout (SDM Vol. 3A 11.6.1), the MSI address/data layout (SDM V
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from hypothesis import strategies as st
 
 from apicsim.ops import Icr, Msi, Op, Run
-from hypervisor import Vm
+from apicsim.testing.topologies import Topology, topologies
+
+__all__ = ["Topology", "icr_values", "msi_values", "programs", "register_writes", "topologies",
+           "vectors"]
 
 U32 = 0xFFFFFFFF
-X2APIC_BASE = 0xFEE00C00
 WRITABLE = (0x80, 0xD0, 0xE0, 0xF0, 0x280, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x380,
             0x3E0)
 """xAPIC offsets a guest writes (TPR, LDR, DFR, SVR, ESR, the LVTs, TMICT, TDCR)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """A VM's shape: the vCPU ids (creation order; the APIC ids at RESET), its
-    KVM_CAP_X2APIC_API flags, and the APIC mode :meth:`build` puts every vCPU in.  One type
-    for the project's suites too (the differential programs run on it)."""
-
-    vcpu_ids: tuple[int, ...]
-    x2apic_format: bool = False
-    broadcast_quirk: bool = True
-    x2apic: bool = False
-
-    @property
-    def contiguous(self) -> bool:
-        return self.vcpu_ids == tuple(range(len(self.vcpu_ids)))
-
-    def vm_args(self) -> dict[str, Any]:
-        """Keyword arguments of a VM of this shape (``hypervisor.Vm`` and the KVM backend's
-        ``KvmVm``): ``vcpus`` when the ids are 0..n-1, else ``vcpu_ids``."""
-        args: dict[str, Any] = {
-            "x2apic_format": self.x2apic_format,
-            "broadcast_quirk": self.broadcast_quirk,
-        }
-        if self.contiguous:
-            args["vcpus"] = len(self.vcpu_ids)
-        else:
-            args["vcpu_ids"] = list(self.vcpu_ids)
-        return args
-
-    def build(self) -> Vm:
-        """The model's VM, every vCPU in the mode and software-enabled (guest accesses)."""
-        vm = Vm(**self.vm_args())
-        for v in vm.vcpus:
-            if self.x2apic:
-                v.wrmsr(0x1B, X2APIC_BASE | (v.apic.apic_base & 0x100))
-                v.wrmsr(0x80F, 0x1FF)
-            else:
-                v.mmio_write(v.apic.base_address + 0xF0, 0x1FF)
-        return vm
-
-
-@st.composite
-def topologies(
-    draw: st.DrawFn, *, min_vcpus: int = 1, max_vcpus: int = 8, max_id: int = 254
-) -> Topology:
-    """Distinct vCPU ids in ``0..max_id`` (sorted), x2APIC or xAPIC."""
-    ids = draw(
-        st.lists(
-            st.integers(0, max_id), min_size=min_vcpus, max_size=max_vcpus, unique=True
-        )
-    )
-    return Topology(
-        tuple(sorted(ids)),
-        x2apic_format=draw(st.booleans()),
-        broadcast_quirk=draw(st.booleans()),
-        x2apic=draw(st.booleans()),
-    )
 
 
 def vectors(*, legal: bool = True) -> st.SearchStrategy[int]:

@@ -279,6 +279,16 @@ class AvicState:
         self.shadow[vcpu.vcpu_id] = int(entry)
         self.physical_table[vcpu.vcpu_id] = entry
 
+    def vcpu_state(self, vcpu: Vcpu) -> str:
+        """The accel column of ``vm.table()``: the vCPU's hardware physical-table entry as
+        ``IsRunning``, ``valid`` and the host APIC id (hex), or ``no entry`` when its id is
+        beyond the table (AV-F1)."""
+        if self.id_too_big(vcpu):
+            return "avic: no entry"
+        e = self.physical_table[vcpu.vcpu_id]
+        return (f"avic: run={int(e.is_running)} valid={int(e.valid)} "
+                f"host={e.host_id:#x}")
+
     def id_too_big(self, vcpu: Vcpu) -> bool:
         """A vCPU id above the max index inhibits AVIC instead of failing KVM_CREATE_VCPU."""
         return vcpu.vcpu_id > self.max_physical_index

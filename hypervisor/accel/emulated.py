@@ -34,6 +34,10 @@ class Emulated:
     def attach(self, vm: Vm) -> None:
         return None
 
+    def vcpu_state(self, vcpu: Vcpu) -> str:
+        """The accel column of ``vm.table()``: every APIC access of every vCPU traps."""
+        return "trap"
+
     def mmio_read(self, vcpu: Vcpu, gpa: int, size: int) -> int:
         vcpu.record_exit(ExitReason.EPT_MISCONFIG, gpa, 0)
         return vcpu.emulate_mmio_read(gpa, size)

@@ -27,8 +27,9 @@ from apicsim.testing import (
     topologies,
 )
 from apicsim.testing.strategies import WRITABLE
+from apicsim.testing.topologies import DISABLED, X2APIC, ApicSpec, mixed_topologies
 from hypervisor import Vm
-from lapic.faults import GuestFault
+from lapic.faults import ApicValueError, GuestFault
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,6 +96,37 @@ def test_a_topology_builds_a_vm_with_its_ids_in_its_mode_software_enabled(top: T
     assert [v.vcpu_id for v in vm.vcpus] == list(top.vcpu_ids)
     for v in vm.vcpus:
         assert v.apic.x2apic_mode is top.x2apic and v.apic.sw_enabled
+
+
+@settings(max_examples=25, deadline=None)
+@given(mixed_topologies(max_vcpus=5))
+def test_a_mixed_topology_builds_the_same_apics_as_a_vm_and_as_a_bus(top: Topology) -> None:
+    """One type, two builders: every vCPU's mode, software enable, xAPIC ID and LDR are the
+    spec's, on the ``Vm`` (host KVM_SET_MSRS + guest accesses) and on the bare ``ApicBus``."""
+    vm, bus = top.build_vm(), top.build_bus()
+    assert top.present() and 0 in top.present()
+    for i, spec in enumerate(top.specs):
+        for apic in (vm.vcpu(i).apic, bus[i]):
+            assert apic.hw_enabled is (spec.mode != DISABLED)
+            if spec.mode == DISABLED:
+                continue
+            assert apic.x2apic_mode is (spec.mode == X2APIC)
+            assert apic.sw_enabled is spec.sw_enabled
+            if spec.mode != X2APIC:
+                assert apic.mmio_read(0x20) >> 24 == spec.xapic_id
+                assert apic.mmio_read(0xD0) >> 24 == spec.lid
+    assert len(top.physical_ids()) == len(top.present())  # MAP-2: distinct physical IDs
+
+
+def test_a_topology_refuses_specs_that_do_not_fit_naming_the_argument() -> None:
+    for bad in (lambda: ApicSpec("x3apic"), lambda: ApicSpec("xapic", xapic_id=256),
+                lambda: Topology((0, 1), apics=(ApicSpec("xapic"),))):
+        try:
+            bad()
+        except ApicValueError as e:
+            assert str(e).split(":")[0] in ("mode", "xapic_id, lid", "apics")
+        else:
+            raise AssertionError("accepted")
 
 
 @settings(max_examples=50, deadline=None)

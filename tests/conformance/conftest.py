@@ -25,6 +25,7 @@ import pytest
 from hypothesis import strategies as st
 
 from apicsim.testing.plugin import Platform as Platform  # one definition, re-exported
+from apicsim.testing.topologies import Topology
 from hypervisor import KvmOptions, Vm, accel
 from lapic.faults import GuestFault
 from lapic.profile import PRESETS, LowestPriorityPolicy, Profile
@@ -291,10 +292,14 @@ def vcpu_ids(mode: Mode, *, min_size: int = 1, max_size: int = 6) -> st.SearchSt
 
 
 @st.composite
-def topologies(
-    draw: st.DrawFn, *, min_size: int = 1, max_size: int = 6
-) -> tuple[Mode, list[int]]:
-    """An APIC mode (the same for every vCPU) and the vCPU ids."""
+def topologies(draw: st.DrawFn, *, min_size: int = 1, max_size: int = 6) -> Topology:
+    """An ``apicsim.testing`` :class:`Topology`: an APIC mode (the same for every vCPU) and the
+    vCPU ids in creation order (this suite's distribution: :func:`vcpu_ids`)."""
     mode = draw(modes, label="mode")
     ids = draw(vcpu_ids(mode, min_size=min_size, max_size=max_size), label="vcpu_ids")
-    return mode, ids
+    return Topology(tuple(ids), x2apic=mode is Mode.X2APIC)
+
+
+def mode_and_ids(topo: Topology) -> tuple[Mode, list[int]]:
+    """The mode :func:`boot` takes and the vCPU ids ``Platform.vm(vcpu_ids=)`` takes."""
+    return (Mode.X2APIC if topo.x2apic else Mode.XAPIC), list(topo.vcpu_ids)

@@ -11,6 +11,8 @@ from functools import partial
 from hypothesis import given
 from hypothesis import strategies as st
 
+from apicsim.testing.topologies import Topology
+
 from .conftest import (
     BASE_EN,
     BASE_EXTD,
@@ -32,6 +34,7 @@ from .conftest import (
     irrs,
     isr,
     legal_vectors,
+    mode_and_ids,
     topologies,
     u32,
     u64,
@@ -46,7 +49,7 @@ SHORTHANDS = {"self": 0x40000, "all-including-self": 0x80000, "all-excluding-sel
 
 @given(topo=topologies(), data=st.data())
 def test_a_physical_unicast_reaches_exactly_its_targets_irr__MATCH_4(
-    platform: Platform, topo: tuple[Mode, list[int]], data: st.DataObject
+    platform: Platform, topo: Topology, data: st.DataObject
 ) -> None:
     """MATCH-4, ICR-2, ICR-3: a fixed, edge, physical IPI to vCPU t's APIC ID (= its vCPU id;
     xAPIC: ICR2 then ICR over MMIO, x2APIC: one WRMSR 0x830) sets the vector in t's IRR and
@@ -54,7 +57,7 @@ def test_a_physical_unicast_reaches_exactly_its_targets_irr__MATCH_4(
     the profile accepts them (DIFF-D2: otherwise nothing is sent).  Running every vCPU then
     handles it exactly once, on t only (PRIO-4, PRIO-5), except that a vector 0-15 can never
     be delivered (PRIO-3: its class 0 is never above PPR) and stays in IRR."""
-    mode, ids = topo
+    mode, ids = mode_and_ids(topo)
     vm = platform.vm(vcpu_ids=ids)
     cpus = boot(vm, mode)
     n = len(ids)
@@ -76,13 +79,13 @@ def test_a_physical_unicast_reaches_exactly_its_targets_irr__MATCH_4(
 
 @given(topo=topologies(), data=st.data())
 def test_after_run_each_target_handled_each_vector_once_and_isr_is_empty__PRIO_4_PRIO_5(
-    platform: Platform, topo: tuple[Mode, list[int]], data: st.DataObject
+    platform: Platform, topo: Topology, data: st.DataObject
 ) -> None:
     """PRIO-4, PRIO-5, PRIO-3: after a batch of fixed physical unicasts (random senders,
     targets, legal vectors, repeats included), one ``run()`` of each vCPU handles exactly the
     distinct vectors sent to it, each once (IRR coalesces repeats), highest first (PRIO-3: the
     highest IRR vector is delivered next), and the handler's EOIs leave ISR and IRR empty."""
-    mode, ids = topo
+    mode, ids = mode_and_ids(topo)
     vm = platform.vm(vcpu_ids=ids)
     cpus = boot(vm, mode)
     n = len(ids)
@@ -109,14 +112,14 @@ def test_after_run_each_target_handled_each_vector_once_and_isr_is_empty__PRIO_4
 
 @given(topo=topologies(min_size=2), data=st.data())
 def test_shorthands_reach_exactly_their_set_of_enabled_apics__MATCH_2(
-    platform: Platform, topo: tuple[Mode, list[int]], data: st.DataObject
+    platform: Platform, topo: Topology, data: st.DataObject
 ) -> None:
     """MATCH-2, ICR-5, ICR-6: self reaches only the sender; all-including-self every
     hardware-enabled APIC; all-excluding-self every one but the sender.  The destination field
     and the destination mode are ignored (random here), and so is the level bit of an edge
     IPI.  vCPUs whose guest cleared IA32_APIC_BASE.EN are never reached.  In x2APIC mode the
     SELF IPI MSR (0x83F) is a self shorthand too."""
-    mode, ids = topo
+    mode, ids = mode_and_ids(topo)
     vm = platform.vm(vcpu_ids=ids)
     cpus = boot(vm, mode)
     n = len(ids)
@@ -157,7 +160,7 @@ def without_init(icr: int) -> int:
 
 @given(topo=topologies(), data=st.data())
 def test_icr_never_reads_back_the_delivery_status_bit__DIFF_D4(
-    platform: Platform, topo: tuple[Mode, list[int]], data: st.DataObject
+    platform: Platform, topo: Topology, data: st.DataObject
 ) -> None:
     """DIFF-D4, ICR-2, ICR-3: after any ICR write the sender reads back exactly what it wrote
     minus bit 12 (delivery status), never 1 while pending: xAPIC ``ICR`` reads ``val &
@@ -166,7 +169,7 @@ def test_icr_never_reads_back_the_delivery_status_bit__DIFF_D4(
     values are random, so the writes send every kind of IPI along the way, except INIT: an
     INIT that reaches the sender resets its APIC at its next instruction (INIT-1), ICR
     included, which is another rule."""
-    mode, ids = topo
+    mode, ids = mode_and_ids(topo)
     vm = platform.vm(vcpu_ids=ids)
     cpus = boot(vm, mode)
     cpu = cpus[data.draw(st.integers(0, len(ids) - 1), label="sender")]

@@ -15,6 +15,7 @@ from operator import or_
 from hypothesis import given
 from hypothesis import strategies as st
 
+from apicsim.testing.topologies import XAPIC, ApicSpec, Topology
 from hypervisor import Vm
 from lapic.profile import Profile
 
@@ -51,13 +52,34 @@ def derived_ldr(x2apic_id: int) -> int:
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Every vCPU in one logical model with a distinct logical ID, all software-enabled."""
+class LogicalTopology:
+    """Every vCPU in one logical model with a distinct logical ID, all software-enabled: the
+    data is an ``apicsim.testing`` :class:`Topology` (xAPIC models: one ``ApicSpec`` per vCPU
+    with its logical ID, and the DFR; x2APIC: uniform, the LDRs derived), with the MATCH-*
+    oracles of this module on top."""
 
     model: str
-    vcpu_ids: tuple[int, ...]
-    logical_ids: tuple[int, ...]
-    """xAPIC: the 8-bit ID written to LDR[31:24]; x2APIC: the derived 32-bit LDR."""
+    topology: Topology
+
+    @classmethod
+    def of(cls, model: str, vcpu_ids: tuple[int, ...], lids: tuple[int, ...]) -> LogicalTopology:
+        """``lids``: the 8-bit xAPIC logical IDs (ignored for x2apic: MATCH-7 derives them)."""
+        if model == "x2apic":
+            return cls(model, Topology(vcpu_ids, x2apic=True))
+        specs = tuple(ApicSpec(XAPIC, True, v & 0xFF, lid) for v, lid in zip(vcpu_ids, lids,
+                                                                            strict=True))
+        return cls(model, Topology(vcpu_ids, apics=specs, dfr=DFR_VALUE[model]))
+
+    @property
+    def vcpu_ids(self) -> tuple[int, ...]:
+        return self.topology.vcpu_ids
+
+    @property
+    def logical_ids(self) -> tuple[int, ...]:
+        """xAPIC: the 8-bit ID written to LDR[31:24]; x2APIC: the derived 32-bit LDR."""
+        if self.model == "x2apic":
+            return tuple(derived_ldr(v) for v in self.vcpu_ids)
+        return tuple(spec.lid for spec in self.topology.apics)
 
     @property
     def mode(self) -> Mode:
@@ -99,14 +121,14 @@ class Topology:
 
 
 @st.composite
-def topologies(draw: st.DrawFn, max_size: int = 8) -> Topology:
+def topologies(draw: st.DrawFn, max_size: int = 8) -> LogicalTopology:
     model = draw(st.sampled_from(MODELS), label="model")
     n = draw(st.integers(1, max_size), label="vCPUs")
     if model == "x2apic":
         # Few clusters, so that multicasts reach several vCPUs; sometimes far ones.
         one = st.one_of(st.integers(0, 40), st.integers(0, 4095))
         ids = draw(st.lists(one, min_size=n, max_size=n, unique=True), label="vcpu_ids")
-        return Topology(model, tuple(ids), tuple(derived_ldr(v) for v in ids))
+        return LogicalTopology.of(model, tuple(ids), tuple(derived_ldr(v) for v in ids))
     ids = draw(st.lists(st.integers(0, 0xFE), min_size=n, max_size=n, unique=True))
     # One bit per vCPU (as Linux programs it; KVM's optimized map can then serve the message),
     # or any bytes (several bits per ID: KVM falls back to the architectural rules).
@@ -118,10 +140,10 @@ def topologies(draw: st.DrawFn, max_size: int = 8) -> Topology:
         member = st.integers(0, 3).map(lambda b: 1 << b) if one_bit else st.integers(0, 0xF)
         lid = st.tuples(cluster, member).map(lambda cm: cm[0] << 4 | cm[1])
     lids = draw(st.lists(lid, min_size=n, max_size=n, unique=True), label="logical IDs")
-    return Topology(model, tuple(ids), tuple(lids))
+    return LogicalTopology.of(model, tuple(ids), tuple(lids))
 
 
-def destinations(top: Topology) -> st.SearchStrategy[int]:
+def destinations(top: LogicalTopology) -> st.SearchStrategy[int]:
     """Random MDAs, unions of the vCPUs' own logical IDs (within one cluster) and broadcasts."""
     lids = list(top.logical_ids)
     if top.model == "flat":
@@ -157,7 +179,7 @@ def signal_logical_msi(vm: Vm, dest: int, vector: int, *, lowest: bool, hint: bo
 
 @given(top=topologies(), data=st.data())
 def test_a_logical_multicast_reaches_exactly_the_matching_apics__MATCH_5(
-    platform: Platform, top: Topology, data: st.DataObject
+    platform: Platform, top: LogicalTopology, data: st.DataObject
 ) -> None:
     """MATCH-5, MATCH-6, MATCH-3, MATCH-1, MSI-1: with every APIC software-enabled, in one
     logical model (xAPIC flat, xAPIC cluster, x2APIC cluster) and with distinct logical IDs, a
@@ -190,7 +212,7 @@ def test_a_logical_multicast_reaches_exactly_the_matching_apics__MATCH_5(
 
 
 @st.composite
-def lowest_priority_cases(draw: st.DrawFn) -> tuple[Topology, int]:
+def lowest_priority_cases(draw: st.DrawFn) -> tuple[LogicalTopology, int]:
     """A topology and an MDA that is the union of some vCPUs' logical IDs in one cluster, so
     that every bit of the MDA names an APIC."""
     top = draw(topologies())
@@ -214,7 +236,7 @@ def lowest_priority_cases(draw: st.DrawFn) -> tuple[Topology, int]:
 
 @given(case=lowest_priority_cases(), data=st.data())
 def test_lowest_priority_reaches_exactly_one_candidate__LP_1(
-    platform: Platform, case: tuple[Topology, int], data: st.DataObject
+    platform: Platform, case: tuple[LogicalTopology, int], data: st.DataObject
 ) -> None:
     """LP-1, SLOW-2: a lowest-priority logical message (an IPI with delivery mode LOWEST, an
     MSI in LOWEST mode, or a FIXED MSI with the redirection hint) whose MDA is made of
@@ -274,7 +296,7 @@ def test_cluster_15_is_reached_only_where_the_profile_addresses_it__MATCH_6(
     member bit with it if and only if the profile addresses cluster 0xF; 0xFF, the broadcast,
     reaches every vCPU under every profile."""
     lids = (*(0xF0 | m for m in members), 0x11)
-    top = Topology("cluster", tuple(range(len(lids))), lids)
+    top = LogicalTopology.of("cluster", tuple(range(len(lids))), lids)
     vm, cpus = top.build(platform)
     if msi:
         signal_logical_msi(vm, dest, vector, lowest=False, hint=False)

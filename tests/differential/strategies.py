@@ -11,7 +11,7 @@ interesting values come first and the simplest operations first.  A write (regis
 state image, CR8) is followed some of the time by guest execution on its vCPU and a host
 read-back (:func:`followups`), so a value that does not survive an exit or a KVM_GET/SET_SREGS
 round trip (KVMB-10/11) is seen.  The :class:`Topology` type is
-``apicsim.testing.strategies.Topology`` (one type for the suites and for users' own property
+``apicsim.testing.topologies.Topology`` (one type for the suites and for users' own property
 tests).
 """
 
@@ -45,7 +45,7 @@ from apicsim.ops import (
     SetMsr,
     Wrmsr,
 )
-from apicsim.testing.strategies import Topology as Topology  # the one topology type
+from apicsim.testing.topologies import Topology as Topology  # the one topology type
 from tests.differential.exclusions import FAR_DEADLINE, permitted
 from tests.kvm.support import FEATURES
 

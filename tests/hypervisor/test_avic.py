@@ -325,6 +325,18 @@ def test_load_sets_is_running_only_in_the_hardware_table_with_ipiv__AV_E1() -> N
     assert PhysicalEntry(avic_of(vm).shadow[1]).is_running
 
 
+def test_the_vcpu_table_accel_column_shows_is_running_valid_and_host_id_in_hex__AV_E1() -> None:
+    vm = Vm(2, accelerator="avic", host=Host(16, apic_ids=[i * 2 for i in range(16)]))
+    vm.vcpu(1).enter(pcpu=9)
+    assert avic_of(vm).vcpu_state(vm.vcpu(1)) == "avic: run=1 valid=1 host=0x12"
+    assert avic_of(vm).vcpu_state(vm.vcpu(0)) == "avic: run=0 valid=1 host=0x0"
+    assert vm.table().splitlines()[2].endswith("avic: run=1 valid=1 host=0x12")
+    vm.vcpu(1).preempt()
+    assert avic_of(vm).vcpu_state(vm.vcpu(1)) == "avic: run=0 valid=1 host=0x12"
+    big = Vm(vcpu_ids=[0, 300], accelerator=Avic(x2avic=False))
+    assert avic_of(big).vcpu_state(big.vcpu(1)) == "avic: no entry"
+
+
 def test_put_clears_is_running_blocking_sets_bit_61_in_the_shadow_only__AV_E2_AV_E3() -> None:
     vm = avic_vm(2)
     vm.vcpu(1).preempt()

@@ -1,4 +1,4 @@
-"""Properties of the hypervisor layer over random topologies (``topologies.py``).
+"""Properties of the hypervisor layer over random topologies (``apicsim.testing.mixed_topologies``).
 
 1. Fast path == slow path (FAST-1..7 against SLOW-2 / MATCH-*): wherever the optimized map
    answers, it names exactly the APICs the slow path would have accepted on.
@@ -16,12 +16,19 @@ from __future__ import annotations
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from apicsim.testing.topologies import (
+    DISABLED,
+    X2APIC,
+    Topology,
+    messages,
+    mixed_topologies,
+)
 from hypervisor.delivery import map_destinations
 from lapic.apic import LocalApic
 from lapic.icr import DeliveryMode, Interrupt
 from lapic.slowpath import deliver_slow
 
-from .topologies import DISABLED, X2APIC, Topology, known_divergence, messages, topologies
+from .topologies import known_divergence, logical_mode
 
 ALL_MODES = tuple(DeliveryMode)
 FIXED_ONLY = (DeliveryMode.FIXED,)
@@ -34,7 +41,7 @@ U64 = (1 << 64) - 1
 # =============================================================================================
 @st.composite
 def fixed_cases(draw: st.DrawFn) -> tuple[Topology, Interrupt, int | None]:
-    top = draw(topologies())
+    top = draw(mixed_topologies())
     irq, source = draw(messages(top, modes=FIXED_ONLY))
     return top, irq, source
 
@@ -59,7 +66,7 @@ def test_the_fast_path_accepts_exactly_where_the_slow_path_would__FAST_7(
     vm = top.build_vm()
     apic_map = vm.apic_map
     assert apic_map is not None, "distinct physical IDs must give a map (MAP-2)"
-    assert apic_map.logical_mode == top.logical_mode(), "MAP-4"
+    assert apic_map.logical_mode == logical_mode(top), "MAP-4"
     assert apic_map.max_apic_id == top.max_apic_id(), "MAP-1"
     apics = [vm.lapic(i) for i in range(len(vm))]
     src = None if source is None else apics[source]
@@ -117,7 +124,7 @@ def snapshot(apic: LocalApic) -> Snapshot:
 
 @st.composite
 def any_cases(draw: st.DrawFn) -> tuple[Topology, Interrupt, int | None]:
-    top = draw(topologies())
+    top = draw(mixed_topologies())
     irq, source = draw(messages(top, modes=ALL_MODES))
     return top, irq, source
 
@@ -163,7 +170,7 @@ def accepts(top: Topology, i: int, icr: int) -> bool:
     level = bool(icr & 0x4000)
     trig = bool(icr & 0x8000)
     if mode in (0, 1):
-        return not (trig and not level) and top.vcpus[i].sw_enabled
+        return not (trig and not level) and top.specs[i].sw_enabled
     if mode == 5:
         return not trig or level
     return mode != 7
@@ -217,7 +224,7 @@ ICRS = st.one_of(VALID_ICRS, VALID_ICRS, VALID_ICRS, st.integers(0, U32), st.int
 
 
 @given(
-    topologies(),
+    mixed_topologies(),
     st.integers(0, 3).map(lambda n: n == 0),
     WORDS,
     WORDS,
@@ -241,7 +248,7 @@ def test_pv_ipi_counts_the_named_apics_that_accept__PVH_1(
     max_apic_id) whose APIC exists and accepts the decoded ICR."""
     vm = top.build_vm()
     aliased = False
-    xapic_present = [i for i in top.present() if top.vcpus[i].mode not in (X2APIC, DISABLED)]
+    xapic_present = [i for i in top.present() if top.specs[i].mode not in (X2APIC, DISABLED)]
     if alias and not top.x2apic_format and xapic_present and len(top.present()) > 1:
         victim = xapic_present[-1]
         other = next(i for i in top.present() if i != victim)

@@ -193,7 +193,7 @@ def test_the_vcpu_table_shows_ids_modes_priorities_vectors_and_pending_events() 
     ]
     assert lines[1].split()[:9] == ["0", "0x0", "x2apic", "0x00", "0x00", "{}", "{}", "{}", "NMI"]
     assert lines[2].split()[:6] == ["1", "0x1", "x2apic", "0x00", "0x00", "{0xf0}"]
-    assert lines[1].split()[-1] == "emulated"
+    assert lines[1].split()[-1] == "trap"  # Emulated.vcpu_state: every APIC access traps
     html = vm._repr_html_()
     assert html.startswith("<p>Vm(vcpus=2") and "<td><code>{0xf0}</code></td>" in html
 
