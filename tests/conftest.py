@@ -1,7 +1,8 @@
 """Hypothesis settings profiles and the example database, chosen by environment variables.
 
 * ``HYPOTHESIS_PROFILE``: ``default`` (100 examples per test) or ``thorough`` (2000) for a long
-  run;
+  run; unset with ``CI`` set: ``ci``, the default profile derandomized (the same examples in
+  every CI run);
 * ``HYPOTHESIS_DATABASE=/path``: keep examples (failures, and the corpus HypoFuzz builds) in
   that directory (``DirectoryBasedExampleDatabase``) instead of ``.hypothesis/examples``;
 * ``HYPOTHESIS_REDIS_URL=redis://host:6379/0``: share them through Redis between machines
@@ -68,7 +69,13 @@ settings.register_profile("default", max_examples=100, deadline=None, **_db_sett
 settings.register_profile("thorough", max_examples=2000, deadline=None, **_db_setting)
 # Mutation testing runs the suite once per mutant: few examples, no database.
 settings.register_profile("mutation", max_examples=20, deadline=None, database=None)
-settings.load_profile(os.environ.get(PROFILE_ENV, "default"))
+# CI (CI=true, as .ci/run is started there): the default profile, derandomized, so every CI run
+# draws the same examples (the differential suite's bit-coverage test then sees the same bits
+# each time); local runs and the thorough profile keep exploring new examples.
+settings.register_profile("ci", settings.get_profile("default"), derandomize=True)
+settings.load_profile(
+    os.environ.get(PROFILE_ENV) or ("ci" if os.environ.get("CI") else "default")
+)
 
 
 # ---------------------------------------------------------------------------------------------
