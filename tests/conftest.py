@@ -1,8 +1,8 @@
 """Hypothesis settings profiles and the example database, chosen by environment variables.
 
 * ``HYPOTHESIS_PROFILE``: ``default`` (100 examples per test) or ``thorough`` (2000) for a long
-  run; unset with ``CI`` set: ``ci``, the default profile derandomized (the same examples in
-  every CI run);
+  run; unset with ``CI`` set and no database below: ``ci``, the default profile derandomized
+  (the same examples in every CI run);
 * ``HYPOTHESIS_DATABASE=/path``: keep examples (failures, and the corpus HypoFuzz builds) in
   that directory (``DirectoryBasedExampleDatabase``) instead of ``.hypothesis/examples``;
 * ``HYPOTHESIS_REDIS_URL=redis://host:6379/0``: share them through Redis between machines
@@ -73,9 +73,9 @@ settings.register_profile("mutation", max_examples=20, deadline=None, database=N
 # draws the same examples (the differential suite's bit-coverage test then sees the same bits
 # each time); local runs and the thorough profile keep exploring new examples.
 settings.register_profile("ci", settings.get_profile("default"), derandomize=True)
-settings.load_profile(
-    os.environ.get(PROFILE_ENV) or ("ci" if os.environ.get("CI") else "default")
-)
+# An example database asked for by the environment wins: derandomized runs do not use one.
+_ci = bool(os.environ.get("CI")) and _database is None
+settings.load_profile(os.environ.get(PROFILE_ENV) or ("ci" if _ci else "default"))
 
 
 # ---------------------------------------------------------------------------------------------
