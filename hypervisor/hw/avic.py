@@ -194,15 +194,46 @@ class LogicalEntry:
         return f"LogicalEntry({self.raw:#010x})"
 
 
-class PhysicalTable:
+class _SparseTable:
+    """What both AVIC tables share: the non-zero entries by index (a slot not stored reads as
+    0, an invalid entry), their raw reads, and their state as sorted (index, raw) pairs."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self) -> None:
+        self._raw: dict[int, int] = {}
+
+    def _store(self, i: int, raw: int) -> None:
+        if raw:
+            self._raw[i] = raw
+        else:
+            self._raw.pop(i, None)
+
+    def raw(self, index: int) -> int:
+        """The raw entry without building an entry object (the hardware's read)."""
+        return self._raw.get(index, 0)
+
+    def _sorted(self) -> Iterator[tuple[int, int]]:
+        """The non-zero entries by index, raw."""
+        for i in sorted(self._raw):
+            yield i, self._raw[i]
+
+    def state(self) -> tuple[tuple[int, int], ...]:
+        return tuple(sorted(self._raw.items()))
+
+    def set_state(self, state: tuple[tuple[int, int], ...]) -> None:
+        self._raw = dict(state)
+
+
+class PhysicalTable(_SparseTable):
     """The hardware-visible physical APIC ID table: ``pages`` 4 KiB pages of u64 entries,
     indexed by guest physical APIC ID; an unused slot is an invalid entry (0)."""
 
-    __slots__ = ("_raw", "pages")
+    __slots__ = ("pages",)
 
     def __init__(self, pages: int = 1) -> None:
+        super().__init__()
         self.pages = check_int("pages", pages, 1, 8)
-        self._raw: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.pages * ENTRIES_PER_PAGE
@@ -221,36 +252,19 @@ class PhysicalTable:
                 "and never reaches the hardware table (AV-A3)"
             )
         check_int("entry", raw, 0, (1 << 64) - 1)
-        i = self._check(index)
-        if raw:
-            self._raw[i] = raw
-        else:
-            self._raw.pop(i, None)
-
-    def raw(self, index: int) -> int:
-        """The raw entry without building a PhysicalEntry (the hardware's read)."""
-        return self._raw.get(index, 0)
+        self._store(self._check(index), raw)
 
     def items(self) -> Iterator[tuple[int, PhysicalEntry]]:
         """The non-zero entries by index."""
-        for i in sorted(self._raw):
-            yield i, PhysicalEntry(self._raw[i])
-
-    def state(self) -> tuple[tuple[int, int], ...]:
-        return tuple(sorted(self._raw.items()))
-
-    def set_state(self, state: tuple[tuple[int, int], ...]) -> None:
-        self._raw = dict(state)
+        for i, raw in self._sorted():
+            yield i, PhysicalEntry(raw)
 
 
-class LogicalTable:
+class LogicalTable(_SparseTable):
     """The hardware-visible logical APIC ID table: one 4 KiB page of u32 entries."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ()
     SIZE = 1024
-
-    def __init__(self) -> None:
-        self._raw: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.SIZE
@@ -260,24 +274,12 @@ class LogicalTable:
 
     def __setitem__(self, index: int, entry: LogicalEntry | int) -> None:
         raw = int(check_int("entry", int(entry), 0, 0xFFFFFFFF))
-        i = int(check_int("index", index, 0, self.SIZE - 1))
-        if raw:
-            self._raw[i] = raw
-        else:
-            self._raw.pop(i, None)
-
-    def raw(self, index: int) -> int:
-        return self._raw.get(index, 0)
+        self._store(int(check_int("index", index, 0, self.SIZE - 1)), raw)
 
     def items(self) -> Iterator[tuple[int, LogicalEntry]]:
-        for i in sorted(self._raw):
-            yield i, LogicalEntry(self._raw[i])
-
-    def state(self) -> tuple[tuple[int, int], ...]:
-        return tuple(sorted(self._raw.items()))
-
-    def set_state(self, state: tuple[tuple[int, int], ...]) -> None:
-        self._raw = dict(state)
+        """The non-zero entries by index."""
+        for i, raw in self._sorted():
+            yield i, LogicalEntry(raw)
 
 
 # ===========================================================================================
