@@ -634,8 +634,8 @@ class ApicvState:
     def enable_wakeup_handler(self, vcpu: Vcpu) -> None:
         protocol = self.wakeup_steps(vcpu)
         steps = self._vm().host.steps
-        if steps.queued:
-            steps.start(f"pi.block.vcpu{vcpu.index}", protocol)
+        if steps.queued:  # at the schedule-out after the halt's re-check: a thread of its own
+            steps.spawn(f"pi.block.vcpu{vcpu.index}", protocol)
         else:
             Steps.run_now(protocol)
 
@@ -650,14 +650,27 @@ class ApicvState:
         desc = self._descs[i]
         pid = frozenset({f"pid[{i}]"})
         wl = frozenset({f"pcpu[{p.id}].wakeup_list"})
-        yield Step(f"pi.wakeup_list_add[{i}]", wl, wl, lambda: p.wakeup_list.append(vcpu))
 
-        def arm() -> None:
+        def add() -> bool:
+            if vcpu.run_state is not RunState.BLOCKED:
+                return False  # woken before its schedule-out: no put, nothing to arm
+            p.wakeup_list.append(vcpu)
+            return True
+
+        def arm() -> bool:
+            if vcpu not in p.wakeup_list:
+                return False  # woken meanwhile (the scheduler took it off the list)
             if desc.sn:
                 self.warnings.append(f"WARN: SN set while arming the wake-up vector of {i}")
             desc.nv = self.config.wakeup_vector
+            return True
 
-        yield Step(f"pi.nv_wakeup[{i}]", pid, pid, arm)
+        added = yield Step(f"pi.wakeup_list_add[{i}]", wl | {f"run_state[{i}]"}, wl, add)
+        if not added:
+            return None
+        armed = yield Step(f"pi.nv_wakeup[{i}]", pid | wl, pid, arm)
+        if not armed:
+            return None
         on = yield Step(f"pi.check_on[{i}]", pid, frozenset(), lambda: self.on_while_arming(i))
         if on:
             yield self._notification_step(p.apic_id, self.config.wakeup_vector, vcpu.vcpu_id)
