@@ -75,6 +75,8 @@ class Accelerator(Protocol):
 ACCELERATORS: dict[str, Callable[[], Accelerator] | str] = {
     "emulated": "hypervisor.accel.emulated:Emulated",
     "avic": "hypervisor.accel.avic:AvicState",
+    "apicv": "hypervisor.accel.apicv:make_apicv",
+    "ipiv": "hypervisor.accel.apicv:make_ipiv",
 }
 """Every accelerator by the name ``Vm(accelerator=...)`` takes (the conformance suite runs
 against each): a constructor, or ``"module:attribute"`` naming one."""
@@ -82,6 +84,8 @@ against each): a constructor, or ``"module:attribute"`` naming one."""
 
 ACCEL_CONFIGS: dict[str, str] = {
     "avic": "hypervisor.accel.avic:Avic",
+    "apicv": "hypervisor.accel.apicv:Apicv",
+    "ipiv": "hypervisor.accel.apicv:ipiv_config",
 }
 """The config record (an ``AccelConfig`` subclass) of each accelerator that has settings, as
 ``"module:attribute"``: ``Vm(accelerator="avic")`` takes that record's defaults."""

@@ -227,6 +227,8 @@ def _stats_items(vm: Vm) -> tuple[tuple[str, Hashable], ...]:
         value = getattr(st, name)
         if name == "exits_by_reason":
             value = tuple(sorted((int(r), n) for r, n in value.items() if n))
+        elif name == "notifications":
+            value = tuple(sorted((int(v), n) for v, n in value.items() if n))
         out.append((name, value))
     return tuple(out)
 
@@ -319,6 +321,10 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
             counter.clear()
             for r, n in value:  # type: ignore[attr-defined]
                 counter[ExitReason(r)] = n
+        elif name == "notifications":
+            st.notifications.clear()
+            for v, n in value:  # type: ignore[attr-defined]
+                st.notifications[v] = n
         else:
             setattr(st, name, value)
     if vm.exit_log is not None:

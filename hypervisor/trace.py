@@ -122,6 +122,15 @@ class KvmAvicUnacceleratedAccess(NamedTuple):
     vector: int
 
 
+class KvmApicvAcceptIrq(NamedTuple):
+    """``kvm_apicv_accept_irq``: an interrupt KVM posts (APICv active)."""
+
+    vcpu: int
+    dm: int
+    tm: int
+    vec: int
+
+
 class KvmAvicDoorbell(NamedTuple):
     vcpu: int
     apicid: int
@@ -184,6 +193,7 @@ Event = (
     | KvmAvicDoorbell
     | KvmAvicKickVcpuSlowpath
     | KvmAvicGaLog
+    | KvmApicvAcceptIrq
     | AccelEvent
 )
 
@@ -205,6 +215,7 @@ EVENT_NAMES: dict[type, str] = {
     KvmAvicDoorbell: "kvm_avic_doorbell",
     KvmAvicKickVcpuSlowpath: "kvm_avic_kick_vcpu_slowpath",
     KvmAvicGaLog: "kvm_avic_ga_log",
+    KvmApicvAcceptIrq: "kvm_apicv_accept_irq",
 }
 """The tracepoint name of each event type (what ``trace-cmd report`` prints)."""
 
@@ -282,6 +293,11 @@ def format_event(event: Event) -> str:
             text = f"icrh:icrl={icrh:#010x}:{icrl:08x}, index={idx}"
         case KvmAvicGaLog(vmid, vcpuid):
             text = f"vmid={vmid}, vcpuid={vcpuid}"
+        case KvmApicvAcceptIrq(vcpu, dm, tm, vec):
+            text = (
+                f"apicid {vcpu:#x} vec {vec:#04x} ({DELIVERY_MODES[dm & 7]}|"
+                f"{'level' if tm else 'edge'})"
+            )
         case _:  # pragma: no cover - every Event type is matched above
             raise ApicTypeError(f"event must be a trace event, not {type(event).__name__}")
     return f"{name}: {text}" if text else f"{name}:"
@@ -300,6 +316,8 @@ def event_vector(event: Event) -> int | None:
         case KvmApicIpi(_, low, _) | KvmPvSendIpi(_, _, _, _, low, _):
             return low & 0xFF
         case KvmApicAcceptIrq(_, _, _, vec, _) | KvmEoi(_, vec) | KvmInjVirq(_, vec):
+            return vec
+        case KvmApicvAcceptIrq(_, _, _, vec):
             return vec
         case KvmMsiSetIrq(_, data):
             return data & 0xFF
@@ -450,6 +468,11 @@ def _one_or_many(what: str, value: object, kind: type) -> set[Any] | None:
     return out
 
 
+_NOT_COUNTS = frozenset({"exits_by_reason", "notifications"})
+"""The :class:`Stats` slots that are Counters, not plain counts."""
+_ACCEL_COUNTS = frozenset({"doorbells", "posted", "notifications"})
+
+
 class Stats:
     """Always-on counters of one VM."""
 
@@ -463,6 +486,8 @@ class Stats:
         "irqs_accepted",
         "kicks",
         "msis",
+        "notifications",
+        "posted",
         "pv_ipi_calls",
         "slow_path",
         "wakeups",
@@ -485,16 +510,23 @@ class Stats:
         self.fast_path = 0
         self.slow_path = 0
         self.pv_ipi_calls = 0
+        self.posted = 0
+        """APICv: PIR bits newly set (by KVM's sender, IPIv or a device)."""
+        self.notifications: Counter[int] = Counter()
+        """APICv: notification IPIs sent, by vector (posted-interrupt, wake-up)."""
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
         out["exits_by_reason"] = {r.name: n for r, n in sorted(self.exits_by_reason.items())}
+        out["notifications"] = dict(sorted(self.notifications.items()))
         return out
 
     def snapshot(self) -> StatsSnapshot:
         """A frozen copy of the counters now (``stats - snap`` is what happened since)."""
         return StatsSnapshot(
-            tuple((n, int(getattr(self, n))) for n in self.__slots__ if n != "exits_by_reason"),
+            tuple(
+                (n, int(getattr(self, n))) for n in self.__slots__ if n not in _NOT_COUNTS
+            ),
             tuple(sorted((r.name, n) for r, n in self.exits_by_reason.items() if n)),
         )
 
@@ -504,10 +536,10 @@ class Stats:
         return self.snapshot() - other
 
     def __repr__(self) -> str:
-        """Every counter, except ``doorbells`` while it is 0 (only an accelerator with
-        doorbells, AVIC, ever counts one; trap-and-emulate VMs print as they always did)."""
+        """Every counter, except the accelerators' own (``doorbells``, ``posted``,
+        ``notifications``) while they are 0: trap-and-emulate VMs print as they always did."""
         inner = ", ".join(
-            f"{k}={v!r}" for k, v in self.as_dict().items() if k != "doorbells" or v
+            f"{k}={v!r}" for k, v in self.as_dict().items() if k not in _ACCEL_COUNTS or v
         )
         return f"Stats({inner})"
 

@@ -16,8 +16,9 @@ handler, which ends it with an EOI write.  Load, put, kick, block and wake-up li
 delegate to it.
 
 Not modelled: the instruction stream itself (the guest stub in ``guest/`` calls these methods
-in the order Linux would execute the instructions), RFLAGS.IF and interrupt shadows (the guest
-is taken as always interruptible when it runs or halts), SMM entry.
+in the order Linux would execute the instructions), interrupt shadows, SMM entry.  RFLAGS.IF is
+``guest_if`` (default True): with IF=0 no maskable interrupt is injected and none ends a halt
+(``cli; hlt``: KVM's ``kvm_arch_interrupt_allowed``), NMIs and INIT still do.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class Vcpu:
         self.sipi_entry: int | None = None
         """Physical start address from the last SIPI (vector << 12), if any."""
         self.exits = 0
+        self.guest_if = True
+        """RFLAGS.IF of the guest: False is ``cli`` (``halt()`` is then ``cli; hlt``)."""
 
     # ===================================================================================
     # Guest-executed accesses
@@ -298,7 +301,7 @@ class Vcpu:
             return True
         if apic.sipi_pending and self.mp_state is MpState.INIT_RECEIVED:
             return True
-        return apic.pending_interrupt() is not None
+        return self.guest_if and apic.pending_interrupt() is not None
 
     def kick(self, apic: LocalApic | None = None) -> None:
         """KVM ``kvm_vcpu_kick`` after an event became pending for this vCPU (``apic`` is the
@@ -312,6 +315,9 @@ class Vcpu:
         apic = self.apic
         if apic.init_pending:
             apic.init()
+            reset = getattr(self.vm.accel, "vcpu_reset", None)
+            if reset is not None:  # the vendor's vcpu_reset(init_event=True)
+                reset(self, True)
             self.mp_state = (
                 MpState.RUNNABLE if apic.apic_base & APIC_BASE_BSP else MpState.INIT_RECEIVED
             )
@@ -352,7 +358,7 @@ class Vcpu:
             if tracer.on and tracer.detail:
                 tracer.emit(KvmInjNmi(self.vcpu_id))
             handle_nmi(self)
-        while True:
+        while self.guest_if:
             vector = apic.ack()
             if vector is None:
                 break

@@ -518,12 +518,18 @@ class Vm:
     # ===================================================================================
     def get_lapic(self, i: int) -> bytes:
         check_index(i, len(self._vcpus))
+        sync = getattr(self.accel, "sync_pir_to_irr", None)
+        if sync is not None:  # kvm_vcpu_ioctl_get_lapic syncs posted interrupts first
+            sync(self._vcpus[i])
         return self._apics[i].get_state(x2apic_format=self.x2apic_format)
 
     def set_lapic(self, i: int, data: bytes) -> None:
         check_index(i, len(self._vcpus))
         raw = check_state_data(data)
         self._apics[i].set_state(raw, x2apic_format=self.x2apic_format)
+        restored = getattr(self.accel, "apicv_post_state_restore", None)
+        if restored is not None:  # vmx_apicv_post_state_restore: the PIR is dropped
+            restored(self._vcpus[i])
         self._vcpus[i].preempt()  # a vCPU ioctl runs outside guest mode; the next access re-enters
 
     def get_cr8(self, i: int) -> int:

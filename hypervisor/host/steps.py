@@ -103,6 +103,16 @@ class Steps:
         self._push(thread, protocol)
         return thread
 
+    def spawn(self, name: str, protocol: Protocol) -> Thread:
+        """Queue ``protocol`` as a thread of its own, even inside a running step: work the
+        started code does later in another context (VMX arms the wake-up vector at the
+        schedule-out that follows the halt's re-check, not inside it)."""
+        self._serial += 1
+        thread = Thread(f"{name}#{self._serial}")
+        self.threads.append(thread)
+        self._push(thread, protocol)
+        return thread
+
     @staticmethod
     def run_now(protocol: Protocol) -> object:
         """Run ``protocol`` to completion at once (eager); returns its result."""

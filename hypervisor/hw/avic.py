@@ -43,6 +43,7 @@ from enum import IntEnum
 from typing import Protocol as TypingProtocol
 
 from hypervisor.host.steps import Protocol, Step
+from hypervisor.hw.tables import SparseTable
 from lapic.apic import LocalApic
 from lapic.faults import ApicValueError, check_int
 from lapic.fields import Field, Layout
@@ -194,38 +195,7 @@ class LogicalEntry:
         return f"LogicalEntry({self.raw:#010x})"
 
 
-class _SparseTable:
-    """What both AVIC tables share: the non-zero entries by index (a slot not stored reads as
-    0, an invalid entry), their raw reads, and their state as sorted (index, raw) pairs."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self) -> None:
-        self._raw: dict[int, int] = {}
-
-    def _store(self, i: int, raw: int) -> None:
-        if raw:
-            self._raw[i] = raw
-        else:
-            self._raw.pop(i, None)
-
-    def raw(self, index: int) -> int:
-        """The raw entry without building an entry object (the hardware's read)."""
-        return self._raw.get(index, 0)
-
-    def _sorted(self) -> Iterator[tuple[int, int]]:
-        """The non-zero entries by index, raw."""
-        for i in sorted(self._raw):
-            yield i, self._raw[i]
-
-    def state(self) -> tuple[tuple[int, int], ...]:
-        return tuple(sorted(self._raw.items()))
-
-    def set_state(self, state: tuple[tuple[int, int], ...]) -> None:
-        self._raw = dict(state)
-
-
-class PhysicalTable(_SparseTable):
+class PhysicalTable(SparseTable):
     """The hardware-visible physical APIC ID table: ``pages`` 4 KiB pages of u64 entries,
     indexed by guest physical APIC ID; an unused slot is an invalid entry (0)."""
 
@@ -260,7 +230,7 @@ class PhysicalTable(_SparseTable):
             yield i, PhysicalEntry(raw)
 
 
-class LogicalTable(_SparseTable):
+class LogicalTable(SparseTable):
     """The hardware-visible logical APIC ID table: one 4 KiB page of u32 entries."""
 
     __slots__ = ()
