@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 from . import accel as accel_replays
+from . import apicv as apicv_replays
 from . import guest as guest_replays
 from . import hypervisor as hypervisor_replays
 from . import lapic as lapic_replays
@@ -329,6 +330,9 @@ BY_ID: Mapping[str, Replay] = {r.id: r for r in (*REPLAYS, *MODEL_REPLAYS)}
 ACCEL_REPLAYS: tuple[Replay, ...] = tuple(_r(*row) for row in accel_replays.ROWS)
 """The accelerator layer's bugs (AMD AVIC, reference ``avic_ipiv.md`` Part M: ``BR-A*``)."""
 ACCEL_BY_ID: Mapping[str, Replay] = {r.id: r for r in ACCEL_REPLAYS}
+APICV_REPLAYS: tuple[Replay, ...] = tuple(_r(*row) for row in apicv_replays.ROWS)
+"""Intel APICv, posted interrupts and IPIv (reference ``avic_ipiv.md`` Part M: ``BR-V*``)."""
+APICV_BY_ID: Mapping[str, Replay] = {r.id: r for r in APICV_REPLAYS}
 
 
 # =============================================================================================
@@ -340,7 +344,8 @@ def normalize(bug: str) -> str:
 
 
 def get(bug: str) -> Replay:
-    replay = BY_ID.get(normalize(bug)) or ACCEL_BY_ID.get(normalize(bug))
+    key = normalize(bug)
+    replay = BY_ID.get(key) or ACCEL_BY_ID.get(key) or APICV_BY_ID.get(key)
     if replay is None:
         raise ReplayError(f"unknown bug replay {bug!r}; known: {', '.join(BY_ID)}")
     return replay
@@ -380,6 +385,8 @@ def from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
 __all__ = [
     "ACCEL_BY_ID",
     "ACCEL_REPLAYS",
+    "APICV_BY_ID",
+    "APICV_REPLAYS",
     "BY_ID",
     "ENV_VAR",
     "MODEL_REPLAYS",

@@ -6,8 +6,9 @@ A *script* is a list of operations on ``n`` vCPUs, each a tuple:
 * ``("ipi", src, dest, vector)``: a fixed, physical ICR write by vCPU ``src`` (``dest == n``:
   the all-including-self shorthand);
 * ``("msi", dest, vector)``: KVM_SIGNAL_MSI, fixed, physical;
-* ``("halt", i)``: HLT; ``("cli_halt", i)``: ``cli; hlt`` (HLT with RFLAGS.IF = 0; the vCPU is
-  made interruptible again, ``sti``, when it is next run);
+* ``("halt", i)``: HLT; ``("cli_halt", i)``: ``cli; hlt`` (HLT with RFLAGS.IF = 0: no
+  interrupt wakes it; when it is next run, an NMI (an MSI) wakes it if it is still blocked, and
+  its guest executes STI);
 * ``("preempt", i)``: KVM ``vcpu_put``; ``("enter", i, pcpu)``: load a preempted vCPU on a
   pCPU (a migration when it differs from the last one);
 * ``("run", i)``: one VM entry, the guest's handlers take what is pending.
@@ -33,6 +34,9 @@ N = 4
 """vCPUs (and pCPUs) of the scripted VM."""
 
 Script = list[tuple[Any, ...]]
+
+NMI_MSI_DATA = 0x400
+"""MSI data of an NMI (delivery mode 100, vector 0)."""
 
 X2APIC_ON = 0xFEE00000 | 0xC00
 """IA32_APIC_BASE with EN and EXTD (the BSP bit is added for vCPU 0)."""
@@ -105,9 +109,12 @@ def play(
 
     def run(i: int) -> None:
         v = vm.vcpu(i)
-        if i in cli:  # interruptible again (``sti``): what is pending may now wake it
+        if i in cli:  # only an NMI wakes a ``cli; hlt`` vCPU; its guest then executes STI
             cli.discard(i)
-            v.guest_if = True  # type: ignore[attr-defined]
+            if v.run_state is RunState.BLOCKED:
+                vm.signal_msi(msi_address(i), 0, NMI_MSI_DATA)
+                seen[i].extend(v.run())
+            v.guest_if = True
         seen[i].extend(v.run())
 
     for op in script:
@@ -126,7 +133,7 @@ def play(
         elif kind in ("halt", "cli_halt"):
             if v.run_state is not RunState.BLOCKED:
                 if kind == "cli_halt":
-                    v.guest_if = False  # type: ignore[attr-defined]
+                    v.guest_if = False
                     cli.add(i)
                 v.halt()
         elif kind == "preempt":
