@@ -12,6 +12,7 @@ backend cannot be or do.  On kvm the state comes from KVM_GET_LAPIC and KVM_GET_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -337,8 +338,16 @@ _UNOBSERVABLE = {
 
 
 
+def _count(value: object) -> int:
+    """A counter's value; a counter kept by key (``notifications``, by vector) as its total."""
+    if isinstance(value, Mapping):
+        return sum(int(n) for n in value.values())
+    assert isinstance(value, int)
+    return value
+
+
 def _counters(stats: Stats) -> dict[str, int]:
-    out = {name: int(getattr(stats, name)) for name in STAT_NAMES}
+    out = {name: _count(getattr(stats, name)) for name in STAT_NAMES}
     out["exits"] = stats.exits
     for reason in ExitReason:
         out[reason.name] = stats.exits_by_reason[reason]
