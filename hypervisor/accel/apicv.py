@@ -495,7 +495,7 @@ class ApicvState:
         vm = self._vm()
         self.notification_log.append((host_apic_id, vector))
         vm.stats.notifications[vector] += 1
-        vm.host.stats.host_ipis += 1
+        vm.host.stats.doorbells += 1  # HostStats: doorbells and notifications rung
         if vm.tracer.on:
             vm.tracer.emit(AccelEvent(vcpu_id, "pi_notification", vector))
         p = vm.host.pcpu_by_apic_id(host_apic_id)
