@@ -644,3 +644,30 @@ def test_which_accesses_exit_and_how__APICV_CHOICE_3() -> None:
     x2.vcpu(0).rdmsr(MSR_ICR)
     x2.vcpu(0).wrmsr(0x80F, SVR_ON)
     assert [e.reason for e in x2.exits] == [ExitReason.MSR_READ] * 2 + [ExitReason.MSR_WRITE]
+
+
+def test_misuse_raises_errors_that_name_the_argument__PI_H1() -> None:
+    vm = apicv_vm(2, "ipiv")
+    acc = apicv_of(vm)
+    with pytest.raises(ApicValueError, match="i="):
+        acc.pid(2)
+    with pytest.raises(ApicTypeError, match="vectors"):
+        acc.set_eoi_exit_bitmap(0, 0x41)  # type: ignore[arg-type]
+    with pytest.raises(ApicValueError, match="vector"):
+        acc.device_post(0, 5)
+    with pytest.raises(ApicValueError, match="index"):
+        acc.pid_table[len(acc.pid_table)]
+    with pytest.raises(ApicValueError, match="pid_base"):
+        Apicv(pid_base=0x1000_0010)
+    with pytest.raises(ApicTypeError, match="ipiv_past_last"):
+        Apicv(ipiv_past_last="drop")  # type: ignore[arg-type]
+    assert Apicv(ipiv=True).name == "ipiv" and Apicv().name == "apicv"
+    assert Vm(1, accelerator=Apicv(ipiv=True)).accel.name == "ipiv"
+
+
+def test_the_trace_names_kvms_events_and_the_notifications__PI_J2() -> None:
+    vm = apicv_vm(2, trace=True)
+    post(vm, 1, 0x41)
+    lines = vm.tracer.report()
+    assert "kvm_apicv_accept_irq: apicid 0x1 vec 0x41 (Fixed|edge)" in lines
+    assert "pi_notification 0xf2" in lines
