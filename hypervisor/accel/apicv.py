@@ -232,6 +232,8 @@ class ApicvState:
         self._eoi_exit: list[int] = []
         self._pi_cpu: list[int | None] = []
         """The pCPU each descriptor was last loaded for (KVM ``vcpu->cpu`` at pi_load)."""
+        self._blocks: list[int] = []
+        """How many times each vCPU blocked: an arming thread acts only for its own block."""
         self._ops = ApicvOps(self)
 
     # ===================================================================================
@@ -262,6 +264,7 @@ class ApicvState:
         self._descs.append(PiDesc())
         self._eoi_exit.append(0)
         self._pi_cpu.append(None)
+        self._blocks.append(0)
         apic.bind_ops(self._ops)
         self.vcpu_reset(vcpu, False)
         if vcpu.vcpu_id < len(self.pid_table):  # WRITE_ONCE in vmx_vcpu_create
@@ -495,7 +498,7 @@ class ApicvState:
         vm = self._vm()
         self.notification_log.append((host_apic_id, vector))
         vm.stats.notifications[vector] += 1
-        vm.host.stats.host_ipis += 1
+        vm.host.stats.doorbells += 1  # HostStats: doorbells and notifications rung
         if vm.tracer.on:
             vm.tracer.emit(AccelEvent(vcpu_id, "pi_notification", vector))
         p = vm.host.pcpu_by_apic_id(host_apic_id)
@@ -629,6 +632,11 @@ class ApicvState:
         p = vcpu.last_pcpu
         if p is not None and vcpu in p.wakeup_list:
             p.wakeup_list.remove(vcpu)
+        self._blocks[vcpu.index] += 1
+        if p is not None and self._descs[vcpu.index].sn:
+            # Put between its HLT exit and the block (preempted): the task is scheduled back
+            # in (the preempt notifier's vmx_vcpu_pi_load) before it goes on to block.
+            self.pi_load(vcpu, p)
         self.pi_put(vcpu, blocking=True)
 
     def enable_wakeup_handler(self, vcpu: Vcpu) -> None:
@@ -650,15 +658,16 @@ class ApicvState:
         desc = self._descs[i]
         pid = frozenset({f"pid[{i}]"})
         wl = frozenset({f"pcpu[{p.id}].wakeup_list"})
+        block = self._blocks[i]
 
         def add() -> bool:
-            if vcpu.run_state is not RunState.BLOCKED:
+            if vcpu.run_state is not RunState.BLOCKED or self._blocks[i] != block:
                 return False  # woken before its schedule-out: no put, nothing to arm
             p.wakeup_list.append(vcpu)
             return True
 
         def arm() -> bool:
-            if vcpu not in p.wakeup_list:
+            if vcpu not in p.wakeup_list or self._blocks[i] != block:
                 return False  # woken meanwhile (the scheduler took it off the list)
             if desc.sn:
                 self.warnings.append(f"WARN: SN set while arming the wake-up vector of {i}")
@@ -871,15 +880,16 @@ class ApicvState:
             self.pid_table.state(),
             tuple(self._eoi_exit),
             tuple(self._pi_cpu),
+            tuple(self._blocks),
             tuple(self.notification_log),
             self.physical_eois,
             tuple(self.warnings),
         )
 
     def set_state(self, state: Hashable) -> None:
-        if not isinstance(state, tuple) or len(state) != 7:
+        if not isinstance(state, tuple) or len(state) != 8:
             raise ApicValueError(f"state={state!r} is not an APICv state")
-        descs, table, eoi, cpus, log, eois, warnings = state
+        descs, table, eoi, cpus, blocks, log, eois, warnings = state
         if len(descs) != len(self._descs):
             raise ApicValueError("state has another number of vCPUs")
         for d, (pir, control) in zip(self._descs, descs, strict=True):
@@ -887,6 +897,7 @@ class ApicvState:
         self.pid_table.set_state(table)
         self._eoi_exit = list(eoi)
         self._pi_cpu = list(cpus)
+        self._blocks = list(blocks)
         self.notification_log = deque(log, maxlen=NOTIFICATION_LOG)
         self.physical_eois = int(eois)
         self.warnings = list(warnings)

@@ -640,7 +640,7 @@ def test_an_unknown_accelerator_names_its_line_and_the_choices(
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}:{line_of(path, 'accelerator')}: [vm] field 'accelerator': " in err
-    assert "must be one of emulated, avic, got 'no-such-accelerator'" in err
+    assert "must be one of emulated, avic, apicv, ipiv, got 'no-such-accelerator'" in err
 
 
 def test_a_restore_value_must_be_a_dword_or_as_read(

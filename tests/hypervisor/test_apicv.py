@@ -644,3 +644,49 @@ def test_which_accesses_exit_and_how__APICV_CHOICE_3() -> None:
     x2.vcpu(0).rdmsr(MSR_ICR)
     x2.vcpu(0).wrmsr(0x80F, SVR_ON)
     assert [e.reason for e in x2.exits] == [ExitReason.MSR_READ] * 2 + [ExitReason.MSR_WRITE]
+
+
+def test_misuse_raises_errors_that_name_the_argument__PI_H1() -> None:
+    vm = apicv_vm(2, "ipiv")
+    acc = apicv_of(vm)
+    with pytest.raises(ApicValueError, match="i="):
+        acc.pid(2)
+    with pytest.raises(ApicTypeError, match="vectors"):
+        acc.set_eoi_exit_bitmap(0, 0x41)  # type: ignore[arg-type]
+    with pytest.raises(ApicValueError, match="vector"):
+        acc.device_post(0, 5)
+    with pytest.raises(ApicValueError, match="index"):
+        acc.pid_table[len(acc.pid_table)]
+    with pytest.raises(ApicValueError, match="pid_base"):
+        Apicv(pid_base=0x1000_0010)
+    with pytest.raises(ApicTypeError, match="ipiv_past_last"):
+        Apicv(ipiv_past_last="drop")  # type: ignore[arg-type]
+    assert Apicv(ipiv=True).name == "ipiv" and Apicv().name == "apicv"
+    assert Vm(1, accelerator=Apicv(ipiv=True)).accel.name == "ipiv"
+
+
+def test_the_trace_names_kvms_events_and_the_notifications__PI_J2() -> None:
+    vm = apicv_vm(2, trace=True)
+    post(vm, 1, 0x41)
+    lines = vm.tracer.report()
+    assert "kvm_apicv_accept_irq: apicid 0x1 vec 0x41 (Fixed|edge)" in lines
+    assert "pi_notification 0xf2" in lines
+
+
+def test_a_vcpu_put_between_its_hlt_exit_and_the_block_is_still_armed__IPIV_5() -> None:
+    """IPIV-5 with preemption inside the block path (BR-V3): the task is scheduled back in
+    (SN cleared) before it blocks, so the arming finds SN clear and a post wakes it."""
+    vm = apicv_vm(2, "ipiv")
+    acc = apicv_of(vm)
+    steps = vm.host.steps
+    steps.queued = True
+    vm.vcpu(1).halt()  # the HLT exit; its block protocol waits
+    vm.vcpu(1).preempt()  # preempted right there: SN := 1
+    assert acc.pid(1).sn
+    steps.run_all()  # block, re-check, then the arming thread
+    steps.queued = False
+    assert vm.vcpu(1).run_state is RunState.BLOCKED and acc.warnings == []
+    assert acc.pid(1).nv == 0xF1 and not acc.pid(1).sn
+    mmio_write(vm, 0, REG_ICR2, 0x01000000)
+    mmio_write(vm, 0, REG_ICR, 0x41)
+    assert vm.vcpu(1).run_state is RunState.PREEMPTED and vm.vcpu(1).run() == [0x41]
