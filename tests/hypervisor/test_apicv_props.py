@@ -225,6 +225,18 @@ class ApicvMachine(RuleBasedStateMachine):
         self.sent.append(vector)
         self.vm.signal_msi(msi_address(self.vm.lapic(dst % self.n).physical_id), 0, vector)
 
+    @rule(dst=st.integers(0, 2))
+    def device_post(self, dst: int) -> None:
+        """A VT-d posted interrupt (an assigned device: ``Apicv(device_posting=True)``): the
+        IOMMU posts by the ON/SN rule, whether or not APICv is inhibited."""
+        if not self.config.device_posting:
+            return
+        vector = self._vector()
+        if vector is None:
+            return
+        self.sent.append(vector)
+        self.acc.device_post(dst % self.n, vector)
+
     # -- targets -------------------------------------------------------------------------
     @rule(i=st.integers(0, 2), interruptible=st.booleans())
     def halt(self, i: int, interruptible: bool) -> None:
@@ -391,6 +403,12 @@ def test_the_ipiv_state_machine_keeps_part_o_invariants__APICV_O_1_APICV_O_2_API
     run_state_machine_as_test(machine(Apicv(ipiv=True)), settings=MACHINE)
 
 
+def test_with_an_assigned_device_posting_plain_apicv_keeps_them__APICV_O_1_APICV_O_2() -> None:
+    """VT-d posting makes ``vmx_needs_pi_wakeup`` hold without IPIv: SN on put, the wake-up
+    vector, and the device's own posts (BR-V11 while inhibited)."""
+    run_state_machine_as_test(machine(Apicv(device_posting=True)), settings=MACHINE)
+
+
 def test_the_ipiv_state_machine_keeps_them_for_x2apic_guests_on_an_xapic_host__APICV_O_2() -> None:
     run_state_machine_as_test(
         machine(Apicv(ipiv=True, host_x2apic=False), x2apic=True), settings=MACHINE
@@ -423,7 +441,7 @@ def test_kvm_relies_on_none_of_the_unverified_ipiv_behaviours__APICV_O_1_IPIV_3(
 # The machine finds the old bugs
 # =============================================================================================
 RULES = (
-    ["send"] * 3 + ["msi"] * 2 + ["halt"] * 3
+    ["send"] * 3 + ["msi"] * 2 + ["device"] + ["halt"] * 3
     + ["send_nmi", "preempt", "enter", "run", "sti", "toggle", "check"]
     + ["step"] * 8 + ["settle"]
 )
@@ -448,6 +466,8 @@ def random_walks(
                     m.send_nmi(i, j)
                 elif r == "msi":
                     m.msi(i)
+                elif r == "device":
+                    m.device_post(i)
                 elif r == "halt":
                     m.halt(i, rnd.random() < 0.6)
                 elif r == "preempt":
@@ -476,7 +496,7 @@ def random_walks(
 
 
 CONFIGS = {"apicv": (Apicv(), False), "ipiv": (Apicv(ipiv=True), False),
-           "ipiv-x2apic": (Apicv(ipiv=True), True)}
+           "ipiv-x2apic": (Apicv(ipiv=True), True), "vtd": (Apicv(device_posting=True), False)}
 
 
 def test_random_walks_of_the_machine_hold_on_the_model__APICV_O_1() -> None:
