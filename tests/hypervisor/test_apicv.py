@@ -462,6 +462,13 @@ def test_sn_while_preempted_no_notification_on_set_at_load__IPIV_5() -> None:
     plain = apicv_vm(2)  # plain APICv: KVM does not need the wake-up, SN stays clear
     plain.vcpu(1).preempt()
     assert not apicv_of(plain).pid(1).sn
+    assert plain.vcpu(1).halt() and apicv_of(plain).pid(1).nv == 0xF2
+    vtd = apicv_vm(2, Apicv(device_posting=True))  # an assigned device: vmx_needs_pi_wakeup
+    vtd.vcpu(1).preempt()
+    assert apicv_of(vtd).pid(1).sn
+    apicv_of(vtd).device_post(1, 0x47)
+    assert not apicv_of(vtd).notification_log and apicv_of(vtd).pid(1).pir == {0x47}
+    assert vtd.vcpu(1).run() == [0x47]
 
 
 def test_a_blocked_vcpu_is_armed_with_the_wakeup_vector_and_woken_by_it__IPIV_5() -> None:

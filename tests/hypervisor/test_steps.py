@@ -259,3 +259,24 @@ def test_the_eager_path_builds_no_step_and_no_protocol__STEP_1(
     vm.vcpu(1).halt()
     vm.host.steps.run_all()
     assert built == ["halt.check[1]", "halt.block[1]", "halt.recheck[1]"]
+
+
+def test_a_spawned_protocol_is_a_thread_of_its_own_even_inside_a_step__STEP_3() -> None:
+    steps = Steps()
+    steps.queued = True
+    order: list[str] = []
+
+    def inner() -> Protocol:
+        yield Step("inner", frozenset(), frozenset(), lambda: order.append("inner"))
+        return None
+
+    def outer() -> Protocol:
+        yield Step("outer.1", frozenset(), frozenset(), lambda: steps.spawn("later", inner()))
+        yield Step("outer.2", frozenset(), frozenset(), lambda: order.append("outer.2"))
+        return None
+
+    steps.start("outer", outer())
+    steps.step("outer#1")
+    assert [t.name for t in steps.pending()] == ["outer#1", "later#2"]
+    steps.run_all()
+    assert order == ["outer.2", "inner"]
