@@ -127,14 +127,14 @@ def test_the_demo_fails_when_an_apicv_vcpu_misses_the_ipi(
 ) -> None:
     from hypervisor.accel.apicv import ApicvState
 
-    post = ApicvState._kvm_set_pir
+    deliver = ApicvState.deliver_interrupt
 
-    def lossy(self: ApicvState, i: int, vector: int) -> bool:
-        if i == 7 and vector == 0xF0 and self.name == "apicv":
-            return True  # "already pending": the vector is dropped
-        return post(self, i, vector)
+    def lossy(self: ApicvState, apic: LocalApic, vector: int, level: bool) -> bool:
+        if apic.vcpu_id == 7 and vector == 0xF0 and self.name == "apicv":
+            return False  # KVM's sender drops it
+        return deliver(self, apic, vector, level)
 
-    monkeypatch.setattr(ApicvState, "_kvm_set_pir", lossy)
+    monkeypatch.setattr(ApicvState, "deliver_interrupt", lossy)
     assert main(["demo"]) == 1
     out = capsys.readouterr().out
     assert row(out, "APICv result") == ["FAIL"] * 4
