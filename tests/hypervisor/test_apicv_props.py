@@ -197,7 +197,10 @@ class ApicvMachine(RuleBasedStateMachine):
 
     def _sender(self, i: int) -> bool:
         v = self.vm.vcpu(i)
-        return v.run_state is not RunState.BLOCKED and self._free(i)
+        if v.run_state is RunState.BLOCKED or not self._free(i):
+            return False
+        self.preempted.discard(i)  # it executes: a preempted vCPU is loaded first
+        return True
 
     # -- senders -------------------------------------------------------------------------
     @rule(src=st.integers(0, 2), dst=st.integers(0, 2))
@@ -247,6 +250,7 @@ class ApicvMachine(RuleBasedStateMachine):
         v = self.vm.vcpu(i)
         if v.run_state is not RunState.IN_GUEST or not self._free(i):
             return
+        self.preempted.discard(i)
         v.guest_if = interruptible
         if interruptible:
             self.cli.discard(i)
