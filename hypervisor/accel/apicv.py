@@ -690,11 +690,14 @@ class ApicvState:
         return self._descs[i].on
 
     def vcpu_unblocking(self, vcpu: Vcpu) -> None:
-        """Woken or entered: the scheduler took it off its wake-up list, so the descriptor goes
-        back to NV = POSTED_INTR_VECTOR, with SN set until it is loaded (APICV-CHOICE-2)."""
+        """Woken or entered: the scheduler took it off its wake-up list and off its pCPU, so
+        the descriptor goes back to NV = POSTED_INTR_VECTOR, with SN set (when KVM needs the PI
+        wake-up) until it is loaded (APICV-CHOICE-2); this holds also when it was woken before
+        its arming ran."""
         desc = self._descs[vcpu.index]
         if desc.nv == self.config.wakeup_vector:
             desc.nv = self.config.posted_intr_vector
+        if self.needs_pi_wakeup():
             desc.set_sn()
 
     # ===================================================================================
