@@ -177,8 +177,6 @@ class ApicvMachine(RuleBasedStateMachine):
         self.handled: list[int] = []
         self.cli: set[int] = set()
         """vCPUs whose guest runs with IF=0 (``cli; hlt``): only an NMI wakes them."""
-        self.preempted: set[int] = set()
-        """vCPUs scheduled out by ``preempt`` (a put) and not entered since."""
 
     # -- helpers -------------------------------------------------------------------------
     def _free(self, i: int) -> bool:
@@ -197,10 +195,7 @@ class ApicvMachine(RuleBasedStateMachine):
 
     def _sender(self, i: int) -> bool:
         v = self.vm.vcpu(i)
-        if v.run_state is RunState.BLOCKED or not self._free(i):
-            return False
-        self.preempted.discard(i)  # it executes: a preempted vCPU is loaded first
-        return True
+        return v.run_state is not RunState.BLOCKED and self._free(i)
 
     # -- senders -------------------------------------------------------------------------
     @rule(src=st.integers(0, 2), dst=st.integers(0, 2))
@@ -250,7 +245,6 @@ class ApicvMachine(RuleBasedStateMachine):
         v = self.vm.vcpu(i)
         if v.run_state is not RunState.IN_GUEST or not self._free(i):
             return
-        self.preempted.discard(i)
         v.guest_if = interruptible
         if interruptible:
             self.cli.discard(i)
@@ -263,7 +257,6 @@ class ApicvMachine(RuleBasedStateMachine):
         i %= self.n
         if self.vm.vcpu(i).run_state is RunState.IN_GUEST and self._free(i):
             self.vm.vcpu(i).preempt()
-            self.preempted.add(i)
 
     @rule(i=st.integers(0, 2), pcpu=st.integers(0, 2))
     def enter(self, i: int, pcpu: int) -> None:
@@ -272,7 +265,6 @@ class ApicvMachine(RuleBasedStateMachine):
         v = self.vm.vcpu(i)
         if v.run_state is RunState.PREEMPTED and self._free(i):
             v.enter(pcpu=pcpu)
-            self.preempted.discard(i)
 
     @rule(i=st.integers(0, 2))
     def run(self, i: int) -> None:
@@ -282,7 +274,6 @@ class ApicvMachine(RuleBasedStateMachine):
             self.steps.queued = False
             self._take(v.run())
             self.steps.queued = True
-            self.preempted.discard(i)
 
     @rule(i=st.integers(0, 2))
     def sti(self, i: int) -> None:
@@ -340,13 +331,10 @@ class ApicvMachine(RuleBasedStateMachine):
             assert not (pid.sn and on_lists), (v, pid)
             if armed:  # only a vCPU halted with IF=1 is armed (1831fa4)
                 assert v.run_state is RunState.BLOCKED and v.guest_if, (v, pid)
-            if acc.needs_pi_wakeup():  # every put that does not arm sets SN (BR-V12); a vCPU
-                # woken before its schedule-out was never put (KVM: still loaded), so only the
-                # blocked and the preempted ones are checked
-                if v.run_state is RunState.BLOCKED:
-                    assert pid.sn or armed, (v, pid)
-                if v.run_state is RunState.PREEMPTED and v.index in self.preempted:
-                    assert pid.sn, (v, pid)
+            if acc.needs_pi_wakeup() and v.run_state is not RunState.IN_GUEST:
+                # every put that does not arm sets SN (BR-V12), and so does a wake-up off the
+                # list (APICV-CHOICE-2), also before the arming ran
+                assert pid.sn or armed, (v, pid)
             if v.run_state is RunState.IN_GUEST and acc.vcpu_active(v):
                 p = v.last_pcpu
                 assert p is not None
