@@ -4,10 +4,12 @@ A :class:`Replay` names one bug (``BUG-n``), the KVM commit that fixed it, the s
 breaks, and ``apply``: a context manager that swaps one model function, method or attribute for
 a faithful re-creation of KVM's behaviour *before* the fix, and restores the original object on
 exit.  The model itself carries no bug code: every buggy variant lives in this package, by the
-layer it patches (``lapic.py``, ``hypervisor.py``, ``guest.py``); :mod:`.patcher` holds the
-machinery.  A replay may swap only a *declared seam*: a name the model module that defines it
-lists in its ``REPLAY_SEAMS`` (the places where KVM's fixes landed; where a fix added one
-check, the model has that check as a small predicate and the replay swaps the predicate).
+layer it patches (``lapic.py``, ``hypervisor.py``, ``guest.py``; the accelerators' bugs of
+reference ``avic_ipiv.md`` Part M in ``accel.py``, AMD AVIC's ``BR-A*``, and ``apicv.py``, Intel
+APICv's ``BR-V*``); :mod:`.patcher` holds the machinery.  A replay may swap only a *declared
+seam*: a name the model module that defines it lists in its ``REPLAY_SEAMS`` (the places where
+KVM's fixes landed; where a fix added one check, the model has that check as a small predicate
+and the replay swaps the predicate).
 
 With a replay active the test suite must fail (the replay is "killed").  Switches:
 
