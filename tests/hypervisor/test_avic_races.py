@@ -83,18 +83,26 @@ def test_no_delivery_entry_inhibit_order_strands_the_irq__AV_E7_BR_A4() -> None:
     assert orders > 20
 
 
-def test_the_sender_reads_the_mode_before_apicv_active__AV_E7() -> None:
-    """The named order: the delivery reaches ``svm_complete_interrupt_delivery``, the target
-    enters (AVIC off, nothing pending yet) between two of its steps, then it finishes: KVM
-    reads IN_GUEST_MODE and apicv_active false, so KVM_REQ_EVENT + a kick (BR-A4's old order
-    rang an ignored doorbell there instead)."""
+def named_order() -> tuple[Vm, Steps, int]:
+    """The delivery's first three steps (``deliver.resolve``, ``deliver.set_irr[1]``, then the
+    first step of ``svm_deliver_interrupt``), the target's entry, then the rest in program
+    order."""
     vm, steps, kicks = inhibit_entry_race()
     deliver = next(t for t in steps.pending() if t.name.startswith("deliver#"))
     enter = next(t for t in steps.pending() if t.name.startswith("enter.vcpu1#"))
-    for _ in range(3):  # deliver.resolve, deliver.set_irr[1], then the first AVIC step
+    for _ in range(3):
         steps.step(deliver)
     steps.step(enter)
     steps.run_all()
+    return vm, steps, kicks
+
+
+def test_the_target_entering_between_irr_write_and_mode_read_gets_a_kick__AV_E7() -> None:
+    """In the named order the target enters (AVIC off) right after the IRR write: it sees the
+    vector at its entry, and KVM, reading IN_GUEST_MODE then apicv_active false, makes
+    KVM_REQ_EVENT and kicks it; no doorbell.  (BR-A4's old order reads apicv_active first:
+    there the entry comes before the IRR write and the doorbell is ignored.)"""
+    vm, steps, kicks = named_order()
     assert not lost_in_guest(vm, steps, kicks)
     assert vm.stats.kicks == kicks + 1 and not avic_of(vm).doorbells
 

@@ -123,6 +123,18 @@ def test_each_replayable_br_a_passes_fixed_and_is_killed_by_its_named_test(bug: 
     check()
 
 
+def test_the_old_delivery_order_strands_the_interrupt_in_the_named_order() -> None:
+    """BR-A4's replay in ``test_avic_races.named_order``: it reads apicv_active (still true)
+    before the IRR write, the target enters with AVIC off and nothing pending, then the IRR
+    write and the mode read (IN_GUEST_MODE): a doorbell the guest ignores, no KVM_REQ_EVENT."""
+    with replays_accel.active(["BR-A4"]):
+        vm, steps, kicks = races.named_order()
+        assert races.lost_in_guest(vm, steps, kicks)
+        assert vm.stats.doorbells == 1 and vm.stats.kicks == kicks
+    vm, steps, kicks = races.named_order()
+    assert not races.lost_in_guest(vm, steps, kicks)
+
+
 def test_the_catalogue_switch_reaches_the_avic_replays() -> None:
     """``APICSIM_REPLAY=BR-A6`` and ``apicsim mutants`` find them through the catalogue."""
     assert [r.id for r in replays.ACCEL_REPLAYS] == [row[0] for row in replays_accel.ROWS]
