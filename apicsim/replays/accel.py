@@ -1,5 +1,5 @@
 """Bug replays of the accelerator layer: AMD AVIC's historical KVM bugs (reference
-``avic_ipiv.md`` Part M, ``BR-A*``), put back through the seams ``hypervisor/accel/avic.py`` and
+``avic_ipiv.md`` Part M, ``BR-A*``), put back through the seams ``hypervisor/accel/avic/`` and
 ``hypervisor/hw/avic.py`` declare in ``REPLAY_SEAMS``.
 
 Each ``install`` function takes the catalogue's :class:`~apicsim.replays.patcher.Patcher` and

@@ -9,7 +9,7 @@ interception``, ``avic_handle_ldr_update``/``avic_handle_dfr_update``, ``avic_ri
 ``svm_complete_interrupt_delivery``).  The CPU's side (tables, the ICR-write algorithm) is
 ``hypervisor.hw.avic``.
 
-* :class:`Avic` (defined in ``hypervisor.accel.avic_config``, re-exported here) is the
+* :class:`Avic` (defined in ``hypervisor.accel.avic.config``, re-exported here) is the
   configuration (frozen data, shareable): ``x2avic``, ``x2avic_4k``,
   ``enable_ipiv``, ``cpu_family`` (0x17: erratum #1235, which forces ``enable_ipiv`` off
   unless ``force_ipiv``, the model's knob for the kernels before d921665e01ba), the documented
@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
-from hypervisor.accel.avic_config import Avic as Avic
+from hypervisor.accel.avic.config import Avic as Avic
 from hypervisor.apic_map import Inhibits
 from hypervisor.exits import ExitReason
 from hypervisor.host.steps import Protocol, Step, Steps
