@@ -42,8 +42,8 @@ DELIVERY = (
 )  # fmt: skip
 REGISTERS = (
     "reg_write", "reg_write", "reg_read", "reg_read", "mmio_read", "mmio_read", "mmio_write",
-    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "apic_base", "self_ipi",
-    "cr8", "guest_cr8", "guest_cr8",
+    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "apic_base", "apic_base",
+    "self_ipi", "cr8", "guest_cr8",
 )  # fmt: skip
 STATE = (
     "restore", "restore", "restore", "eoi", "eoi", "reg_read", "reg_write", "msi", "ipi",
