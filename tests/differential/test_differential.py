@@ -47,7 +47,7 @@ REGISTERS = (
 )  # fmt: skip
 STATE = (
     "restore", "restore", "restore", "eoi", "eoi", "reg_read", "reg_write", "msi", "ipi",
-    "apic_base", "mmio_read", "cr8", "guest_cr8",
+    "apic_base", "apic_base", "mmio_read", "cr8", "guest_cr8",
 )  # fmt: skip
 
 
