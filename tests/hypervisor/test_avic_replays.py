@@ -123,7 +123,7 @@ def test_each_replayable_br_a_passes_fixed_and_is_killed_by_its_named_test(bug: 
     check()
 
 
-def test_the_old_delivery_order_strands_the_interrupt_in_the_named_order() -> None:
+def test_the_old_delivery_order_strands_the_interrupt_in_the_named_order__AV_E7_BR_A4() -> None:
     """BR-A4's replay in ``test_avic_races.named_order``: it reads apicv_active (still true)
     before the IRR write, the target enters with AVIC off and nothing pending, then the IRR
     write and the mode read (IN_GUEST_MODE): a doorbell the guest ignores, no KVM_REQ_EVENT."""
