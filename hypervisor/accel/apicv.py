@@ -799,6 +799,20 @@ class ApicvState:
             apic.ops.eoi_reported(apic, v, level, level and apic._eoi_broadcast_suppressed())
             self._reenter(vcpu)
 
+    def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
+        """CR8-2 under APICv: with virtual-interrupt delivery the CPU virtualizes the TPR and
+        evaluates pending interrupts itself, and KVM leaves TPR_THRESHOLD at 0
+        (``kvm_x86_ops.update_cr8_intercept`` is skipped while ``apicv_active``): no exit.
+        Inhibited, VMX's TPR shadow with KVM's threshold: a write below it traps after it."""
+        if self.vcpu_active(vcpu):
+            vcpu.emulate_mov_to_cr8(value)  # a reserved bit: the CPU's #GP, no exit
+            return
+        threshold = vcpu.vmx_tpr_threshold()
+        vcpu.emulate_mov_to_cr8(value)
+        if value < threshold:
+            self._exit(vcpu, ExitReason.TPR_BELOW_THRESHOLD, 0, 0)
+            self._reenter(vcpu)
+
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
         return vcpu.sched.notify
 

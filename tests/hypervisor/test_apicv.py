@@ -697,3 +697,16 @@ def test_a_vcpu_put_between_its_hlt_exit_and_the_block_is_still_armed__IPIV_5() 
     mmio_write(vm, 0, REG_ICR2, 0x01000000)
     mmio_write(vm, 0, REG_ICR, 0x41)
     assert vm.vcpu(1).run_state is RunState.PREEMPTED and vm.vcpu(1).run() == [0x41]
+
+
+def test_a_mov_to_cr8_never_exits_while_apicv_is_active__APICV_CHOICE_3() -> None:
+    vm = apicv_vm(2)
+    post(vm, 1, 0x51)
+    vm.vcpu(1).mov_to_cr8(0x6)  # masks the pending 0x51 ...
+    vm.vcpu(1).mov_to_cr8(0x2)  # ... and unmasks it: under emulated VMX a threshold exit
+    assert vm.exits == [] and vm.vcpu(1).run() == [0x51]
+    mmio_write(vm, 0, REG_ID, 9 << 24)  # inhibited: KVM's TPR threshold is back
+    post(vm, 1, 0x52)
+    vm.vcpu(1).mov_to_cr8(0x6)
+    vm.vcpu(1).mov_to_cr8(0x2)
+    assert exits(vm, ExitReason.TPR_BELOW_THRESHOLD) == [(1, 0, 0)]
