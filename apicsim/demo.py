@@ -18,6 +18,14 @@ for x2apic_phys and x2apic_cluster, first with every target running in guest mod
 the CPU writes each backing page and rings one doorbell per target), then with the odd vCPUs
 halted (one AVIC_INCOMPLETE_IPI exit per ICR write that reached a halted target, and KVM's
 wake-ups).
+
+Two more tables show it under Intel APICv (``Vm(accelerator="apicv")``: virtual-interrupt
+delivery and posted interrupts, every ICR write still intercepted: an x2APIC guest's WRMSR 0x830
+is an MSR-write exit, KVM posts each vector into the target's PIR and notifies it) and under
+IPIv (``"ipiv"``: the CPU virtualizes fixed physical unicast ICR writes, so x2apic_phys sends
+with no exit; x2apic_cluster's logical writes still take one APIC-write exit each), with the
+same two workloads: the posted vectors, the notification IPIs by vector (0xF2 to a running
+target, the wake-up vector 0xF1 to a blocked one under IPIv) and the wake-ups.
 """
 
 from __future__ import annotations
@@ -180,6 +188,114 @@ def render_avic(results: list[AvicMeasurement], *, vector: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True, slots=True)
+class VmxMeasurement:
+    """One workload under APICv or IPIv (``accelerator``)."""
+
+    accelerator: str
+    driver: str
+    halted: int
+    exits: int
+    apic_writes: int
+    msr_writes: int
+    posted: int
+    notifications: dict[int, int]
+    wakeups: int
+    destinations: int
+    handled_once: int
+    problems: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.driver}/{'half halted' if self.halted else 'running'}"
+
+
+VMX_ACCELERATORS = (("apicv", "APICv"), ("ipiv", "IPIv"))
+"""The Intel accelerators of the demo: ``Vm(accelerator=...)`` name and table title."""
+
+
+def measure_vmx(
+    accelerator: str, driver: str, *, halt_odd: bool, vcpus: int, vector: int
+) -> VmxMeasurement:
+    """The broadcast under APICv or IPIv; with ``halt_odd`` the odd vCPUs execute HLT first
+    (with RFLAGS.IF = 1: woken by the posted vector)."""
+    from guest import Guest
+
+    vm = Vm(vcpus=vcpus, accelerator=accelerator)
+    guest = Guest(vm, driver=driver)
+    halted = 0
+    if halt_odd:
+        for i in range(1, vcpus, 2):
+            halted += vm.vcpu(i).halt()
+    stats = vm.stats
+    by_reason = stats.exits_by_reason
+    exits0, posted0, wakeups0 = stats.exits, stats.posted, stats.wakeups
+    apic0, msr0 = by_reason[ExitReason.APIC_WRITE], by_reason[ExitReason.MSR_WRITE]
+    notified0 = dict(stats.notifications)
+    before = [guest.cpu(i).handled.count(vector) for i in range(vcpus)]
+    guest.cpu(0).send_IPI_mask_allbutself(list(range(vcpus)), vector)
+    notified = {
+        v: n - notified0.get(v, 0)
+        for v, n in sorted(stats.notifications.items())
+        if n - notified0.get(v, 0)
+    }
+    exits, posted, wakeups = stats.exits - exits0, stats.posted - posted0, stats.wakeups - wakeups0
+    apic_writes = by_reason[ExitReason.APIC_WRITE] - apic0
+    msr_writes = by_reason[ExitReason.MSR_WRITE] - msr0
+    for i in range(vcpus):
+        guest.cpu(i).run()
+    counts = [guest.cpu(i).handled.count(vector) - before[i] for i in range(vcpus)]
+    problems: list[str] = []
+    wrong = [i for i in range(1, vcpus) if counts[i] != 1]
+    if wrong or counts[0]:
+        problems.append(f"vCPUs {wrong[:5]} missed {vector:#x} or the sender handled it")
+    if halted and wakeups != halted:
+        problems.append(f"{halted} halted vCPUs but {wakeups} wake-ups")
+    if posted != vcpus - 1:
+        problems.append(f"{posted} vectors posted for {vcpus - 1} destinations")
+    return VmxMeasurement(
+        accelerator, driver, halted, exits, apic_writes, msr_writes, posted, notified, wakeups,
+        vcpus - 1, sum(1 for i in range(1, vcpus) if counts[i] == 1), tuple(problems),
+    )
+
+
+def render_vmx(results: list[VmxMeasurement], title: str, *, vector: int) -> str:
+    """One Intel table: its row names start with ``title`` ("APICv", "IPIv"), its verdicts
+    with "<title> PASS"."""
+    width = max(16, *(len(m.label) + 2 for m in results))
+    name_width = max(22, len(title) + 20)
+    rows: list[tuple[str, list[str]]] = [
+        (f"{title} VM exits", [str(m.exits) for m in results]),
+        (f"{title} APIC-write exits", [str(m.apic_writes) for m in results]),
+        (f"{title} MSR-write exits", [str(m.msr_writes) for m in results]),
+        (f"{title} posted", [str(m.posted) for m in results]),
+        (f"{title} notify 0xf2", [str(m.notifications.get(0xF2, 0)) for m in results]),
+        (f"{title} notify 0xf1", [str(m.notifications.get(0xF1, 0)) for m in results]),
+        (f"{title} wake-ups", [str(m.wakeups) for m in results]),
+        (f"{title} handled {vector:#x}", [f"{m.handled_once}/{m.destinations}" for m in results]),
+        (f"{title} result", ["FAIL" if m.problems else "PASS" for m in results]),
+    ]
+    what = (
+        "virtual-interrupt delivery and posted interrupts, ICR writes intercepted"
+        if title == "APICv"
+        else "the CPU virtualizes fixed physical unicast ICR writes"
+    )
+    lines = [
+        "",
+        f"the same call under Intel {title} ({what}): every target running, then the odd "
+        "vCPUs halted",
+        "",
+        f"{'':<{name_width}}" + "".join(f"{m.label:>{width}}" for m in results),
+    ]
+    for name, cells in rows:
+        lines.append(f"{name:<{name_width}}" + "".join(f"{c:>{width}}" for c in cells))
+    lines.append("")
+    for m in results:
+        verdict = f"{title} FAIL" if m.problems else f"{title} PASS"
+        lines.append(f"{verdict} {m.label}: {'; '.join(m.problems) or 'every target once'}")
+    return "\n".join(lines) + "\n"
+
+
 def render(results: list[Measurement], *, vcpus: int, vector: int) -> str:
     """The side-by-side table."""
     width = max(16, *(len(m.label) + 2 for m in results))
@@ -223,4 +339,12 @@ def run(*, vcpus: int = 80, vector: int = 0xF0, out: TextIO) -> int:
     ]
     out.write(render_avic(avic, vector=vector))
     ok = all(m.passed for m in results) and not any(m.problems for m in avic)
+    for accelerator, title in VMX_ACCELERATORS:
+        vmx = [
+            measure_vmx(accelerator, d, halt_odd=h, vcpus=vcpus, vector=vector)
+            for d in ("x2apic_phys", "x2apic_cluster")
+            for h in (False, True)
+        ]
+        out.write(render_vmx(vmx, title, vector=vector))
+        ok = ok and not any(m.problems for m in vmx)
     return 0 if ok else 1

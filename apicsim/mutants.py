@@ -143,7 +143,9 @@ def run(
     ids: Sequence[str] | None, jobs: int, out: TextIO, timeout: float = TIMEOUT_S
 ) -> list[Outcome]:
     chosen = (
-        [replays.get(i) for i in ids] if ids else [*replays.REPLAYS, *replays.ACCEL_REPLAYS]
+        [replays.get(i) for i in ids]
+        if ids
+        else [*replays.REPLAYS, *replays.ACCEL_REPLAYS, *replays.APICV_REPLAYS]
     )
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(lambda r: run_replay(r, timeout), chosen))

@@ -100,6 +100,8 @@ from apicsim.ops.primitives import (
     Run,
     SendIpi,
     SetCr8,
+    SetEoiExitBitmap,
+    SetIf,
     SetLapic,
     SetMsr,
     SetTpr,
@@ -109,7 +111,8 @@ from lapic.faults import ApicValueError
 
 PRIMITIVES: tuple[type[Op], ...] = (
     Wrmsr, Rdmsr, MmioWrite, MmioRead, MovToCr8, MovFromCr8, Icr, Hypercall, Msi, SetMsr, GetMsr,
-    GetLapic, SetLapic, SetCr8, Run, Halt, Preempt, Enter, Advance, SendIpi, SetTpr, Eoi,
+    GetLapic, SetLapic, SetCr8, Run, Halt, Preempt, Enter, Advance, SendIpi, SetTpr, Eoi, SetIf,
+    SetEoiExitBitmap,
 )  # fmt: skip
 MACROS: tuple[type[Op], ...] = (RegWrite, RegRead, Ipi, InitSipi, SetBase, Restore)
 OPS: dict[str, type[Op]] = {cls.ACTION: cls for cls in (*PRIMITIVES, *MACROS)}
@@ -206,6 +209,8 @@ __all__ = [
     "SendIpi",
     "SetBase",
     "SetCr8",
+    "SetEoiExitBitmap",
+    "SetIf",
     "SetLapic",
     "SetMsr",
     "SetTpr",

@@ -122,8 +122,8 @@ def x2apic_mode(apic_base: int) -> bool:
 # -- Field declarations: what a [[step]] table may hold for each action ------------------------
 @dataclass(frozen=True, slots=True)
 class Field:
-    """One field of an action: its kind (``int``, ``bool``, ``choice``, ``cpus``, ``writes``,
-    ``restore``), whether it is required, its default and its range or choices.  For a
+    """One field of an action: its kind (``int``, ``bool``, ``choice``, ``cpus``, ``vectors``,
+    ``writes``, ``restore``), whether it is required, its default and its range or choices.  For a
     ``choice`` field ``hi`` is the largest raw value accepted, or -1 when only names are."""
 
     kind: str
@@ -186,7 +186,7 @@ class Op:
                 out[f.name] = _hex_keys(value)
             elif spec.kind == "restore":
                 out[f.name] = {k: AS_READ if v is None else v for k, v in _hex_keys(value).items()}
-            elif spec.kind == "cpus":
+            elif spec.kind in ("cpus", "vectors"):
                 out[f.name] = list(value)
             elif spec.kind == "choice" and spec.hi >= 0 and isinstance(value, int):
                 out[f.name] = spec.choices[value] if value < len(spec.choices) else value
@@ -214,7 +214,7 @@ class Op:
                     (int(k, 0) if isinstance(k, str) else k, None if v == AS_READ else v)
                     for k, v in value.items()
                 )
-            elif spec.kind == "cpus":
+            elif spec.kind in ("cpus", "vectors"):
                 value = tuple(value)
             kw[name] = value
         return cls(**kw)

@@ -487,6 +487,52 @@ class Halt(Op):
         return f"halt cpu{self.vcpu}"
 
 
+@dataclass(frozen=True, slots=True)
+class SetIf(Op):
+    """The guest of ``vcpu`` executes CLI (``value`` false) or STI (true): RFLAGS.IF, which
+    decides whether a halted vCPU is woken by an interrupt (``cli; hlt`` is a HLT with IF=0).
+    The model's vCPUs only (``Vcpu.guest_if``)."""
+
+    vcpu: int
+    value: bool
+
+    ACTION = "set_if"
+    FIELDS = {"vcpu": VCPU, "value": Field("bool", True)}  # noqa: RUF012
+
+    def perform(self, backend: OpBackend) -> None:
+        cpu = backend.vm.vcpu(self.vcpu)
+        if not hasattr(cpu, "guest_if"):
+            raise Unsupported("this backend's vCPUs have no modelled RFLAGS.IF")
+        cpu.guest_if = self.value
+
+    def describe(self) -> str:
+        return f"{'sti' if self.value else 'cli'} cpu{self.vcpu}"
+
+
+@dataclass(frozen=True, slots=True)
+class SetEoiExitBitmap(Op):
+    """The host sets vCPU ``vcpu``'s EOI-exit bitmap to ``vectors`` (VMCS EOI_EXIT_BITMAP0..3,
+    KVM ``vmx_load_eoi_exitmap``; KVM derives it from level-triggered routes, and the IOAPIC is
+    not modelled): an EOI of one of these vectors takes the EOI-induced exit (VID-5).  The
+    model's APICv accelerators only (``vm.accel.set_eoi_exit_bitmap``)."""
+
+    vcpu: int
+    vectors: tuple[int, ...]
+
+    ACTION = "set_eoi_exit_bitmap"
+    FIELDS = {"vcpu": VCPU, "vectors": Field("vectors", True)}  # noqa: RUF012
+
+    def perform(self, backend: OpBackend) -> None:
+        setter = getattr(getattr(backend.vm, "accel", None), "set_eoi_exit_bitmap", None)
+        if setter is None:
+            raise Unsupported("this VM's accelerator has no EOI-exit bitmap (APICv's only)")
+        setter(self.vcpu, frozenset(self.vectors))
+
+    def describe(self) -> str:
+        shown = ",".join(f"{v:#x}" for v in self.vectors)
+        return f"set_eoi_exit_bitmap cpu{self.vcpu} [{shown}]"
+
+
 def _scheduling(backend: OpBackend, vcpu: int, name: str) -> Any:
     found = getattr(backend.vm.vcpu(vcpu), name, None)
     if found is None:

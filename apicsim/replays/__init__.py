@@ -4,10 +4,12 @@ A :class:`Replay` names one bug (``BUG-n``), the KVM commit that fixed it, the s
 breaks, and ``apply``: a context manager that swaps one model function, method or attribute for
 a faithful re-creation of KVM's behaviour *before* the fix, and restores the original object on
 exit.  The model itself carries no bug code: every buggy variant lives in this package, by the
-layer it patches (``lapic.py``, ``hypervisor.py``, ``guest.py``); :mod:`.patcher` holds the
-machinery.  A replay may swap only a *declared seam*: a name the model module that defines it
-lists in its ``REPLAY_SEAMS`` (the places where KVM's fixes landed; where a fix added one
-check, the model has that check as a small predicate and the replay swaps the predicate).
+layer it patches (``lapic.py``, ``hypervisor.py``, ``guest.py``; the accelerators' bugs of
+reference ``avic_ipiv.md`` Part M in ``accel.py``, AMD AVIC's ``BR-A*``, and ``apicv.py``, Intel
+APICv's ``BR-V*``); :mod:`.patcher` holds the machinery.  A replay may swap only a *declared
+seam*: a name the model module that defines it lists in its ``REPLAY_SEAMS`` (the places where
+KVM's fixes landed; where a fix added one check, the model has that check as a small predicate
+and the replay swaps the predicate).
 
 With a replay active the test suite must fail (the replay is "killed").  Switches:
 
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 from . import accel as accel_replays
+from . import apicv as apicv_replays
 from . import guest as guest_replays
 from . import hypervisor as hypervisor_replays
 from . import lapic as lapic_replays
@@ -339,6 +342,9 @@ BY_ID: Mapping[str, Replay] = {r.id: r for r in (*REPLAYS, *MODEL_REPLAYS)}
 ACCEL_REPLAYS: tuple[Replay, ...] = tuple(_r(*row) for row in accel_replays.ROWS)
 """The accelerator layer's bugs (AMD AVIC, reference ``avic_ipiv.md`` Part M: ``BR-A*``)."""
 ACCEL_BY_ID: Mapping[str, Replay] = {r.id: r for r in ACCEL_REPLAYS}
+APICV_REPLAYS: tuple[Replay, ...] = tuple(_r(*row) for row in apicv_replays.ROWS)
+"""Intel APICv, posted interrupts and IPIv (reference ``avic_ipiv.md`` Part M: ``BR-V*``)."""
+APICV_BY_ID: Mapping[str, Replay] = {r.id: r for r in APICV_REPLAYS}
 
 
 # =============================================================================================
@@ -350,7 +356,8 @@ def normalize(bug: str) -> str:
 
 
 def get(bug: str) -> Replay:
-    replay = BY_ID.get(normalize(bug)) or ACCEL_BY_ID.get(normalize(bug))
+    key = normalize(bug)
+    replay = BY_ID.get(key) or ACCEL_BY_ID.get(key) or APICV_BY_ID.get(key)
     if replay is None:
         raise ReplayError(f"unknown bug replay {bug!r}; known: {', '.join(BY_ID)}")
     return replay
@@ -390,6 +397,8 @@ def from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
 __all__ = [
     "ACCEL_BY_ID",
     "ACCEL_REPLAYS",
+    "APICV_BY_ID",
+    "APICV_REPLAYS",
     "BY_ID",
     "ENV_VAR",
     "MODEL_REPLAYS",

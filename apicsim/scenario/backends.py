@@ -130,6 +130,11 @@ class Backend(HostOnly):
         """Why this backend cannot perform ``step`` (checked before the scenario runs)."""
         return None
 
+    def accel(self) -> Any:
+        """The model's accelerator state (``vm.accel``: PIDs, the notification log), or None
+        where the backend has none."""
+        return None
+
     def close(self) -> None:
         """Release the backend's resources (KVM file descriptors)."""
 
@@ -155,6 +160,9 @@ class ModelBackend(Backend):
 
     def counters(self) -> dict[str, int]:
         return _counters(self.model.stats)
+
+    def accel(self) -> Any:
+        return self.model.accel
 
     def handled(self, i: int) -> list[int]:
         if self.guest is not None:
@@ -185,6 +193,10 @@ _KVM_CANNOT = {
     "advance": "the virtual clock is the model's; KVM's APIC timer runs on host time",
     "halt": "KvmVm's guest executes one access at a time with RFLAGS.IF=0: a HLT there would "
     "never be woken",
+    "set_if": "KvmVm's guest executes one access at a time with RFLAGS.IF=0; its IF is not "
+    "the scenario's to set",
+    "set_eoi_exit_bitmap": "the EOI-exit bitmap is the model's APICv accelerators' (KvmVm's "
+    "APIC is whatever the host's KVM uses)",
     "send_ipi": _KVM_NO_GUEST,
     "set_tpr": _KVM_NO_GUEST,
     "eoi": _KVM_NO_GUEST,
@@ -333,6 +345,7 @@ _UNOBSERVABLE = {
         "exits": "not observable on kvm: KvmVm does not count VM exits (KVM handles them)",
         "stats": "not observable on kvm: the vm.stats counters are the model's",
         "handled": "not observable on kvm: KvmVm's guest runs no interrupt handlers",
+        "accel": "not observable on kvm: PIDs and notifications are the model's accelerator's",
     }
 }
 

@@ -2,7 +2,8 @@
 
 A step's ``expect`` table (``specs/scenarios/README.md``, "Expectations") becomes a tuple of
 :class:`Expectation` objects in a fixed checking order: ``fault``, ``result``, ``value``,
-``exits``, ``stats``, ``irr``/``isr``/``tmr``, ``handled``, ``regs``.  After the step each one
+``exits``, ``stats``, ``irr``/``isr``/``tmr``, ``handled``, ``regs``, and the APICv ones
+``pid``, ``notifications``, ``intr_status`` (the model's ``vm.accel``).  After the step each one
 looks at what was :class:`Observed` (the operation's result, the fault, the counters' deltas,
 the APIC state as the host sees it) and emits one :class:`Verdict` per value compared: ``PASS``,
 ``FAIL`` (also a :class:`Failure`), or ``SKIP`` when the backend cannot observe it (the model's
@@ -13,7 +14,7 @@ table (:mod:`apicsim.scenario.format`), and reading the state from a backend
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +34,13 @@ EXPECT_KEYS = (
     "tmr",
     "handled",
     "regs",
+    "pid",
+    "notifications",
+    "intr_status",
     "vcpu",
 )
+PID_FIELDS = ("pir", "on", "sn", "nv", "ndst")
+"""The fields of a posted-interrupt descriptor an ``expect.pid`` table may name (PI-H1)."""
 
 NO_RESULT: Any = object()
 """The result of an operation that has none (shown as ``-``)."""
@@ -111,7 +117,12 @@ class Observed:
     state: Callable[[int], ApicState]
     handled: Callable[[int], list[int] | None]
     unobservable: Mapping[str, str]
-    """Why ``exits``, ``stats``, ``handled`` cannot be observed on this backend."""
+    """Why ``exits``, ``stats``, ``handled``, ``accel`` cannot be observed on this backend."""
+    accel: Any = None
+    """The model's ``vm.accel`` (None where the backend has none): PIDs, RVI/SVI."""
+    notified: Sequence[tuple[int, int]] | None = None
+    """The notification IPIs (host APIC ID, vector) sent during the step, in order (None where
+    not observable: no ``notification_log``)."""
 
 
 class Emit(Protocol):
@@ -344,6 +355,105 @@ class RegsExpected:
                 )
 
 
+def _accel_missing(seen: Observed, what: str) -> str | None:
+    """Why ``what`` of the accelerator cannot be read (None: it can)."""
+    if seen.accel is None:
+        return seen.unobservable.get("accel", "the backend has no accelerator state")
+    if not hasattr(seen.accel, what):
+        return f"accelerator {getattr(seen.accel, 'name', '?')!r} has no {what}"
+    return None
+
+
+def _pid_value(pid: Any, name: str) -> Any:
+    value = getattr(pid, name)
+    return frozenset(value) if name == "pir" else value
+
+
+def _pid_text(name: str, value: Any) -> str:
+    if name == "pir":
+        return vset(value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return f"{value:#x}"
+
+
+@dataclass(frozen=True, slots=True)
+class PidExpected:
+    """``pid``: fields of each vCPU's posted-interrupt descriptor (``vm.accel.pid(i)``, PI-H1):
+    ``pir`` (as a set), ``on``, ``sn``, ``nv``, ``ndst``."""
+
+    want: Mapping[int, Mapping[str, Any]]
+
+    def check(self, seen: Observed, emit: Emit) -> None:
+        why = _accel_missing(seen, "pid")
+        for i, fields_ in sorted(self.want.items()):
+            for name, want in fields_.items():
+                key = f"expect.pid.{name}"
+                if why is not None:
+                    emit(key, None, f"expected {want!r}; {why}", vcpu=i)
+                    continue
+                got = _pid_value(seen.accel.pid(i), name)
+                wanted = frozenset(want) if name == "pir" else want
+                emit(
+                    key,
+                    got == wanted,
+                    compared(_pid_text(name, wanted), _pid_text(name, got)),
+                    f"vCPU {i} PID.{name.upper()} is {_pid_text(name, got)}, expected "
+                    f"{_pid_text(name, wanted)}",
+                    i,
+                )
+
+
+def _pairs(pairs: Iterable[tuple[int, int]]) -> str:
+    return "[" + ", ".join(f"({a:#x}, {v:#x})" for a, v in pairs) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationsExpected:
+    """``notifications``: the notification IPIs sent during the step, in order, each as
+    ``[host APIC ID, vector]`` (``vm.accel.notification_log``)."""
+
+    want: tuple[tuple[int, int], ...]
+
+    def check(self, seen: Observed, emit: Emit) -> None:
+        if seen.notified is None:
+            why = _accel_missing(seen, "notification_log") or "no notification log"
+            emit("expect.notifications", None, f"expected {_pairs(self.want)}; {why}")
+            return
+        got = tuple(seen.notified)
+        emit(
+            "expect.notifications",
+            got == self.want,
+            compared(_pairs(self.want), _pairs(got)),
+            f"notifications sent {_pairs(got)}, expected {_pairs(self.want)}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IntrStatusExpected:
+    """``intr_status``: each vCPU's guest interrupt status ``[RVI, SVI]`` (VMCS
+    GUEST_INTR_STATUS, ``vm.accel.guest_interrupt_status(i)``, VID-1)."""
+
+    want: Mapping[int, list[int]]
+
+    def check(self, seen: Observed, emit: Emit) -> None:
+        why = _accel_missing(seen, "guest_interrupt_status")
+        for i, want in sorted(self.want.items()):
+            want_text = f"RVI={want[0]:#x} SVI={want[1]:#x}"
+            if why is not None:
+                emit("expect.intr_status", None, f"expected {want_text}; {why}", vcpu=i)
+                continue
+            rvi, svi = seen.accel.guest_interrupt_status(i)
+            got_text = f"RVI={rvi:#x} SVI={svi:#x}"
+            emit(
+                "expect.intr_status",
+                (rvi, svi) == tuple(want),
+                compared(want_text, got_text),
+                f"vCPU {i} {got_text}, expected {want_text}",
+                i,
+            )
+
+
 def expectations(op: Op, expect: Mapping[str, Any]) -> tuple[Expectation, ...]:
     """The checks of a validated ``expect`` table, in checking order."""
     out: list[Expectation] = []
@@ -364,4 +474,11 @@ def expectations(op: Op, expect: Mapping[str, Any]) -> tuple[Expectation, ...]:
         out.append(HandledExpected(expect["handled"]))
     if "regs" in expect:
         out.append(RegsExpected(expect["regs"]))
+    if "pid" in expect:
+        out.append(PidExpected(expect["pid"]))
+    if "notifications" in expect:
+        pairs = tuple((int(a), int(v)) for a, v in expect["notifications"])
+        out.append(NotificationsExpected(pairs))
+    if "intr_status" in expect:
+        out.append(IntrStatusExpected(expect["intr_status"]))
     return tuple(out)

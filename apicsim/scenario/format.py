@@ -28,7 +28,13 @@ from apicsim.ops import (
     Field,
     Op,
 )
-from apicsim.scenario.expect import EXPECT_KEYS, STAT_NAMES, Expectation, expectations
+from apicsim.scenario.expect import (
+    EXPECT_KEYS,
+    PID_FIELDS,
+    STAT_NAMES,
+    Expectation,
+    expectations,
+)
 from hypervisor.accel import ACCELERATORS
 from hypervisor.accelerators import config_for
 from hypervisor.config import AccelConfig
@@ -603,6 +609,11 @@ class _Parser:
                     "", key, f'must be "all" or an array of vCPU indexes, got {value!r}', n
                 )
             return list(value)
+        if f.kind == "vectors":
+            err = self._vectors(value)
+            if err:
+                raise self.fail("", key, err, n)
+            return list(value)
         if f.kind == "writes":
             if not isinstance(value, dict) or not value:
                 raise self.fail("", key, 'must be a table { "0x20" = value, ... }', n)
@@ -697,7 +708,54 @@ class _Parser:
                 out[key] = self.per_vcpu(n, key, raw[key], default_vcpu, count, self._vectors)
         if "regs" in raw:
             out["regs"] = self.per_vcpu(n, "regs", raw["regs"], default_vcpu, count, self._regs)
+        if "pid" in raw:
+            out["pid"] = self.per_vcpu(n, "pid", raw["pid"], default_vcpu, count, self._pid)
+        if "intr_status" in raw:
+            out["intr_status"] = self.per_vcpu(
+                n, "intr_status", raw["intr_status"], default_vcpu, count, self._intr_status
+            )
+        if "notifications" in raw:
+            value = raw["notifications"]
+            ok = isinstance(value, list) and all(
+                isinstance(p, list)
+                and len(p) == 2
+                and not self._int(p[0], 0, U32)
+                and not self._int(p[1], 0, 255)
+                for p in value
+            )
+            if not ok:
+                raise self.fail_expect(
+                    n,
+                    "notifications",
+                    f"must be an array of [host APIC ID, vector] pairs, got {value!r}",
+                )
+            out["notifications"] = [tuple(p) for p in value]
         return out
+
+    def _pid(self, value: Any) -> str | None:
+        if not isinstance(value, dict) or not value:
+            return f"must be a table {{ {' = ..., '.join(PID_FIELDS)} = ... }}, got {value!r}"
+        for k, v in value.items():
+            if k not in PID_FIELDS:
+                return f"{k!r} is not a PID field (one of {', '.join(PID_FIELDS)})"
+            if k == "pir":
+                err = self._vectors(v)
+            elif k in ("on", "sn"):
+                err = None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+            else:
+                err = self._int(v, 0, 0xFF if k == "nv" else U32)
+            if err:
+                return f"{k}: {err}"
+        return None
+
+    def _intr_status(self, value: Any) -> str | None:
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or any(self._int(v, 0, 255) for v in value)
+        ):
+            return f"must be [RVI, SVI], two vectors 0..255, got {value!r}"
+        return None
 
     def _vectors(self, value: Any) -> str | None:
         if not isinstance(value, list) or any(self._int(v, 0, 255) for v in value):
@@ -728,7 +786,7 @@ class _Parser:
         per_vcpu_form = (
             isinstance(value, dict)
             and all(VCPU_SPEC.match(k) for k in value)
-            and (bool(value) or key != "regs")
+            and (bool(value) or key not in ("regs", "pid"))
         )
         if not per_vcpu_form:
             if not isinstance(default_vcpu, int):

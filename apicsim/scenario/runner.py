@@ -132,6 +132,8 @@ class Runner:
         out = StepOutcome(step)
         before = _snapshot(be)
         counters = be.counters()
+        log = getattr(be.accel(), "notification_log", None)
+        mark = None if log is None else len(log)
         try:
             out.result, out.value = self.act(step)
         except GuestFault as e:
@@ -160,7 +162,11 @@ class Runner:
         for i, (old, new) in enumerate(zip(before, after, strict=True)):
             if old != new:
                 out.changes.append(f"cpu{i} IRR={vset(new[0])} ISR={vset(new[1])}")
-        self.check(step, out, fault_text, delta)
+        notified = None
+        log = getattr(be.accel(), "notification_log", None)  # read again: it may be a copy
+        if log is not None and mark is not None:
+            notified = [(int(a), int(v)) for a, v in list(log)[mark:]]
+        self.check(step, out, fault_text, delta, notified)
         return out
 
     def line_of(self, step: Step, key: str) -> int:
@@ -182,7 +188,12 @@ class Runner:
         )
 
     def check(
-        self, step: Step, out: StepOutcome, fault_text: str, delta: dict[str, int] | None
+        self,
+        step: Step,
+        out: StepOutcome,
+        fault_text: str,
+        delta: dict[str, int] | None,
+        notified: list[tuple[int, int]] | None = None,
     ) -> None:
         """Check ``step``'s expectations: a :class:`Verdict` for each, a :class:`Failure` for
         each that did not hold."""
@@ -219,6 +230,8 @@ class Runner:
             state,
             self.handled,
             _UNOBSERVABLE.get(self.backend.name, {}),
+            self.backend.accel(),
+            notified,
         )
         expects_fault = any(isinstance(x, FaultExpected) for x in step.expectations)
         if out.fault is not None and not expects_fault:

@@ -93,3 +93,50 @@ def test_the_demo_shows_the_avic_columns_running_and_half_halted__AV_B2_AV_C4(
     assert row(out, "AVIC wake-ups") == ["0", "40", "0", "40"]
     assert row(out, "AVIC result") == ["PASS"] * 4
     assert row(out, "VM exits") == ["79", "5", "1"]
+
+
+def test_the_demo_shows_the_apicv_and_ipiv_columns__IPIV_3_IPIV_5_PI_J2_VID_6(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """IPIV-3: under IPIv x2apic_phys's physical unicasts cost no exit, x2apic_cluster's
+    logical writes one APIC-write exit each (5); without IPIv (VID-6, IPIV-1) every ICR WRMSR
+    is an MSR-write exit.  PI-J2: each of the 79 vectors is posted once, and a running target
+    is notified with 0xF2.  IPIV-5: under IPIv the CPU notifies a halted target with the
+    wake-up vector 0xF1 (40 of them) and each is woken once; without IPIv, and for KVM's own
+    posts, the halted targets are woken by KVM directly."""
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert row(out, "APICv VM exits") == ["79", "79", "5", "5"]
+    assert row(out, "APICv MSR-write exits") == ["79", "79", "5", "5"]
+    assert row(out, "APICv APIC-write exits") == ["0"] * 4
+    assert row(out, "IPIv VM exits") == ["0", "0", "5", "5"]
+    assert row(out, "IPIv APIC-write exits") == ["0", "0", "5", "5"]
+    for title in ("APICv", "IPIv"):
+        assert row(out, f"{title} posted") == ["79"] * 4
+        assert row(out, f"{title} notify 0xf2") == ["79", "39", "79", "39"]
+        assert row(out, f"{title} wake-ups") == ["0", "40", "0", "40"]
+        assert row(out, f"{title} handled 0xf0") == ["79/79"] * 4
+        assert row(out, f"{title} result") == ["PASS"] * 4
+    assert row(out, "APICv notify 0xf1") == ["0"] * 4
+    assert row(out, "IPIv notify 0xf1") == ["0", "40", "0", "0"]
+    assert row(out, "AVIC VM exits") == ["0", "40", "0", "5"]
+
+
+def test_the_demo_fails_when_an_apicv_vcpu_misses_the_ipi(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypervisor.accel.apicv import ApicvState
+
+    deliver = ApicvState.deliver_interrupt
+
+    def lossy(self: ApicvState, apic: LocalApic, vector: int, level: bool) -> bool:
+        if apic.vcpu_id == 7 and vector == 0xF0 and self.name == "apicv":
+            return False  # KVM's sender drops it
+        return deliver(self, apic, vector, level)
+
+    monkeypatch.setattr(ApicvState, "deliver_interrupt", lossy)
+    assert main(["demo"]) == 1
+    out = capsys.readouterr().out
+    assert row(out, "APICv result") == ["FAIL"] * 4
+    assert row(out, "IPIv result")[:2] == ["PASS", "PASS"]
+    assert "APICv FAIL x2apic_phys/running: vCPUs [7] missed 0xf0" in out

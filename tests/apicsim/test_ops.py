@@ -60,6 +60,8 @@ def _field(spec: Field) -> st.SearchStrategy[Any]:
         return st.integers(0, spec.hi)
     if spec.kind == "cpus":
         return st.one_of(st.none(), st.lists(st.integers(0, 63), max_size=8).map(tuple))
+    if spec.kind == "vectors":
+        return st.lists(st.integers(0, 255), max_size=8).map(tuple)
     offsets = st.integers(0, 0xFF).map(lambda d: d * 4)
     value: st.SearchStrategy[Any] = st.integers(0, 0xFFFFFFFF)
     if spec.kind == "restore":

@@ -26,7 +26,9 @@ from tests.test_spec_coverage import all_rules
 ROOT = Path(__file__).resolve().parents[2]
 UNDER_REPLAY = bool(os.environ.get(replays.ENV_VAR, "").strip())
 MODEL_PACKAGES = ("lapic", "hypervisor", "guest", "apicsim")
-REPLAYABLE = [r for r in (*REPLAYS, *replays.ACCEL_REPLAYS) if r.replayable]
+REPLAYABLE = [
+    r for r in (*REPLAYS, *replays.ACCEL_REPLAYS, *replays.APICV_REPLAYS) if r.replayable
+]
 
 
 def _param_id(replay: Replay) -> str:

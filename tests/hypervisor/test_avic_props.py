@@ -2,8 +2,9 @@
 
 * every order of a sender's hardware steps against a halting target (``explore``) keeps the
   interrupt (AV-E4), and the erratum's stale IsRunning read loses it in some order (BR-A18);
-* for random IPI and run-state sequences the guest sees under AVIC exactly what it sees under
-  trap-and-emulate, and fixed IPIs between running vCPUs cost no exit;
+* for random IPI, MSI and run-state sequences (``accel_props``, shared with APICv) the guest
+  sees under AVIC exactly what it sees under trap-and-emulate, and fixed IPIs between running
+  vCPUs cost no exit;
 * a ``RuleBasedStateMachine`` interleaves ICR writes' and host-side deliveries' steps with
   load/put/halt, exits handled in the host (IN_HOST) and inhibit
   toggles and checks Part O's invariants (AVIC-O-1, AVIC-O-2).
@@ -30,6 +31,7 @@ from hypervisor.host.steps import Steps, explore
 from hypervisor.hw.avic import PhysicalEntry
 from lapic.icr import DeliveryMode, Interrupt
 
+from .accel_props import N, assert_same_as_emulated, script_ops
 from .builders import ICR_LEVEL, MSR_ICR, REG_ICR, REG_ICR2, REG_ID, REG_SVR, SVR_ON, mmio_write
 
 
@@ -89,44 +91,7 @@ def test_the_erratum_stale_is_running_read_loses_a_wake_up_with_ipiv_forced_on__
 # =============================================================================================
 # AVIC == trap-and-emulate, as the guest sees it
 # =============================================================================================
-N = 4
-ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("ipi"), st.integers(0, N - 1), st.integers(0, N), st.integers(32, 255)),
-        st.tuples(st.just("halt"), st.integers(0, N - 1)),
-        st.tuples(st.just("preempt"), st.integers(0, N - 1)),
-        st.tuples(st.just("run"), st.integers(0, N - 1)),
-    ),
-    max_size=25,
-)
-
-
-def play(accelerator: str, script: list[tuple[int | str, ...]]) -> tuple[Vm, list[list[int]]]:
-    vm = Vm(N, accelerator=accelerator, host=Host(N))
-    for i in range(N):
-        mmio_write(vm, i, REG_SVR, SVR_ON)
-    seen: list[list[int]] = [[] for _ in range(N)]
-    for op in script:
-        kind = op[0]
-        i = int(op[1])
-        v = vm.vcpu(i)
-        if kind == "ipi":
-            if v.run_state is RunState.BLOCKED:
-                continue
-            dest, vector = int(op[2]), int(op[3])
-            low = vector | (0x80000 if dest == N else 0)  # N: broadcast including self
-            mmio_write(vm, i, REG_ICR2, (dest % N) << 24)
-            mmio_write(vm, i, REG_ICR, low)
-        elif kind == "halt":
-            if v.run_state is not RunState.BLOCKED:
-                v.halt()
-        elif kind == "preempt":
-            v.preempt()
-        else:
-            seen[i].extend(v.run())
-    for i in range(N):
-        seen[i].extend(vm.vcpu(i).run())
-    return vm, seen
+ops = script_ops(N, msi=True, migrate=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -134,13 +99,7 @@ def play(accelerator: str, script: list[tuple[int | str, ...]]) -> tuple[Vm, lis
 def test_avic_guest_visible_results_equal_emulated__AVIC_O_1(
     script: list[tuple[int | str, ...]],
 ) -> None:
-    emu, seen_emu = play("emulated", script)
-    avic, seen_avic = play("avic", script)
-    assert seen_avic == seen_emu
-    for i in range(N):
-        assert avic.lapic(i).irr == emu.lapic(i).irr
-        assert avic.lapic(i).isr == emu.lapic(i).isr
-        assert avic.vcpu(i).run_state is emu.vcpu(i).run_state
+    assert_same_as_emulated("avic", script)
 
 
 @settings(max_examples=30, deadline=None)
