@@ -49,11 +49,14 @@ LIMIT = 1 << 16
 """Routes kept at most (source routes and MSI routes together; ICR values, apart)."""
 
 Targets = tuple[LocalApic, ...]
-Route = tuple[Interrupt, Targets]
-"""A kept route: the decoded message (compared whole on a hit) and its targets."""
-IcrRoute = tuple[Interrupt, Targets, object]
-"""A kept x2APIC ICR route: the message, its targets, and the ``send_hook`` it was sent
-through (a hit requires the sender's hook to be that very object still)."""
+Route = tuple[Interrupt, Targets, int, int, int, int]
+"""A kept route: the decoded message (compared whole on a hit), its targets, then the
+message's vector, delivery mode, trigger and level as ``LocalApic.accept_fast`` takes them
+(unpacked once, not indexed out of the message on every hit)."""
+IcrRoute = tuple[Targets, object, int, int, int, int]
+"""A kept x2APIC ICR route: its targets, the ``send_hook`` the message was sent through (a
+hit requires the sender's hook to be that very object still), then the message's vector,
+delivery mode, trigger and level as ``LocalApic.accept_fast`` takes them."""
 
 
 class RouteCache:
@@ -62,15 +65,15 @@ class RouteCache:
     __slots__ = ("_icr_count", "_icr_filled", "_size", "by_source", "icr", "msi")
 
     def __init__(self) -> None:
-        self.by_source: dict[LocalApic | None, dict[int, tuple[Interrupt, Targets]]] = {}
+        self.by_source: dict[LocalApic | None, dict[int, Route]] = {}
         """source APIC (None: a device) -> ``dest << 8 | vector`` -> (message, targets): one
         message per key (the last learnt), compared whole on a hit, so the lookup hashes
         two ints instead of the message.  Read directly by the hot path of ``Vm._deliver``
         (what :meth:`of_source` does, inlined); written only here."""
-        self.msi: dict[int, dict[int, tuple[Interrupt, Targets]]] = {}
+        self.msi: dict[int, dict[int, Route]] = {}
         """data -> address_lo -> (message, targets); read like ``by_source``."""
         self.icr: dict[LocalApic, dict[int, IcrRoute]] = {}
-        """source APIC -> 64-bit x2APIC ICR value -> (message, targets, send_hook).  One dict
+        """source APIC -> 64-bit x2APIC ICR value -> ``IcrRoute``.  One dict
         per source for the life of the VM (:meth:`icr_of`: a vCPU holds its own), emptied in
         place by :meth:`forget`."""
         self._icr_filled: list[dict[int, IcrRoute]] = []
@@ -106,7 +109,7 @@ class RouteCache:
         route = None if by is None else by.get(irq[6] << 8 | irq[0])
         return None if route is None or route[0] != irq else route[1]
 
-    def of_msi(self, address_lo: int, data: int) -> tuple[Interrupt, Targets] | None:
+    def of_msi(self, address_lo: int, data: int) -> Route | None:
         """The decoded message and targets of the MSI (``address_lo``, 0, ``data``), if
         known."""
         by = self.msi.get(data)
@@ -134,7 +137,7 @@ class RouteCache:
         by = self.by_source.get(source)
         if by is None:
             by = self.by_source[source] = {}
-        by[irq[6] << 8 | irq[0]] = (irq, tuple(seen))
+        by[irq[6] << 8 | irq[0]] = _route(irq, seen)
 
     def learn_msi(self, address_lo: int, data: int, irq: Interrupt, seen: list[LocalApic]) -> None:
         """Keep the route the map decided for the MSI (``address_lo``, 0, ``data``)."""
@@ -144,7 +147,7 @@ class RouteCache:
         by = self.msi.get(data)
         if by is None:
             by = self.msi[data] = {}
-        by[address_lo] = (irq, tuple(seen))
+        by[address_lo] = _route(irq, seen)
 
     def learn_icr(self, source: LocalApic, value: int, route: Route, hook: object) -> None:
         """Keep ``route`` (kept for the message ICR ``value`` decodes to) for ``value``."""
@@ -153,10 +156,14 @@ class RouteCache:
         routes = self.icr_of(source)
         if not routes:
             self._icr_filled.append(routes)
-        routes[value] = (route[0], route[1], hook)
+        routes[value] = (route[1], hook, *route[2:])
         self._icr_count += 1
 
     def _grow(self) -> None:
         if self._size >= LIMIT:
             self.forget()
         self._size += 1
+
+
+def _route(irq: Interrupt, seen: list[LocalApic]) -> Route:
+    return (irq, tuple(seen), irq[0], irq[1], irq[4], irq[3])

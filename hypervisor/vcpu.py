@@ -268,7 +268,7 @@ class Vcpu:
                 or vm.tracer.on
                 or vm._steps.queued
                 or apic._op_send is not None
-                or apic.send_hook is not route[2]
+                or apic.send_hook is not route[1]
             ):
                 self._emulate_wrmsr(msr, value)
                 return
@@ -276,9 +276,8 @@ class Vcpu:
             stats = vm.stats
             stats.ipis += 1
             stats.fast_path += 1
-            irq = route[0]
-            vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
-            for target in route[1]:
+            targets, _, vector, mode, trigger, level = route
+            for target in targets:
                 if target.accept_fast(vector, mode, trigger, level):
                     stats.irqs_accepted += 1
             return

@@ -380,9 +380,9 @@ class Vm:
                 if source is not None:
                     stats.ipis += 1
                 stats.fast_path += 1
-                vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
+                _, targets, vector, mode, trigger, level = route
                 r = 0
-                for apic in route[1]:
+                for apic in targets:
                     if apic.accept_fast(vector, mode, trigger, level):
                         stats.irqs_accepted += 1
                         r += 1
@@ -485,8 +485,7 @@ class Vm:
                 stats = self.stats
                 stats.msis += 1
                 stats.fast_path += 1
-                irq, targets = route
-                vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
+                _, targets, vector, mode, trigger, level = route
                 r = 0
                 for apic in targets:
                     if apic.accept_fast(vector, mode, trigger, level):
