@@ -874,5 +874,6 @@ REPLAY_SEAMS: frozenset[str] = frozenset(
         "LocalApic._advertises_directed_eoi",  # BUG-25 0bcc3fb95b97: not with in-kernel IOAPIC
         "LocalApic.eoi",  # BUG-29 highest-ISR cache purge
         "LocalApic.ack",  # BUG-29: the highest-ISR cache
+        "LocalApic.base_address",  # FID-2: the window from APIC_BASE bits 31:12
     }
 )

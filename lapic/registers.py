@@ -248,8 +248,13 @@ STATE_SIZE = 0x400
 APIC_BASE_BSP = APIC_BASE["bsp"].mask
 APIC_BASE_EXTD = APIC_BASE["extd"].mask
 APIC_BASE_EN = APIC_BASE["en"].mask
-APIC_BASE_ADDR_MASK = 0xFFFFF000
-"""KVM ``MSR_IA32_APICBASE_BASE``: the base address KVM decodes (bits 31:12)."""
+APIC_BASE_ADDR_MASK = 0xFFFF_FFFF_FFFF_F000
+"""The APIC window address in IA32_APIC_BASE: bits 63:12, of which only MAXPHYADDR-1:12 can be
+set (the rest are reserved, #GP on WRMSR).  SDM Vol. 3A 10.4.4 (Figure 10-5): "APIC Base" is
+bits MAXPHYADDR-1:12.  KVM agrees: ``apic->base_address = apic_base & MSR_IA32_APICBASE_BASE``
+where the constant ``(0xfffff<<12)`` is a negative ``int`` that sign-extends to bits 63:12 in
+that u64 expression.  Measured on this host by tests/kvm (a window at 0x1_FEE00000 is the APIC
+and 0xFEE00000 is not), which corrects the reference's KVMB-7 "bits 31:12"."""
 APIC_DEFAULT_BASE = 0xFEE00000
 
 

@@ -2,11 +2,16 @@
 
 Guest physical memory starts at 0 and is identity-mapped by the guest's page tables for the
 low 4 GiB with 2 MiB pages, so the APIC page at 0xFEE00000 (outside the RAM slot) is mapped
-and claimed by the in-kernel APIC.  Layout (guest physical = guest linear):
+and claimed by the in-kernel APIC.  An APIC window moved above 4 GiB (IA32_APIC_BASE bits
+MAXPHYADDR-1:32, which KVM decodes, KVMB-7) is reached through the high aliases: linear
+``HIGH_ALIASES + 2 MiB * slot`` maps the 2 MiB-aligned physical region of such a window, one
+slot per region for the VM's whole life (an entry is written before its first use and never
+changed, so no stale translation can exist).  Layout (guest physical = guest linear below
+4 GiB):
 
 =====================  =============================================================
 ``0x1000``             PML4 (one entry)
-``0x2000``             PDPT (four entries)
+``0x2000``             PDPT (four entries, and the fifth for the high aliases)
 ``0x3000-0x6FFF``      four page directories, 2 MiB pages, 0..4 GiB
 ``0x7000``             GDT: null, 64-bit code 0x08, data 0x10, TSS 0x18 (16 bytes)
 ``0x7800``             the TSS (104 bytes, all zero)
@@ -15,6 +20,7 @@ and claimed by the in-kernel APIC.  Layout (guest physical = guest linear):
 ``0x9800``             the NMI handler: ``inc qword gs:[0]; iretq``
 ``0xA000``             access stubs, each ending in ``out DONE_PORT, al`` (the WRMSR loop
                        then jumps back to its WRMSR: each KVM_RUN executes one WRMSR)
+``0x80000``            page directory of the high aliases (PDPT entry 4)
 ``0x100000 + 0x1000*k``  vCPU k's page: NMI counter at +0 (GS base), stack top at +0x1000
 =====================  =============================================================
 """
@@ -38,6 +44,12 @@ NMI_HANDLER = 0x9800
 STUBS = 0xA000
 VCPU_PAGES = 0x100000
 PAGE = 0x1000
+PD_HIGH = 0x80000
+HIGH_ALIASES = 4 << 30
+"""Linear address of high-alias slot 0 (PDPT entry 4)."""
+HIGH_ALIAS_SLOTS = 512
+LOW_LIMIT = 4 << 30
+"""Physical addresses below this are identity-mapped."""
 
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
@@ -133,6 +145,13 @@ def _gate(offset: int) -> bytes:
     )
 
 
+def map_high_alias(mem: memoryview, slot: int, region: int) -> int:
+    """Point high-alias ``slot`` at the 2 MiB physical ``region`` (uncached, like every MMIO
+    mapping of the image); return the slot's linear address."""
+    struct.pack_into("<Q", mem, PD_HIGH + 8 * slot, region | _P | _RW | _PS | _PCD | _PWT)
+    return HIGH_ALIASES + (slot << 21)
+
+
 def build(mem: memoryview) -> Stubs:
     """Write the image into guest RAM ``mem`` (which starts at GPA 0); return the stubs."""
     # Page tables: identity map 0..4 GiB with 2 MiB pages.
@@ -143,6 +162,7 @@ def build(mem: memoryview) -> Stubs:
         phys = i << 21
         flags = _P | _RW | _PS | (_PCD | _PWT if phys >= 0xC0000000 else 0)
         struct.pack_into("<Q", mem, PD + 8 * i, phys | flags)
+    struct.pack_into("<Q", mem, PDPT + 8 * 4, PD_HIGH | _P | _RW)
     # GDT and TSS.
     struct.pack_into("<QQQ", mem, GDT, 0, _GDT_CODE64, _GDT_DATA)
     mem[GDT + TSS_SELECTOR : GDT + TSS_SELECTOR + 16] = _tss_descriptor(TSS, TSS_LIMIT)

@@ -206,7 +206,7 @@ class KvmVcpu:
         if stub is None:
             raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
         self._check_apic_page(gpa)
-        regs = self.execute(stub, f"read{size * 8} [{gpa:#x}]", rdi=gpa)
+        regs = self.execute(stub, f"read{size * 8} [{gpa:#x}]", rdi=self.vm.linear(gpa))
         return int(regs.rax) & ((1 << (8 * size)) - 1)
 
     def mmio_write(self, gpa: int, value: int, size: int = 4) -> None:
@@ -216,7 +216,9 @@ class KvmVcpu:
             raise ApicValueError(f"size={size!r} must be 1, 2, 4 or 8")
         check_int("value", value, 0, (1 << (8 * size)) - 1)
         self._check_apic_page(gpa)
-        self.execute(stub, f"write{size * 8} [{gpa:#x}] <- {value:#x}", rdi=gpa, rax=value)
+        self.execute(
+            stub, f"write{size * 8} [{gpa:#x}] <- {value:#x}", rdi=self.vm.linear(gpa), rax=value
+        )
 
     def rdmsr(self, msr: int) -> int:
         check_int("msr", msr, 0, 0xFFFFFFFF)
@@ -303,7 +305,7 @@ class KvmVcpu:
         return self._run
 
     def _check_apic_page(self, gpa: int) -> None:
-        # KVM's MMIO window is APIC_BASE & MSR_IA32_APICBASE_BASE (0xFFFFF000): 32 bits only.
+        # KVM's MMIO window is APIC_BASE & MSR_IA32_APICBASE_BASE: the whole address (KVMB-7).
         base = self.vm.get_msr(self.index, APIC_BASE_MSR) & APIC_BASE_ADDR_MASK
         if not base <= gpa < base + 0x1000:
             raise ApicValueError(
@@ -461,6 +463,8 @@ class KvmVm:
         self.hypercall_unavailable: str | None = None
         """Why ``KvmVcpu.hypercall`` cannot work here, once the first VMCALL has shown it."""
         self._vcpus: list[KvmVcpu] = []
+        self._high_aliases: dict[int, int] = {}
+        """2 MiB physical region above 4 GiB -> the linear address of its alias (guest.py)."""
         self._kvm = -1
         self.fd = -1
         self._memory: mmap.mmap | None = None
@@ -523,6 +527,24 @@ class KvmVm:
         if self._memory is None:
             raise KvmError("this KvmVm is closed")
         return self._memory
+
+    def linear(self, gpa: int) -> int:
+        """The guest linear address a stub uses for physical ``gpa``: itself below 4 GiB, else a
+        high alias of its 2 MiB region, mapped on first use (``guest.map_high_alias``)."""
+        if gpa < guest.LOW_LIMIT:
+            return gpa
+        region = gpa & ~((2 << 20) - 1)
+        base = self._high_aliases.get(region)
+        if base is None:
+            slot = len(self._high_aliases)
+            if slot >= guest.HIGH_ALIAS_SLOTS:
+                raise KvmError(
+                    f"gpa={gpa:#x}: the guest image has {guest.HIGH_ALIAS_SLOTS} high aliases "
+                    "and this VM has used them all (create a new KvmVm)"
+                )
+            base = guest.map_high_alias(memoryview(self.memory), slot, region)
+            self._high_aliases[region] = base
+        return base + (gpa - region)
 
     # -- vCPUs ---------------------------------------------------------------------------------
     def add_vcpu(self, vcpu_id: int) -> KvmVcpu:

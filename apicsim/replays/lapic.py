@@ -264,3 +264,12 @@ def fid1(p: Patcher) -> None:
         self._write_tpr((cr8 & 0xF) << 4 | self.tpr & 0xF, False)
 
     p.set(LocalApic, "set_cr8", set_cr8)
+
+
+def fid2(p: Patcher) -> None:
+    """FID-2, the model before this change: the APIC window is IA32_APIC_BASE bits 31:12."""
+
+    def base_address(self: LocalApic) -> int:
+        return self.apic_base & 0xFFFFF000
+
+    p.set(LocalApic, "base_address", property(base_address))

@@ -165,19 +165,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "and compared; only the MMIO steps while it is there are skipped.",
     ),
     Exclusion(
-        "window-above-4g",
-        "executed",
-        "MMIO while the vCPU's IA32_APIC_BASE address has bits above 31 (e.g. 0x1_FEE00800)",
-        "open disagreement: found by the uniform APIC_BASE addresses of issue 8. On this host "
-        "KVM's window is the whole address (KVM base_address = apic_base & "
-        "MSR_IA32_APICBASE_BASE, an int constant (0xfffff << 12) that sign-extends to bits "
-        "63:12), measured: APIC_BASE 0x1_FEE00800, MMIO write of TPR at 0xFEE00080 -> TPR "
-        "unchanged, the read returns 0xFFFFFFFF; the model and KVMB-7 take bits 31:12 only. "
-        "The backend's guest maps only the low 4 GiB, so the window above cannot be reached "
-        "either. The APIC_BASE writes are generated and compared; only the MMIO steps while "
-        "the window is above 4 GiB are skipped.",
-    ),
-    Exclusion(
         "self-init",
         "executed",
         "An INIT IPI whose destination includes the sending vCPU (kvm_apic_match_dest() of "
@@ -290,16 +277,12 @@ def permitted(op: Op) -> bool:
 
 
 def skipped_at_run_time(
-    op: Op, window: int, ram_size: int, apic_base: int = 0
+    op: Op, window: int, ram_size: int
 ) -> Exclusion | None:
     """The ``executed`` exclusion that skips ``op`` now: an MMIO step while the vCPU's window
-    (``window``, its APIC_BASE address) lies in the KVM backend's RAM (``ram_size`` bytes), or
-    while its IA32_APIC_BASE (``apic_base``) has address bits above 31."""
-    if isinstance(op, MmioRead | MmioWrite):
-        if apic_base >> 32:
-            return BY_KEY["window-above-4g"]
-        if window < ram_size:
-            return BY_KEY["window-in-ram"]
+    (``window``, its APIC_BASE address) lies in the KVM backend's RAM (``ram_size`` bytes)."""
+    if isinstance(op, MmioRead | MmioWrite) and window < ram_size:
+        return BY_KEY["window-in-ram"]
     return None
 
 

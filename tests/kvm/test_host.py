@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from apicsim import replays
 from apicsim.kvm import AnyVm, KvmVm, guest_features, kvm_available
 from apicsim.kvm import guest as image
 from hypervisor import Vm
@@ -21,6 +22,7 @@ from tests.kvm.support import (
     outcome,
     run_both,
     sw_enable,
+    word,
 )
 
 pytestmark = needs_kvm
@@ -197,14 +199,53 @@ def test_hypercalls_are_kvm_s_or_not_implemented__KVMB_6() -> None:
 
 
 def test_an_apic_window_moved_into_guest_ram_is_refused__KVMB_7() -> None:
-    """KVMB-7: KVM's APIC window is ``APIC_BASE & 0xFFFFF000`` (so base bits 32 and up are
-    dropped, as in the model); the backend's RAM starts at GPA 0, and a memory slot shadows
-    the APIC there, so such accesses are refused rather than silently reading RAM."""
+    """KVMB-7: the backend's RAM starts at GPA 0, and a memory slot shadows the APIC there, so
+    an access to a window inside it is refused rather than silently reading RAM."""
     with KvmVm(1) as vm:
-        assert vm.set_msr(0, 0x1B, 0x1_0000_0800)
+        assert vm.set_msr(0, 0x1B, 0x800)
         assert outcome(lambda: vm.vcpu(0).mmio_read(0x20)) == ("refused", 0)
         assert vm.set_msr(0, 0x1B, 0xFED00800)
         assert vm.vcpu(0).mmio_read(0xFED00030) == 0x50014
+
+
+@pytest.mark.parametrize("high", [1, 0x10, 0x7F, 0xFFF])
+def test_every_apic_base_address_bit_moves_the_window_on_both_backends__KVMB_7__MMIO_1(
+    high: int,
+) -> None:
+    """KVMB-7 / MMIO-1: IA32_APIC_BASE ``high << 32 | 0xFEE00900`` puts the window at
+    ``high << 32 | 0xFEE00000`` on KVM and in the model (bits 63:12 of the register, not
+    31:12): a TPR write there reads back, and the ID reads through it; the same offsets at
+    0xFEE00000 are outside the window (the backend and the model refuse them)."""
+    base = high << 32 | 0xFEE00000
+
+    def body(vm: AnyVm) -> list[object]:
+        cpu = vm.vcpu(0)
+        if outcome(lambda: cpu.wrmsr(0x1B, base | 0x900)) == ("fault", 13):
+            return ["#GP"]  # above this vCPU's MAXPHYADDR: reserved (BASE-2)
+        cpu.wrmsr(0x1B, base | 0x900)
+        cpu.mmio_write(base + 0xF0, 0x1FF)
+        cpu.mmio_write(base + 0x80, 0x50)
+        return [
+            hex(cpu.mmio_read(base + 0x80)),
+            hex(cpu.mmio_read(base + 0x20)),
+            outcome(lambda: cpu.mmio_read(0xFEE00080))[0],
+            word(vm.get_lapic(0), 0x80),
+        ]
+
+    assert run_both(body) in (["0x50", "0x0", "refused", 0x50], ["#GP"])
+
+
+def test_the_fid_2_switch_puts_back_the_window_from_bits_31_12__KVMB_7() -> None:
+    """KVMB-7: ``APICSIM_REPLAY=FID-2`` (``apicsim.replays.MODEL_REPLAYS``) is the model's old
+    window, IA32_APIC_BASE bits 31:12, which the default differential run finds; off again,
+    the window follows every address bit."""
+    with replays.active(["FID-2"]):
+        vm = Vm(1)
+        vm.vcpu(0).wrmsr(0x1B, 0x1_FEE00900)
+        assert vm.lapic(0).base_address == 0xFEE00000
+    vm = Vm(1)
+    vm.vcpu(0).wrmsr(0x1B, 0x1_FEE00900)
+    assert vm.lapic(0).base_address == 0x1_FEE00000
 
 
 def test_init_and_sipi_take_effect_when_the_vcpu_next_enters__KVMB_9() -> None:
