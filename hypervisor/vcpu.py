@@ -254,8 +254,11 @@ class Vcpu:
         if msr == 0x830:  # x2APIC ICR: KVM's exit fastpath, handle_fastpath_set_x2apic_icr_irqoff
             route = self.icr_routes.get(value)
             if route is None:
+                stats = self.vm.stats
+                sent = stats.ipis
                 self._emulate_wrmsr(msr, value)
-                self.vm.learn_icr(self.apic, value)
+                if stats.ipis != sent:  # the write sent its message (no #GP, no ESR refusal)
+                    self.vm.learn_icr(self.apic, value)
                 return
             # A value whose route is kept (hypervisor.routes): no decode, no lookup; the
             # register is stored and the targets accept through their own ApicOps, as the

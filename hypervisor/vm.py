@@ -433,9 +433,10 @@ class Vm:
 
     def learn_icr(self, source: LocalApic, value: int) -> None:
         """After ``source``'s guest wrote ``value`` to the x2APIC ICR (WRMSR 0x830) the slow
-        way: keep the route of that ICR value (``RouteCache.learn_icr``) if the message it
-        decodes to went through this VM's delivery and its route was kept, so the next write of
-        ``value`` goes straight to the targets (``Vcpu.emulate_wrmsr``).  A value with
+        way and the write sent its message: keep the route of that ICR value
+        (``RouteCache.learn_icr``) if the message it decodes to went through this VM's
+        delivery and its route was kept, so the next write of ``value`` goes straight to the
+        targets (``Vcpu.emulate_wrmsr``).  A value with
         reserved bits is never kept (the true mask, whatever a replay made WRMSR accept)."""
         if (
             not self.route_cache

@@ -17,7 +17,7 @@ from hypervisor.delivery import deliver
 from lapic.apic import LocalApic
 from lapic.faults import ApicValueError, GuestFault
 from lapic.icr import X2APIC_ICR_RESERVED, Interrupt, Msi, interrupt_of_icr
-from lapic.profile import LowestPriorityPolicy
+from lapic.profile import LowestPriorityPolicy, Profile
 
 XAPIC_BASE = 0xFEE00000
 ENABLE_XAPIC = XAPIC_BASE | 0x800
@@ -400,3 +400,16 @@ def test_an_icr_value_sent_through_another_send_hook_skips_the_fastpath__FAST_10
     vm.lapic(0).send_hook = lambda apic, irq: sent.append(irq)
     vm.vcpu(0).wrmsr(0x830, value)
     assert [irq.vector for irq in sent] == [0xF0]
+
+
+def test_an_icr_value_the_sender_refuses_is_never_kept_though_its_route_is__FAST_10() -> None:
+    vm = Vm(2, Profile.custom("kvm", accept_illegal_vectors=False))
+    for i in range(2):
+        vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+        vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+    value = 1 << 32 | 0x400E  # vector 14: the sender logs a send illegal vector error
+    assert vm.deliver(interrupt_of_icr(value & 0xFFFFFFFF, 1), vm.lapic(0)) == 0  # kept route
+    for _ in range(2):
+        vm.vcpu(0).wrmsr(0x830, value)
+        assert value not in vm.vcpu(0).icr_routes
+        assert vm.stats.ipis == 1 and vm.lapic(0)._esr_pending == 0x20
