@@ -436,8 +436,8 @@ class Vm:
         way and the write sent its message: keep the route of that ICR value
         (``RouteCache.learn_icr``) if the message it decodes to went through this VM's
         delivery and its route was kept, so the next write of ``value`` goes straight to the
-        targets (``Vcpu.emulate_wrmsr``).  A value with
-        reserved bits is never kept (the true mask, whatever a replay made WRMSR accept)."""
+        targets (``Vcpu.emulate_wrmsr``).  A value with reserved bits is never kept (the true
+        mask, whatever a replay made WRMSR accept)."""
         if (
             not self.route_cache
             or self.tracer.on
