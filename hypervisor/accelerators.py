@@ -41,6 +41,12 @@ class Accelerator(Protocol):
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None: ...
 
+    def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
+        """The guest's MOV to CR8 (``Vcpu.mov_to_cr8``): record the exit it takes, if any, and
+        let it take effect (``vcpu.emulate_mov_to_cr8``, which raises the #GP of a reserved
+        bit).  CR8-2 (trap-and-emulate), AV-G4 (AVIC)."""
+        ...
+
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
         """The hook the VM installs as ``vcpu.apic.notify_hook``: called whenever something
         became pending in that APIC (an accepted interrupt, NMI, INIT, SIPI...)."""

@@ -21,7 +21,7 @@ object for bytes), then ranges, each error a ``lapic.faults.ApicTypeError`` /
 number of vCPUs, KVM_CAP_MAX_VCPU_ID of the host) is passed in as a bound.
 
 Not here: the VM's configuration (``hypervisor.config``), guest-executed accesses beyond the
-four :class:`VcpuApi` declares, and anything a backend offers on top (the model's ``deliver``,
+six :class:`VcpuApi` declares, and anything a backend offers on top (the model's ``deliver``,
 ``advance``, the real KVM's ``lapic_view``).
 """
 
@@ -120,6 +120,14 @@ class VcpuApi(Protocol):
     def rdmsr(self, msr: int) -> int: ...
 
     def wrmsr(self, msr: int, value: int) -> None: ...
+
+    def mov_to_cr8(self, value: int) -> None:
+        """``mov %rax, %cr8`` (CR8-1)."""
+        ...
+
+    def mov_from_cr8(self) -> int:
+        """``mov %cr8, %rax`` (CR8-1)."""
+        ...
 
     @property
     def nmi_pending(self) -> int:

@@ -9,7 +9,10 @@ so that every accelerator reports into one vocabulary.
 
 Names follow KVM's ``kvm_exit`` tracepoint (VMX exit reason names; the SVM counterparts are
 noted).  The ``qualification`` field is the MSR index, the guest-physical address, or the
-hypercall number; ``value`` is the data written (0 for reads).
+hypercall number; ``value`` is the data written (0 for reads).  A guest MOV to CR8 that exits
+is ``TPR_BELOW_THRESHOLD`` (VMX with a TPR shadow: a trap after the write) or ``WRITE_CR8``
+(SVM's ``SVM_EXIT_WRITE_CR8``, 0x18, intercepted before the write); its value is the source
+operand.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ from typing import NamedTuple
 
 
 class ExitReason(IntEnum):
-    """VMX basic exit reasons (SDM Vol. 3 Appendix C); AVIC ones use SVM exit codes + 0x1000."""
+    """VMX basic exit reasons (SDM Vol. 3 Appendix C); SVM ones (AVIC, WRITE_CR8) are SVM exit
+    codes + 0x1000."""
 
     EXTERNAL_INTERRUPT = 1
     HLT = 12
     VMCALL = 18
     MSR_READ = 31
     MSR_WRITE = 32
+    TPR_BELOW_THRESHOLD = 43
     APIC_ACCESS = 44
     EOI_INDUCED = 45
     EPT_MISCONFIG = 49
     APIC_WRITE = 56
+    WRITE_CR8 = 0x1000 + 0x018
     AVIC_INCOMPLETE_IPI = 0x1000 + 0x401
     AVIC_UNACCELERATED_ACCESS = 0x1000 + 0x402
 

@@ -30,6 +30,7 @@ from hypervisor.host.machine import Host
 from hypervisor.host.steps import Protocol, Step
 from hypervisor.vcpu import MpState, RunState
 from lapic.apic import LocalApic
+from lapic.faults import ApicValueError
 from lapic.icr import Interrupt
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class Scheduler:
         """Load ``vcpu`` on pCPU ``pcpu`` and enter guest mode.  A vCPU loaded there before is
         put first (one vCPU per pCPU); a blocked vCPU is unblocked first."""
         p = self.host.pcpu(self.default_pcpu(vcpu) if pcpu is None else pcpu)
+        if vcpu.run_state is RunState.IN_HOST and p is vcpu.last_pcpu:
+            vcpu.run_state = RunState.IN_GUEST  # VMRUN again: still loaded, no vcpu_load
+            return
         accel = self.vm.accel
         if vcpu.run_state is RunState.BLOCKED:
             self._leave_wakeup_list(vcpu)
@@ -89,9 +93,19 @@ class Scheduler:
         p.loaded = vcpu
         accel.vcpu_load(vcpu, p)
 
+    def leave_guest(self, vcpu: Vcpu) -> None:
+        """A VM exit handled with ``vcpu`` still loaded: IN_GUEST -> IN_HOST (KVM's
+        ``vcpu->mode`` = OUTSIDE_GUEST_MODE; no put, so the accelerator's state stays loaded).
+        A kick then sends no host IPI (``kvm_vcpu_kick`` IPIs only IN_GUEST_MODE)."""
+        if vcpu.run_state is not RunState.IN_GUEST:
+            raise ApicValueError(
+                f"vcpu {vcpu.index} is {vcpu.run_state.value}: only a vCPU in guest mode exits"
+            )
+        vcpu.run_state = RunState.IN_HOST
+
     def put(self, vcpu: Vcpu) -> None:
         """The host scheduled ``vcpu`` out (KVM vcpu_put); it stays runnable."""
-        if vcpu.run_state is RunState.IN_GUEST:
+        if vcpu.run_state is RunState.IN_GUEST or vcpu.run_state is RunState.IN_HOST:
             vcpu.run_state = RunState.PREEMPTED
             p = vcpu.last_pcpu
             if p is not None and p.loaded is vcpu:

@@ -61,6 +61,9 @@ NmiHandler = Callable[["Vcpu"], None]
 class RunState(Enum):
     NOT_STARTED = "not started"
     IN_GUEST = "in guest"
+    IN_HOST = "in host"
+    """Loaded on its pCPU but outside guest mode (KVM ``vcpu->mode == OUTSIDE_GUEST_MODE``
+    between ``vcpu_load`` and VMRUN, or while KVM handles an exit): ``Vcpu.leave_guest``."""
     PREEMPTED = "preempted"
     BLOCKED = "blocked"
 
@@ -165,6 +168,19 @@ class Vcpu:
             vm, self.index, nr, a0, a1, a2, a3, op_64_bit=long_mode, cpl=cpl
         )
 
+    def mov_to_cr8(self, value: int) -> None:
+        """MOV to CR8 (``mov %rax, %cr8``), SDM Vol. 3A 10.8.6.1 / Vol. 2B MOV-CR: TPR[7:4] :=
+        ``value[3:0]``, TPR[3:0] := 0; bits 63:4 are reserved: #GP(0) (``GuestFault`` 13).
+        The accelerator decides whether it exits (``specs/hypervisor.md`` CR8-1..3)."""
+        check_int("value", value, 0, (1 << 64) - 1)
+        self._executing()
+        self.vm.accel.mov_to_cr8(self, value)
+
+    def mov_from_cr8(self) -> int:
+        """MOV from CR8 (``mov %cr8, %rax``): TPR[7:4], never an exit (CR8-1)."""
+        self._executing()
+        return self.apic.get_cr8()
+
     def halt(self) -> bool:
         """HLT: exits; blocks unless an event is already pending.  True if it blocked."""
         self._executing()
@@ -223,10 +239,26 @@ class Vcpu:
         tpr = apic.tpr
         if not tpr & 0xF:
             return
-        irr = apic.irr.highest()
-        if apic.enabled and irr >= 0 and tpr >> 4 >= irr >> 4:
+        if self.svm_cr8_write_intercepted():
             return
         apic.set_cr8(tpr >> 4)  # kvm_set_cr8(vcpu, V_TPR)
+
+    def svm_cr8_write_intercepted(self) -> bool:
+        """``svm_update_cr8_intercept`` (via ``x86.c`` ``update_cr8_intercept``): CR8 writes
+        are intercepted while the APIC is enabled and its highest IRR vector's class is not
+        above the TPR's (taken from the state now: the model has no entry in between)."""
+        apic = self.apic
+        irr = apic.irr.highest()
+        return apic.enabled and irr >= 0 and apic.tpr >> 4 >= irr >> 4
+
+    def vmx_tpr_threshold(self) -> int:
+        """``vmx_update_cr8_intercept``: TPR_THRESHOLD = the highest IRR class when the TPR's
+        class masks it, else 0 (a MOV to CR8 below it exits with TPR_BELOW_THRESHOLD)."""
+        apic = self.apic
+        irr = apic.irr.highest() if apic.enabled else -1
+        if irr < 0 or apic.tpr >> 4 < irr >> 4:
+            return 0
+        return irr >> 4
 
     def _apic_offset(self, gpa: int) -> int:
         base = self.apic.base_address
@@ -235,6 +267,13 @@ class Vcpu:
                 f"gpa={gpa:#x} is outside the APIC page at {base:#x}; no other device is modelled"
             )
         return gpa - base
+
+    def emulate_mov_to_cr8(self, value: int) -> None:
+        """The write's effect, by the CPU (no exit) or by KVM after one (``kvm_set_cr8``):
+        #GP(0) if a bit of 63:4 is set, else TPR := ``(value & 0xF) << 4`` (CR8-1)."""
+        if value >> 4:
+            raise gp(f"MOV to CR8 of {value:#x}: bits 63:4 are reserved")
+        self.apic.set_cr8(value)
 
     def emulate_mmio_read(self, gpa: int, size: int) -> int:
         return self.apic.mmio_read(self._apic_offset(gpa), size)
@@ -327,6 +366,12 @@ class Vcpu:
     def preempt(self) -> None:
         """The host scheduled the vCPU out (KVM vcpu_put); it stays runnable."""
         self.sched.put(self)
+
+    def leave_guest(self) -> None:
+        """A VM exit KVM handles with the vCPU still loaded (``RunState.IN_HOST``: IsRunning
+        stays as the load left it, ``vcpu->mode`` is OUTSIDE_GUEST_MODE); its next guest
+        access, ``run()`` or ``enter()`` re-enters on the same pCPU (``Scheduler.leave_guest``)."""
+        self.sched.leave_guest(self)
 
     @property
     def nmi_pending(self) -> int:

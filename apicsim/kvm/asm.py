@@ -64,6 +64,15 @@ class Asm:
     def wrmsr(self) -> Asm:
         return self.emit(0x0F, 0x30)
 
+    # -- CR8 ----------------------------------------------------------------------------------
+    def mov_cr8_rax(self) -> Asm:
+        """``mov %rax, %cr8`` (REX.R 0F 22 /r, ModRM 11 000 000)."""
+        return self.emit(0x44, 0x0F, 0x22, 0xC0)
+
+    def mov_rax_cr8(self) -> Asm:
+        """``mov %cr8, %rax`` (REX.R 0F 20 /r, ModRM 11 000 000)."""
+        return self.emit(0x44, 0x0F, 0x20, 0xC0)
+
     # -- control ------------------------------------------------------------------------------
     def mov_al_imm8(self, value: int) -> Asm:
         return self.emit(0xB0, value & 0xFF)

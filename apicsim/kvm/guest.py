@@ -118,6 +118,10 @@ class Stubs:
     wrmsr_loop: int = 0
     """``wrmsr; out DONE_PORT, al; jmp`` back to the WRMSR: once the registers are set, every
     further KVM_RUN executes one more WRMSR (the fewest ioctls per guest MSR write)."""
+    mov_to_cr8: int = 0
+    """CR8 := RAX (``mov %rax, %cr8``)."""
+    mov_from_cr8: int = 0
+    """RAX := CR8 (``mov %cr8, %rax``)."""
 
 
 def _tss_descriptor(base: int, limit: int) -> bytes:
@@ -202,6 +206,12 @@ def build(mem: memoryview) -> Stubs:
     finish()
     wrmsr_loop = STUBS + len(asm)
     asm.wrmsr().out_al(DONE_PORT).jmp_to(wrmsr_loop - STUBS).align(16)
+    mov_to_cr8 = STUBS + len(asm)
+    asm.mov_cr8_rax()
+    finish()
+    mov_from_cr8 = STUBS + len(asm)
+    asm.mov_rax_cr8()
+    finish()
     stubs = asm.bytes()
     mem[STUBS : STUBS + len(stubs)] = stubs
-    return Stubs(load, store, rdmsr, wrmsr, vmcall, wrmsr_loop)
+    return Stubs(load, store, rdmsr, wrmsr, vmcall, wrmsr_loop, mov_to_cr8, mov_from_cr8)

@@ -11,7 +11,8 @@ Host side (ioctls on the VM and vCPU file descriptors):
 ``lapic_view(i)``            IRR/ISR/TMR, APIC_BASE and registers from the state image
 ===========================  ===============================================================
 
-Guest side (``vm.vcpu(i)``): ``mmio_read``/``mmio_write``/``rdmsr``/``wrmsr`` are executed by
+Guest side (``vm.vcpu(i)``): ``mmio_read``/``mmio_write``/``rdmsr``/``wrmsr``/``mov_to_cr8``/
+``mov_from_cr8`` are executed by
 the guest, one instruction in a stub of ``apicsim.kvm.guest``, in 64-bit mode with RFLAGS.IF=0.
 An exception in the guest raises ``lapic.GuestFault(vector, reason)``; an NMI is counted by
 the guest's NMI handler (``nmi_count``).  Every KVM_RUN is bounded by ``timeout`` seconds.
@@ -235,6 +236,15 @@ class KvmVcpu:
             rax=value & 0xFFFFFFFF,
             rdx=value >> 32,
         )
+
+    def mov_to_cr8(self, value: int) -> None:
+        """The guest's ``mov %rax, %cr8`` (a reserved bit: ``GuestFault`` 13)."""
+        check_int("value", value, 0, (1 << 64) - 1)
+        self.execute(self.vm.stubs.mov_to_cr8, f"MOV CR8 <- {value:#x}", rax=value)
+
+    def mov_from_cr8(self) -> int:
+        """The guest's ``mov %cr8, %rax``."""
+        return int(self.execute(self.vm.stubs.mov_from_cr8, "MOV <- CR8").rax)
 
     def hypercall(
         self,

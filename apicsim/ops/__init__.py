@@ -92,6 +92,8 @@ from apicsim.ops.primitives import (
     Icr,
     MmioRead,
     MmioWrite,
+    MovFromCr8,
+    MovToCr8,
     Msi,
     Preempt,
     Rdmsr,
@@ -106,19 +108,24 @@ from apicsim.ops.primitives import (
 from lapic.faults import ApicValueError
 
 PRIMITIVES: tuple[type[Op], ...] = (
-    Wrmsr, Rdmsr, MmioWrite, MmioRead, Icr, Hypercall, Msi, SetMsr, GetMsr, GetLapic, SetLapic,
-    SetCr8, Run, Halt, Preempt, Enter, Advance, SendIpi, SetTpr, Eoi,
+    Wrmsr, Rdmsr, MmioWrite, MmioRead, MovToCr8, MovFromCr8, Icr, Hypercall, Msi, SetMsr, GetMsr,
+    GetLapic, SetLapic, SetCr8, Run, Halt, Preempt, Enter, Advance, SendIpi, SetTpr, Eoi,
 )  # fmt: skip
 MACROS: tuple[type[Op], ...] = (RegWrite, RegRead, Ipi, InitSipi, SetBase, Restore)
 OPS: dict[str, type[Op]] = {cls.ACTION: cls for cls in (*PRIMITIVES, *MACROS)}
 """Every operation by its scenario action name."""
 GUEST_ACTIONS = frozenset({"send_ipi", "set_tpr", "eoi"})
 
-Primitive = MmioRead | MmioWrite | Rdmsr | Wrmsr | SetMsr | GetMsr | Msi | SetLapic | SetCr8
+Primitive = (
+    MmioRead | MmioWrite | Rdmsr | Wrmsr | MovToCr8 | MovFromCr8 | SetMsr | GetMsr | Msi
+    | SetLapic | SetCr8
+)
 """The primitives of a differential program: one guest access or one host ioctl each, which
 both backends perform alike (``tests/differential``)."""
-PRIMITIVE_TYPES = (MmioRead, MmioWrite, Rdmsr, Wrmsr, SetMsr, GetMsr, Msi, SetLapic, SetCr8)
-GUEST_PRIMITIVES = (MmioRead, MmioWrite, Rdmsr, Wrmsr)
+PRIMITIVE_TYPES = (
+    MmioRead, MmioWrite, Rdmsr, Wrmsr, MovToCr8, MovFromCr8, SetMsr, GetMsr, Msi, SetLapic, SetCr8,
+)  # fmt: skip
+GUEST_PRIMITIVES = (MmioRead, MmioWrite, Rdmsr, Wrmsr, MovToCr8, MovFromCr8)
 """The primitives that are one access by the guest of their ``vcpu``."""
 """Actions that call the Python guest (a scenario needs ``[guest]``)."""
 
@@ -182,6 +189,8 @@ __all__ = [
     "Macro",
     "MmioRead",
     "MmioWrite",
+    "MovFromCr8",
+    "MovToCr8",
     "Msi",
     "Op",
     "OpBackend",

@@ -76,6 +76,42 @@ class Rdmsr(Op):
         return f"rdmsr cpu{self.vcpu} {self.msr:#x}"
 
 
+@dataclass(frozen=True, slots=True)
+class MovToCr8(Op):
+    """The guest of ``vcpu`` executes ``mov %rax, %cr8`` with RAX = ``value``: TPR := (value &
+    0xF) << 4; #GP if any of bits 63:4 is set (CR8-1)."""
+
+    vcpu: int
+    value: int
+
+    ACTION = "mov_to_cr8"
+    FIELDS = {"vcpu": VCPU, "value": VALUE}  # noqa: RUF012
+
+    def perform(self, backend: OpBackend) -> None:
+        backend.vm.vcpu(self.vcpu).mov_to_cr8(self.value)
+
+    def describe(self) -> str:
+        return f"mov_to_cr8 cpu{self.vcpu} {_h(self.value)}"
+
+
+@dataclass(frozen=True, slots=True)
+class MovFromCr8(Op):
+    """The guest of ``vcpu`` executes ``mov %cr8, %rax``: the value read, TPR[7:4] (CR8-1)."""
+
+    vcpu: int
+
+    ACTION = "mov_from_cr8"
+    FIELDS = {"vcpu": VCPU}  # noqa: RUF012
+    RESULT = int
+    READS = True
+
+    def perform(self, backend: OpBackend) -> int:
+        return backend.vm.vcpu(self.vcpu).mov_from_cr8()
+
+    def describe(self) -> str:
+        return f"mov_from_cr8 cpu{self.vcpu}"
+
+
 def _mmio_where(offset: int, gpa: int | None, size: int) -> tuple[str, str]:
     where = f"+{offset:#05x}" if gpa is None else f"{gpa:#x}"
     return where, "" if size == 4 else f" /{size}"

@@ -1,5 +1,5 @@
 """Bug replays of the accelerator layer: AMD AVIC's historical KVM bugs (reference
-``avic_ipiv.md`` Part M, ``BR-A*``), put back through the seams ``hypervisor/accel/avic.py`` and
+``avic_ipiv.md`` Part M, ``BR-A*``), put back through the seams ``hypervisor/accel/avic/`` and
 ``hypervisor/hw/avic.py`` declare in ``REPLAY_SEAMS``.
 
 Each ``install`` function takes the catalogue's :class:`~apicsim.replays.patcher.Patcher` and
@@ -20,10 +20,12 @@ from contextlib import contextmanager
 
 import hypervisor.accel.avic as accel_avic
 import hypervisor.hw.avic as hw_avic
-from hypervisor.accel.avic import Avic, AvicState
-from hypervisor.hw.avic import IcrWrite, arch_max_physical_id
-from hypervisor.vcpu import Vcpu
+from hypervisor.accel.avic import Avic, AvicState, set_irr
+from hypervisor.host.steps import Protocol, Step
+from hypervisor.hw.avic import IcrWrite, VmcbAvic, arch_max_physical_id
+from hypervisor.vcpu import RunState, Vcpu
 from lapic import destination
+from lapic.apic import LocalApic
 from lapic.faults import ApicValueError
 from lapic.icr import Interrupt
 
@@ -34,6 +36,46 @@ def br_a3(p: Patcher) -> None:
     """``avic_vcpu_load`` before 18869f26df1a: a preempt-notifier load inside the blocking
     window sets IsRunning again."""
     p.set(AvicState, "load_allowed", staticmethod(lambda vcpu: True))
+
+
+def br_a4(p: Patcher) -> None:
+    """Before 66fa226c131f (``svm_deliver_avic_intr``): ``apicv_active`` is read first, then
+    IRR is set, then the target's mode: a sender that read AVIC active rings a doorbell at a
+    target that has since entered the guest with AVIC off."""
+
+    def deliver_steps(
+        self: AvicState, apic: LocalApic, vector: int, level_triggered: bool
+    ) -> Protocol:
+        i = self._index[apic]
+        vcpu = self._vm().vcpus[i]
+        active = yield Step(
+            f"avic.deliver.read_apicv_active[{i}]", frozenset({f"apicv_active[{i}]"}),
+            frozenset(), lambda: self.vcpu_active(vcpu),
+        )
+        yield Step(
+            f"avic.deliver.set_irr[{i}]", frozenset({f"apic_regs[{i}]"}),
+            frozenset({f"irr[{i}]"}), lambda: set_irr(apic, vector, level_triggered),
+        )
+        in_guest = yield Step(
+            f"avic.deliver.read_mode[{i}]", frozenset({f"run_state[{i}]"}), frozenset(),
+            lambda: self.in_guest_mode(vcpu),
+        )
+        yield self._complete_step(vcpu, bool(in_guest), bool(active))
+        return None
+
+    p.set(AvicState, "deliver_steps", deliver_steps)
+
+
+def br_a5(p: Patcher) -> None:
+    """Before 31f251d4ddfa: the doorbell-or-wake choice reads IsRunning (KVM's entry), which
+    is also 1 for a vCPU loaded but outside guest mode."""
+
+    def in_guest_mode(vcpu: Vcpu) -> bool:
+        accel = vcpu.vm.accel
+        assert isinstance(accel, AvicState)
+        return bool(accel.shadow.get(vcpu.vcpu_id, 0) & (1 << 62))
+
+    p.set(AvicState, "in_guest_mode", staticmethod(in_guest_mode))
 
 
 def br_a6(p: Patcher) -> None:
@@ -78,6 +120,54 @@ def br_a10(p: Patcher) -> None:
     p.set(accel_avic, "kick_dest", lambda w: (False, w.icrh >> 24))
 
 
+def br_a11(p: Patcher) -> None:
+    """Before bbfc7aa62a4a: a logical destination with several bits leaves the fast path
+    (``if (!is_power_of_2(bitmap)) return -EINVAL``) for the slow path."""
+    fast = AvicState.logical_fast_ids
+
+    def logical_fast_ids(self: AvicState, x2: bool, dest: int, flat: bool) -> list[int] | None:
+        mask = 0xFF if flat else 0xF
+        bitmap = accel_avic.x2apic_logical_bitmap(dest) if x2 else dest & mask
+        if bitmap & (bitmap - 1):
+            return None
+        return fast(self, x2, dest, flat)
+
+    p.set(AvicState, "logical_fast_ids", logical_fast_ids)
+
+
+def br_a15(p: Patcher) -> None:
+    """Before e0bead97e759: a virtual APIC mode switch runs an AVIC put/load cycle of a loaded
+    vCPU (IsRunning 1 -> 0 -> 1, two entry writes) besides the VMCB update."""
+    vmcb_only = AvicState.set_virtual_apic_mode
+
+    def set_virtual_apic_mode(self: AvicState, vcpu: Vcpu) -> None:
+        vmcb_only(self, vcpu)
+        p = vcpu.last_pcpu
+        if vcpu.run_state in (RunState.IN_GUEST, RunState.IN_HOST) and p is not None:
+            self.vcpu_put(vcpu)
+            self.vcpu_load(vcpu, p)
+
+    p.set(AvicState, "set_virtual_apic_mode", set_virtual_apic_mode)
+
+
+def br_a16(p: Patcher) -> None:
+    """Before f5f9089f76dd (``avic_handle_apic_id_update``): on an xAPIC ID write KVM moves the
+    vCPU's physical entry to the new ID's slot and clears the old one, clobbering the entry of
+    the vCPU that owns that ID."""
+
+    def handle_apic_id_update(self: AvicState, vcpu: Vcpu) -> None:
+        new_id = vcpu.apic.register("ID") >> 24
+        old = self.shadow.get(vcpu.vcpu_id)
+        if new_id == vcpu.vcpu_id or old is None or new_id > self.max_physical_index:
+            return
+        self.shadow[new_id] = old
+        self.physical_table[new_id] = self.hw_entry(old)
+        del self.shadow[vcpu.vcpu_id]
+        self.physical_table[vcpu.vcpu_id] = 0
+
+    p.set(AvicState, "handle_apic_id_update", handle_apic_id_update)
+
+
 def br_a17(p: Patcher) -> None:
     """4d1d7942e36a before 73b42dc69be8: one 64-bit x2APIC ICR for every vendor."""
     p.set(Avic, "icr_split", property(lambda self: False))
@@ -117,6 +207,16 @@ def br_a21(p: Patcher) -> None:
         return False
 
     p.set(AvicState, "id_too_big", id_too_big)
+
+
+def br_a22(p: Patcher) -> None:
+    """Before 87d0f901a9bd: (de)activating AVIC leaves INTERCEPT_CR8_WRITE as it was, so once
+    AVIC is inhibited the guest's CR8 writes still reach V_TPR without an exit."""
+
+    def cr8_intercept(old: VmcbAvic, active: bool) -> bool:
+        return old.intercept_cr8_write
+
+    p.set(AvicState, "cr8_intercept", staticmethod(cr8_intercept))
 
 
 def br_a23(p: Patcher) -> None:
@@ -170,13 +270,11 @@ ROWS: tuple[Row, ...] = (
      ("AV-E1", "AVIC-O-2"), br_a3, ""),
     ("BR-A4", "66fa226c131f",
      "KVM: SVM: fix race between interrupt delivery and AVIC inhibition",
-     "apicv_active read before vcpu->mode", ("AV-E6",), None,
-     "svm_complete_interrupt_delivery is one atomic step in the model (its two reads are not "
-     "split into steps yet), so no interleaving puts an inhibit between them"),
+     "apicv_active read before the IRR write and vcpu->mode: a doorbell at a target that "
+     "entered the guest with AVIC off, and no KVM_REQ_EVENT", ("AV-E7", "AV-E6"), br_a4, ""),
     ("BR-A5", "31f251d4ddfa", "KVM: SVM: Signal AVIC doorbell iff vCPU is in guest mode",
-     "doorbell chosen from IsRunning", ("AV-E6",), None,
-     "the model has no vCPU that is loaded (IsRunning 1) but outside guest mode, so "
-     "IsRunning and IN_GUEST_MODE never differ"),
+     "doorbell chosen from IsRunning: a doorbell at a vCPU loaded but in the host",
+     ("AV-E6", "AV-E8"), br_a5, ""),
     ("BR-A6", "bb218fbcfaaa", "svm: Fix AVIC incomplete IPI emulation (reverted)",
      "TARGET_NOT_RUNNING re-emulates the ICR: a second delivery", ("AV-C1", "AV-B2"),
      br_a6, ""),
@@ -193,8 +291,7 @@ ROWS: tuple[Row, ...] = (
      "KVM: SVM: Compute dest based on sender's x2APIC status for AVIC kick",
      "x2APIC sender's destination decoded xAPIC-style", ("AV-C3",), br_a10, ""),
     ("BR-A11", "bbfc7aa62a4a", "KVM: SVM: Handle multiple logical targets in AVIC kick fastpath",
-     "only one logical target kicked", ("AV-C3",), None,
-     "the fast path's logical loop has no seam of its own yet"),
+     "several logical targets leave the fast path for the slow path", ("AV-C3",), br_a11, ""),
     ("BR-A12", "1808c950955d", "KVM: SVM: Require logical ID to be power-of-2 for AVIC entry",
      "a multi-bit logical ID gets an entry", ("AV-A4",), None,
      "the inhibit comes from the optimized map, whose replays (BUG-13, BUG-14) cover it"),
@@ -204,11 +301,9 @@ ROWS: tuple[Row, ...] = (
     ("BR-A14", "0ccf3e7cb95a", "KVM: SVM: Flush the current TLB when activating AVIC",
      "stale APIC page translation", ("AV-G3",), None, "TLBs are not modelled"),
     ("BR-A15", "e0bead97e759", "KVM: SVM: Don't put/load AVIC when setting virtual APIC mode",
-     "IsRunning blip on a mode switch", ("AV-G3",), None,
-     "the model's mode switch never puts/loads; no seam re-creates the old cycle"),
+     "IsRunning blip (put, load) on a mode switch", ("AV-F3",), br_a15, ""),
     ("BR-A16", "f5f9089f76dd", "KVM: SVM: remove avic's broken code that updated APIC ID",
-     "entries moved on an APIC ID change", ("AV-G2",), None,
-     "no seam re-creates the removed entry move"),
+     "the entry moved to the new ID's slot on an APIC ID change", ("AV-G2",), br_a16, ""),
     ("BR-A17", "73b42dc69be8", "KVM: x86: Re-split x2APIC ICR into ICR+ICR2 for AMD (x2AVIC)",
      "the x2APIC ICR as one 64-bit value under x2AVIC", ("AV-F2",), br_a17, ""),
     ("BR-A18", "d921665e01ba", "KVM: SVM: Add enable_ipiv param, never set IsRunning if disabled",
@@ -223,7 +318,7 @@ ROWS: tuple[Row, ...] = (
      "vCPU creation refused", ("AV-F1",), br_a21, ""),
     ("BR-A22", "87d0f901a9bd",
      "KVM: SVM: Set/clear CR8 write interception when AVIC is (de)activated",
-     "CR8 interception not toggled", ("AV-G3",), None, "CR8 is not modelled"),
+     "CR8 write interception not toggled by (de)activation", ("AV-G4",), br_a22, ""),
     ("BR-A23", "", "Xen AVIC RFC (never merged)",
      "break after the first kick: one of several non-running targets woken",
      ("AV-C4",), br_a23, ""),

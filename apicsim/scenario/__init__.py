@@ -46,6 +46,8 @@ wrmsr          vcpu, msr, value                                       (none)
 rdmsr          vcpu, msr                                              value read
 mmio_write     vcpu, offset *or* gpa, value, [size=4]                 (none)
 mmio_read      vcpu, offset *or* gpa, [size=4]                        value read
+mov_to_cr8     vcpu, value (the guest's ``mov %rax, %cr8``)           (none)
+mov_from_cr8   vcpu (the guest's ``mov %cr8, %rax``)                  value read
 icr            vcpu, [dest=0], [vector=0], [mode="fixed"],            (none)
                [dest_mode="physical"], [shorthand="none"],
                [level="assert"], [trigger="edge"]

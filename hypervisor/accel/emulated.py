@@ -12,6 +12,13 @@ What KVM does with ``enable_apicv=0`` (or on hardware without it):
 
 So one guest ICR write costs exactly one exit in x2APIC mode; an xAPIC IPI as Linux sends it
 costs three (ICR read for the idle wait, ICR2 write, ICR write).
+
+A guest MOV to CR8 exits or not as the CPU virtualizes CR8, which ``KvmOptions.
+tpr_low_bits_survive_exit`` already names (CR8-2, KVMB-11): True is VMX with a TPR shadow (the
+CPU writes the virtual TPR, then exits with TPR_BELOW_THRESHOLD when the new class is below
+KVM's threshold: ``vmx_update_cr8_intercept``), False is SVM without AVIC (the write exits with
+``SVM_EXIT_WRITE_CR8`` while KVM intercepts CR8 writes: ``svm_update_cr8_intercept``, else the
+CPU writes V_TPR).  Not modelled: VMX without a TPR shadow (every MOV CR8 a CR-access exit).
 """
 
 from __future__ import annotations
@@ -55,6 +62,20 @@ class Emulated:
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
         vcpu.record_exit(_MSR_WRITE, msr, value)
         vcpu.emulate_wrmsr(msr, value)
+
+    def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
+        """CR8-2: SVM intercepts the write (exit, then KVM's ``kvm_set_cr8``) while a requested
+        vector is masked by the TPR; VMX's TPR shadow takes it and traps after it when the new
+        class drops below TPR_THRESHOLD (the highest requested class, if the TPR masked it)."""
+        if vcpu.vm.sync_cr8_at_exit:  # SVM without AVIC
+            if vcpu.svm_cr8_write_intercepted():
+                vcpu.record_exit(ExitReason.WRITE_CR8, 0, value)
+            vcpu.emulate_mov_to_cr8(value)
+            return
+        threshold = vcpu.vmx_tpr_threshold()
+        vcpu.emulate_mov_to_cr8(value)  # a reserved bit: the CPU's #GP, no exit
+        if value < threshold:
+            vcpu.record_exit(ExitReason.TPR_BELOW_THRESHOLD, 0, 0)
 
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
         return vcpu.sched.notify  # kvm_vcpu_kick (hypervisor.sched), one call from the APIC

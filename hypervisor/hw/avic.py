@@ -48,6 +48,7 @@ from lapic.faults import ApicValueError, check_int
 from lapic.fields import Field, Layout
 from lapic.registers import ESR_RECV_ILLEGAL_VECTOR
 
+SVM_EXIT_WRITE_CR8 = 0x018
 SVM_EXIT_AVIC_INCOMPLETE_IPI = 0x401
 SVM_EXIT_AVIC_UNACCELERATED_ACCESS = 0x402
 MSR_AMD64_SVM_AVIC_DOORBELL = 0xC001011B
@@ -342,13 +343,20 @@ def ga_tag_fields(tag: int) -> tuple[int, int]:
 @dataclass(frozen=True, slots=True)
 class VmcbAvic:
     """The VMCB's AVIC fields of one vCPU (AV-A1, AV-A5): ``int_ctl`` bits 31 (AVIC) and 30
-    (x2AVIC), the three table pointers, ``avic_physical_id`` = table PA | max index."""
+    (x2AVIC), the three table pointers, ``avic_physical_id`` = table PA | max index, and the
+    two intercepts KVM flips with them (CR8 writes, the x2APIC MSRs)."""
 
     int_ctl: int
     avic_backing_page: int
     avic_logical_id: int
     avic_physical_id: int
     avic_vapic_bar: int = APIC_DEFAULT_PHYS_BASE
+    intercept_cr8_write: bool = False
+    """INTERCEPT_CR8_WRITE: a guest MOV to CR8 exits (``SVM_EXIT_WRITE_CR8``); set while AVIC
+    is deactivated, clear while it is active (87d0f901a9bd, AV-G4)."""
+    intercept_x2apic_msrs: bool = True
+    """The x2APIC MSRs (0x800-0x8FF) are intercepted: clear only for an x2APIC vCPU on an
+    active x2AVIC (``svm_set_x2apic_msr_interception``)."""
 
     @property
     def avic_enabled(self) -> bool:

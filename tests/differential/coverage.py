@@ -15,6 +15,11 @@ window address up to the guest's MAXPHYADDR).  :data:`NOT_COVERED` lists what is
 with its reason.  The report is printed by ``pytest -v`` and written to the file named by
 ``APICSIM_DIFF_COVERAGE``; ``test_differential.py`` fails when the run leaves a bit out.
 
+The guest's MOV to CR8 (CR8-1) is counted the same way: the bits of every operand compared
+(all 64 must be seen both 0 and 1, bits 63:4 being the reserved ones that #GP), and whether a
+write that took effect, a #GP and a MOV from CR8 were each compared (``MOV_CR8`` and
+``MOV_CR8_OUTCOMES`` rows).
+
 Not here: coverage of the operations themselves (which kinds ran: ``harness.COUNTS``).
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from apicsim.ops import MovFromCr8, MovToCr8
 from lapic.registers import (
     APIC_BASE_ADDR_MASK,
     APIC_BASE_BSP,
@@ -50,6 +56,7 @@ if not FEATURES.cmci:
     )
 """Registers with a write mask whose bits the run cannot show both ways, and why."""
 
+U64 = (1 << 64) - 1
 ICR_DELIVERY_STATUS = 1 << 12
 """KVM never stores ICR bit 12 (delivery status): ``kvm_lapic_reg_write`` clears it."""
 
@@ -96,6 +103,11 @@ class Coverage:
     base_zeros: int = 0
     snapshots: int = 0
     tests: set[str] = field(default_factory=set)
+    cr8_ones: int = 0
+    """Bits seen 1 in the operand of a compared guest MOV to CR8."""
+    cr8_zeros: int = 0
+    cr8_outcomes: int = 0
+    """Bit 0: a MOV to CR8 took effect; bit 1: one raised #GP; bit 2: a MOV from CR8 read."""
 
     def add(self, snapshot: Snapshot) -> None:
         for vcpu in snapshot:
@@ -112,6 +124,13 @@ class Coverage:
         for step in trace.steps:
             if step.skipped is None:
                 self.add(step.reference_state)
+                prim = step.prim
+                if isinstance(prim, MovToCr8):
+                    self.cr8_ones |= prim.value
+                    self.cr8_zeros |= ~prim.value & U64
+                    self.cr8_outcomes |= 2 if step.reference[0] == "fault" else 1
+                elif isinstance(prim, MovFromCr8):
+                    self.cr8_outcomes |= 4
 
     def register(self, offset: int, mask: int) -> tuple[int, int]:
         """``(seen 1, seen 0)`` of the writable bits ``mask`` of the dword at ``offset``."""
@@ -132,6 +151,11 @@ class Coverage:
             ("APIC_BASE", APIC_BASE_WRITABLE.bit_count(), both.bit_count(),
              APIC_BASE_WRITABLE & ~both)
         )  # fmt: skip
+        both = self.cr8_ones & self.cr8_zeros
+        out.append(("MOV_CR8", 64, both.bit_count(), U64 & ~both))
+        out.append(
+            ("MOV_CR8_OUTCOMES", 3, self.cr8_outcomes.bit_count(), 7 & ~self.cr8_outcomes)
+        )
         return out
 
     def missing(self) -> dict[str, int]:

@@ -28,6 +28,8 @@ from apicsim.ops import (
     GetMsr,
     MmioRead,
     MmioWrite,
+    MovFromCr8,
+    MovToCr8,
     Msi,
     Primitive,
     Rdmsr,
@@ -73,7 +75,7 @@ def _expect(prim: Primitive, out: Outcome) -> list[str]:
         return [f"result = -{value}"]
     if kind != "ok":
         return []
-    if isinstance(prim, MmioRead | Rdmsr | SetCr8):
+    if isinstance(prim, MmioRead | Rdmsr | SetCr8 | MovFromCr8):
         return [f"value = {_h(value)}"]
     if isinstance(prim, Msi):
         return [f"result = {value}"]
@@ -209,7 +211,7 @@ def write(
             pending = []
             first = last = n
         elif s.reference == s.subject == ("refused", 0) and isinstance(
-            s.prim, MmioRead | MmioWrite | Rdmsr | Wrmsr
+            s.prim, MmioRead | MmioWrite | Rdmsr | Wrmsr | MovToCr8 | MovFromCr8
         ):
             comments.append(
                 "both backends refused the access: the vCPU waits for SIPI. A run processes "

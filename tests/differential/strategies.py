@@ -34,6 +34,8 @@ from apicsim.ops import (
     Ipi,
     MmioRead,
     MmioWrite,
+    MovFromCr8,
+    MovToCr8,
     Msi,
     Op,
     Rdmsr,
@@ -182,6 +184,9 @@ def vcpu_setup(draw: st.DrawFn, i: int, ids: Sequence[int]) -> list[Op]:
 
 CR8_VALUES = (0, 0xF, 2, 0x10, 0x12, U64)
 """Values a host KVM_SET_SREGS writes to CR8; above 0xF KVM leaves the TPR unchanged."""
+GUEST_CR8_VALUES = (0, 0xF, 2, 7, 0x10, 0x13, 1 << 63, U64)
+"""Edge values of the guest's MOV to CR8: 0..0xF set the TPR class, any of bits 63:4 is #GP.
+With them ``_pick`` draws any integer and uniform bits over all 64 (CR8-1)."""
 
 
 @st.composite
@@ -305,23 +310,29 @@ _ADDRESSES = uniform_bits((1 << FEATURES.maxphyaddr) - 1).map(lambda a: a & ~0xF
 
 
 def set_bases(vcpu: st.SearchStrategy[int]) -> st.SearchStrategy[SetBase]:
+    """APIC_BASE writes: two times in three a uniform window address, about half of them
+    without reserved bits, so every address bit up to MAXPHYADDR is seen 1 in a write that
+    succeeds (the coverage test's APIC_BASE row)."""
     return st.builds(
         SetBase,
         vcpu,
         st.booleans(),
         st.sampled_from(("x2apic", "xapic", "disabled", "extd")),
-        st.one_of(st.sampled_from(BASE_ADDRESSES), _ADDRESSES),
+        st.one_of(st.sampled_from(BASE_ADDRESSES), _ADDRESSES, _ADDRESSES),
         st.sampled_from(("keep", "clear", "set")),
-        st.sampled_from(BASE_RESERVED),
+        st.one_of(st.just(0), st.sampled_from(BASE_RESERVED)),
     )
 
 
 KINDS = (
     "ipi", "init_sipi", "msi", "eoi", "self_ipi", "reg_write", "reg_read", "mmio_read",
-    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "restore", "cr8",
+    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "apic_base", "restore",
+    "cr8", "guest_cr8",
 )  # fmt: skip
+"""Every kind, ``apic_base`` twice: its window address bits up to MAXPHYADDR are seen 1 only
+in the writes that succeed with uniform bits, and the coverage test needs each of them."""
 
-WRITES = frozenset({"reg_write", "mmio_write", "wrmsr", "set_msr", "restore", "cr8"})
+WRITES = frozenset({"reg_write", "mmio_write", "wrmsr", "set_msr", "restore", "cr8", "guest_cr8"})
 """The kinds that write a register, an MSR or the state image: :func:`followups` may follow
 each of them."""
 
@@ -364,6 +375,10 @@ def _operations(ids: tuple[int, ...], kinds: tuple[str, ...]) -> st.SearchStrate
         "apic_base": set_bases(vcpu),
         "restore": restores(vcpu),
         "cr8": st.builds(SetCr8, vcpu, st.one_of(st.none(), st.sampled_from(CR8_VALUES))),
+        "guest_cr8": st.one_of(
+            st.builds(MovToCr8, vcpu, _pick(GUEST_CR8_VALUES, 0, U64)),
+            st.builds(MovFromCr8, vcpu),
+        ),
         "icr_raw": st.builds(
             Wrmsr,
             vcpu,

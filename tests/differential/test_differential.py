@@ -38,16 +38,16 @@ def examples(share: float) -> settings:
 
 DELIVERY = (
     "ipi", "ipi", "ipi", "icr_raw", "init_sipi", "msi", "msi", "msi", "eoi", "eoi",
-    "self_ipi", "restore", "apic_base", "reg_write", "reg_read", "cr8",
+    "self_ipi", "restore", "apic_base", "reg_write", "reg_read", "cr8", "guest_cr8",
 )  # fmt: skip
 REGISTERS = (
     "reg_write", "reg_write", "reg_read", "reg_read", "mmio_read", "mmio_read", "mmio_write",
-    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "apic_base", "self_ipi",
-    "cr8",
+    "mmio_write", "rdmsr", "wrmsr", "set_msr", "get_msr", "apic_base", "apic_base", "apic_base",
+    "self_ipi", "cr8", "guest_cr8",
 )  # fmt: skip
 STATE = (
     "restore", "restore", "restore", "eoi", "eoi", "reg_read", "reg_write", "msi", "ipi",
-    "apic_base", "mmio_read", "cr8",
+    "apic_base", "apic_base", "mmio_read", "cr8", "guest_cr8",
 )  # fmt: skip
 
 
@@ -86,8 +86,11 @@ def test_register_accesses_in_every_mode_read_fault_and_write_alike__MMIO_4__MSR
     of offsets with none) by MMIO at sizes 1, 2, 4, 8 and unaligned, by RDMSR/WRMSR with and
     without reserved bits, by the host's KVM_GET/SET_MSRS, in xAPIC, x2APIC and disabled mode,
     across legal and illegal IA32_APIC_BASE writes by guest and host (other window addresses,
-    reserved bits, the BSP bit)."""
-    check(program, test="registers", rules=["MMIO-4", "MSR-1", "MSR-6", "BASE-2", "BASE-5"])
+    reserved bits, the BSP bit); the guest's MOV to/from CR8 with any 64-bit value (CR8-1)."""
+    check(
+        program, test="registers",
+        rules=["MMIO-4", "MSR-1", "MSR-6", "BASE-2", "BASE-5", "CR8-1"],
+    )  # fmt: skip
 
 
 @examples(0.8)

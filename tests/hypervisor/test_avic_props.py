@@ -4,7 +4,8 @@
   interrupt (AV-E4), and the erratum's stale IsRunning read loses it in some order (BR-A18);
 * for random IPI and run-state sequences the guest sees under AVIC exactly what it sees under
   trap-and-emulate, and fixed IPIs between running vCPUs cost no exit;
-* a ``RuleBasedStateMachine`` interleaves ICR writes' steps with load/put/halt and inhibit
+* a ``RuleBasedStateMachine`` interleaves ICR writes' and host-side deliveries' steps with
+  load/put/halt, exits handled in the host (IN_HOST) and inhibit
   toggles and checks Part O's invariants (AVIC-O-1, AVIC-O-2).
 """
 
@@ -27,6 +28,7 @@ from hypervisor import ExitReason, Host, Inhibits, RunState, Vm
 from hypervisor.accel.avic import Avic, AvicState
 from hypervisor.host.steps import Steps, explore
 from hypervisor.hw.avic import PhysicalEntry
+from lapic.icr import DeliveryMode, Interrupt
 
 from .builders import ICR_LEVEL, MSR_ICR, REG_ICR, REG_ICR2, REG_ID, REG_SVR, SVR_ON, mmio_write
 
@@ -251,8 +253,24 @@ class AvicMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 2))
     def preempt(self, i: int) -> None:
         i %= self.n
-        if self.vm.vcpu(i).run_state is RunState.IN_GUEST:
+        if self.vm.vcpu(i).run_state in (RunState.IN_GUEST, RunState.IN_HOST):
             self.vm.vcpu(i).preempt()
+
+    @rule(i=st.integers(0, 2))
+    def leave_guest(self, i: int) -> None:
+        """A VM exit handled with the vCPU still loaded (IN_HOST, AV-E8)."""
+        i %= self.n
+        if self.vm.vcpu(i).run_state is RunState.IN_GUEST:
+            self.vm.vcpu(i).leave_guest()
+
+    @rule(dst=st.integers(0, 2))
+    def host_deliver(self, dst: int) -> None:
+        """A device's interrupt (``svm_deliver_interrupt``): its steps are queued (AV-E7)."""
+        if self.next_vector > 0xEF:
+            return
+        vector = self.next_vector
+        self.next_vector += 1
+        self.vm.deliver(Interrupt(vector, DeliveryMode.FIXED, dest=dst % self.n))
 
     @rule(i=st.integers(0, 2), pcpu=st.integers(0, 2))
     def enter(self, i: int, pcpu: int) -> None:
@@ -295,7 +313,7 @@ class AvicMachine(RuleBasedStateMachine):
             e = avic.physical_table[v.vcpu_id]
             assert e.valid and not int(e) >> 61 & 1
             if e.is_running:
-                assert v.run_state is RunState.IN_GUEST
+                assert v.run_state in (RunState.IN_GUEST, RunState.IN_HOST)
                 assert v.last_pcpu is not None and v.last_pcpu.apic_id == e.host_id
                 assert v.last_pcpu.loaded is v
                 assert avic.config.enable_ipiv and avic.vcpu_active(v)

@@ -9,7 +9,8 @@ interception``, ``avic_handle_ldr_update``/``avic_handle_dfr_update``, ``avic_ri
 ``svm_complete_interrupt_delivery``).  The CPU's side (tables, the ICR-write algorithm) is
 ``hypervisor.hw.avic``.
 
-* :class:`Avic` is the configuration (frozen data, shareable): ``x2avic``, ``x2avic_4k``,
+* :class:`Avic` (defined in ``hypervisor.accel.avic.config``, re-exported here) is the
+  configuration (frozen data, shareable): ``x2avic``, ``x2avic_4k``,
   ``enable_ipiv``, ``cpu_family`` (0x17: erratum #1235, which forces ``enable_ipiv`` off
   unless ``force_ipiv``, the model's knob for the kernels before d921665e01ba), the documented
   address mappings (vCPU index ``i``'s backing page at ``backing_page_base + i * 0x1000``; the
@@ -23,6 +24,12 @@ interception``, ``avic_handle_ldr_update``/``avic_handle_dfr_update``, ``avic_ri
   steps each vCPU's ``apicv_active`` (:meth:`AvicState.vcpu_active`) and physical entry follow
   in its own atomic step (``avic.apicv_update.N``, KVM_REQ_APICV_UPDATE ->
   ``avic_refresh_apicv_exec_ctrl``), so a test can interleave the switch with a delivery.
+  With queued steps a host-side delivery is steps too (set IRR, read ``vcpu->mode``, read
+  ``apicv_active``, act: AV-E7), and :meth:`AvicState.entry_steps` is a VM entry.
+* Each vCPU's VMCB fields are stored as KVM writes them (``avic_activate_vmcb`` /
+  ``avic_deactivate_vmcb``, ``avic_refresh_virtual_apic_mode``): AVIC and x2AVIC enable, max
+  index, the x2APIC MSR intercepts and INTERCEPT_CR8_WRITE (AV-F3, AV-G4); a guest MOV to CR8
+  exits only while that intercept is set.
 
 Choices where the sources are open (``specs/avic.md`` AVIC-CHOICE-*): an xAPIC access while
 AVIC is inhibited takes the emulated MMIO exit (``EPT_MISCONFIG``, the model's name for KVM's
@@ -32,19 +39,22 @@ vCPU woken but not yet re-entered has IsRunning = 0 (the model loads it at its n
 an x2APIC guest on ``Avic(x2avic=False)`` has its x2APIC MSRs intercepted and emulated while
 delivery still goes through the backing page and doorbells (KVM's hybrid mode).
 
+A vCPU loaded but outside guest mode (``RunState.IN_HOST``) keeps IsRunning 1 and gets no
+doorbell (AV-E8).  While AVIC is deactivated the CR8 write intercept stays set (KVM would
+re-evaluate it at entries with ``svm_update_cr8_intercept``: AVIC-CHOICE-7).
+
 Not modelled: the IOMMU (device posted interrupts; the GA log notifier is callable directly),
-nested AVIC, CR8 interception, TLB flushes on activation, SEV-ES.
+nested AVIC, TLB flushes on activation, SEV-ES (which never intercepts CR8 writes).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hypervisor.accel.avic.config import Avic as Avic
 from hypervisor.apic_map import Inhibits
-from hypervisor.config import AccelConfig
 from hypervisor.exits import ExitReason
 from hypervisor.host.steps import Protocol, Step, Steps
 from hypervisor.hw.avic import (
@@ -76,7 +86,7 @@ from hypervisor.trace import (
 from hypervisor.vcpu import RunState
 from lapic import destination
 from lapic.apic import LocalApic
-from lapic.faults import ApicTypeError, ApicValueError, check_bool, check_int
+from lapic.faults import ApicValueError, check_int
 from lapic.icr import DELIVERY_STATUS, Icr, Interrupt, interrupt_of_icr
 from lapic.ops import DefaultApicOps
 from lapic.registers import DFR_FLAT
@@ -86,12 +96,15 @@ if TYPE_CHECKING:
     from hypervisor.vcpu import Vcpu
     from hypervisor.vm import Vm
 
+_LOADED = (RunState.IN_GUEST, RunState.IN_HOST)
+"""Run states of a vCPU loaded on its pCPU (in guest mode or handling an exit)."""
 TRAP_OFFSETS = frozenset(
     {0x20, 0xB0, 0xC0, 0xD0, 0xE0, 0xF0, 0x280, 0x300, 0x320, 0x330, 0x340, 0x350, 0x360,
      0x370, 0x380, 0x3E0}
 )
 """KVM ``is_avic_unaccelerated_access_trap`` (AV-D2): any other offset is a fault."""
 TMCCT = 0x390
+APIC_ID = 0x20
 ICR = 0x300
 ICR2 = 0x310
 TPR = 0x80
@@ -102,73 +115,6 @@ RRR = 0xC0
 X2APIC_MSR_BASE = 0x800
 DOORBELL_LOG = 4096
 """How many doorbells ``avic.doorbells`` keeps (oldest dropped first)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Avic(AccelConfig):
-    """AVIC's settings (frozen, shareable between VMs)."""
-
-    name: str = "avic"
-    x2avic: bool = True
-    """The CPU has x2AVIC (X86_FEATURE_X2AVIC): x2APIC guests are accelerated too."""
-    x2avic_4k: bool = False
-    """x2AVIC with 4096 physical table entries (X86_FEATURE_X2AVIC_EXT)."""
-    enable_ipiv: bool = True
-    """KVM's ``enable_ipiv``: IsRunning is ever set in the hardware table (AV-E5)."""
-    cpu_family: int = 0x19
-    """0x17 has erratum #1235 (stale IsRunning reads), which forces ``enable_ipiv`` off."""
-    force_ipiv: bool = False
-    """Model knob: keep ``enable_ipiv`` on despite the erratum (KVM before 8de4a1c8164e)."""
-    backing_page_base: int = 0x1_0000_0000
-    """vCPU index ``i``'s backing page is at ``backing_page_base + i * 0x1000``."""
-    physical_table_pa: int = 0x2345_6000
-    logical_table_pa: int = 0x2346_0000
-    vm_id: int = 1
-    """The VM id of the GA tag (one-based, 5ea11f2b31b8)."""
-    icr_busy_causes: frozenset[IpiFailure] = frozenset()
-    """UNVERIFIED (APM; KVM's comment: "hardware may sometimes leave the BUSY flag set"): the
-    ``AVIC_INCOMPLETE_IPI`` causes for which the CPU leaves ICR.BUSY (bit 12) set in the
-    backing page when it traps (AV-B7).  Empty: the CPU always clears it, as before."""
-    invalid_vector_exit: bool = False
-    """UNVERIFIED (APM): the CPU refuses vectors 0-15 with INVALID_IPI_VECTOR (cause 4, which
-    KVM ignores).  False: they are sent like any other vector, as KVM's emulation does."""
-
-    def __post_init__(self) -> None:
-        AccelConfig.__post_init__(self)
-        for name in ("x2avic", "x2avic_4k", "enable_ipiv", "force_ipiv", "invalid_vector_exit"):
-            check_bool(name, getattr(self, name))
-        for name, top in (
-            ("cpu_family", 0xFF), ("backing_page_base", (1 << 52) - 1),
-            ("physical_table_pa", (1 << 52) - 1), ("logical_table_pa", (1 << 52) - 1),
-            ("vm_id", (1 << 20) - 1),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ApicTypeError(f"{name} must be an int, not {type(value).__name__}")
-            check_int(name, value, 0, top)
-        if not isinstance(self.icr_busy_causes, frozenset) or not all(
-            isinstance(c, IpiFailure) for c in self.icr_busy_causes
-        ):
-            raise ApicTypeError("icr_busy_causes must be a frozenset of IpiFailure")
-        for name in ("backing_page_base", "physical_table_pa", "logical_table_pa"):
-            if getattr(self, name) & 0xFFF:
-                raise ApicValueError(f"{name}={getattr(self, name):#x} is not page-aligned")
-        if self.name != "avic":
-            raise ApicValueError(f"name={self.name!r}: an Avic config is named 'avic'")
-        if self.x2avic_4k and not self.x2avic:
-            raise ApicValueError("x2avic_4k=True needs x2avic=True")
-        if self.erratum_1235 and not self.force_ipiv:
-            object.__setattr__(self, "enable_ipiv", False)
-
-    @property
-    def erratum_1235(self) -> bool:
-        """AMD family 0x17: the CPU may read a stale IsRunning (8de4a1c8164e)."""
-        return self.cpu_family == 0x17
-
-    @property
-    def icr_split(self) -> bool:
-        """AV-F2: the x2AVIC backing page holds the x2APIC ICR split at 0x300/0x310."""
-        return True
 
 
 def kick_dest(w: IcrWrite) -> tuple[bool, int]:
@@ -187,6 +133,13 @@ def decode_index(exit_info_2: int) -> int:
     return exit_info_2 & AVIC_PHYSICAL_MAX_INDEX_MASK
 
 
+def set_irr(apic: LocalApic, vector: int, level_triggered: bool) -> None:
+    """``kvm_lapic_set_irr`` in the backing page (the APIC's own register page)."""
+    bit = ((vector >> 5) << 7) | (vector & 31)
+    apic._tmr_bits[bit] = 1 if level_triggered else 0
+    apic._irr_bits[bit] = 1
+
+
 class AvicOps(DefaultApicOps):
     """Each APIC's delivery vtable under AVIC: host-side delivery is ``svm_deliver_interrupt``
     (IRR in the backing page, then doorbell, wake-up or legacy kick); a guest ICR write the CPU
@@ -197,10 +150,14 @@ class AvicOps(DefaultApicOps):
         self.state = state
 
     def set_intr_ready(self, apic: LocalApic, vector: int, level_triggered: bool) -> bool:
-        bit = ((vector >> 5) << 7) | (vector & 31)
-        apic._tmr_bits[bit] = 1 if level_triggered else 0
-        apic._irr_bits[bit] = 1
-        return self.state.complete_delivery(apic)
+        state = self.state
+        steps = state.steps
+        if steps is not None and steps.queued:  # AV-E7: every read its own step
+            i = state._index[apic]
+            steps.start(f"avic.deliver.vcpu{i}", state.deliver_steps(apic, vector, level_triggered))
+            return False
+        set_irr(apic, vector, level_triggered)
+        return state.complete_delivery(apic)
 
     def send(self, apic: LocalApic, irq: Interrupt) -> None:
         self.state.send(apic, irq)
@@ -210,6 +167,7 @@ class AvicOps(DefaultApicOps):
         if hook is not None:
             hook(apic)
         self.state.ldr_changed(apic)
+        self.state.apic_mode_changed(apic)
         self.state.refresh()
 
 
@@ -235,6 +193,8 @@ class AvicState:
         self._ldr_cache: dict[int, tuple[int, bool] | None] = {}
         """vCPU index -> (cached LDR logical id, flat) as ``svm->ldr_reg``/``dfr_reg``."""
         self._ops = AvicOps(self)
+        self.steps: Steps | None = None
+        """The host's step scheduler (queued: host-side deliveries run as steps, AV-E7)."""
         self._hw_sender: LocalApic | None = None
         self._busy_after: dict[LocalApic, bool] = {}
         """ICR.BUSY as the last INCOMPLETE_IPI exit of the running guest write left it."""
@@ -243,6 +203,13 @@ class AvicState:
         self._active = True
         self._stale: set[int] = set()
         """vCPU indices whose apicv_active has not yet followed the last inhibit change."""
+        self._vmcbs: list[VmcbAvic] = []
+        """Each vCPU's VMCB AVIC fields as KVM last wrote them (:meth:`vmcb`)."""
+        self._x2: list[bool] = []
+        """Each vCPU's APIC mode (x2APIC) when its VMCB was last written."""
+        self.entry_writes = 0
+        """Physical-table entry writes by KVM (load, put, block, refresh): a mode switch
+        makes none (AV-F3, BR-A15)."""
 
     # ===================================================================================
     # Set-up
@@ -256,6 +223,7 @@ class AvicState:
     def attach(self, vm: Vm) -> None:
         if self.vm is None:
             self.vm = vm
+            self.steps = vm.host.steps
             cfg = vm.config.accelerator
             self.config = cfg if isinstance(cfg, Avic) else Avic()
             self.physical_table = PhysicalTable(
@@ -272,6 +240,10 @@ class AvicState:
         self._ldr_cache[vcpu.index] = None
         apic.bind_ops(self._ops)
         vm = self._vm()
+        # init_vmcb: CR8 writes intercepted unless AVIC is active (avic_init_vmcb).
+        self._x2.append(apic.x2apic_mode)
+        active = self._active and not self.id_too_big(vcpu)
+        self._vmcbs.append(self._vmcb_for(vcpu.index, active, not active))
         if self.id_too_big(vcpu):
             vm.accel_inhibits |= Inhibits.PHYSICAL_ID_TOO_BIG  # AV-F1, BR-A21
             return
@@ -304,8 +276,8 @@ class AvicState:
         return max_physical_index(vm.max_vcpu_ids, self.config.x2avic, self.config.x2avic_4k)
 
     def max_physical_index_of(self, i: int) -> int:
-        """What vCPU ``i``'s VMCB holds: the xAPIC limit 0xFE unless it is in x2APIC mode on
-        an x2AVIC CPU."""
+        """What vCPU ``i``'s VMCB holds while AVIC is active: the xAPIC limit 0xFE unless it
+        is in x2APIC mode on an x2AVIC CPU."""
         vm = self._vm()
         apic = vm.lapic(i)
         x2 = self.config.x2avic and apic.x2apic_mode
@@ -316,18 +288,38 @@ class AvicState:
         return self._vm().host.pcpu(pcpu).apic_id
 
     def vmcb(self, i: int) -> VmcbAvic:
-        """vCPU ``i``'s VMCB AVIC fields (AV-A1, AV-A5)."""
-        vm = self._vm()
-        apic = vm.lapic(i)
-        int_ctl = AVIC_ENABLE_MASK if self.active else 0
-        if int_ctl and self.config.x2avic and apic.x2apic_mode:
-            int_ctl |= X2APIC_MODE_MASK
+        """vCPU ``i``'s VMCB AVIC fields as KVM last wrote them (AV-A1, AV-A5, AV-F3, AV-G4):
+        at creation, at each activation change of that vCPU, at each APIC mode change."""
+        self._vm().vcpu(i)  # checks i
+        return self._vmcbs[i]
+
+    def _vmcb_for(self, i: int, active: bool, intercept_cr8: bool) -> VmcbAvic:
+        """``avic_activate_vmcb`` / ``avic_deactivate_vmcb``: AVIC enable, x2AVIC mode and the
+        max index (cleared when deactivated), the x2APIC MSR intercepts; ``intercept_cr8`` is
+        INTERCEPT_CR8_WRITE as the caller decides it (:meth:`cr8_intercept`)."""
+        x2 = active and self.config.x2avic and self._apics[i].x2apic_mode
+        int_ctl = (AVIC_ENABLE_MASK | (X2APIC_MODE_MASK if x2 else 0)) if active else 0
+        index = self.max_physical_index_of(i) if active else 0
         return VmcbAvic(
             int_ctl,
             self.backing_page_of(i),
             self.config.logical_table_pa,
-            self.config.physical_table_pa | self.max_physical_index_of(i),
+            self.config.physical_table_pa | index,
+            intercept_cr8_write=intercept_cr8,
+            intercept_x2apic_msrs=not x2,
         )
+
+    def _write_vmcb(self, i: int, active: bool) -> None:
+        old = self._vmcbs[i]
+        self._x2[i] = self._apics[i].x2apic_mode
+        self._vmcbs[i] = self._vmcb_for(i, active, self.cr8_intercept(old, active))
+
+    @staticmethod
+    def cr8_intercept(old: VmcbAvic, active: bool) -> bool:
+        """INTERCEPT_CR8_WRITE after an activation change (AV-G4, 87d0f901a9bd): cleared by
+        ``avic_activate_vmcb`` (the CPU keeps the TPR in the backing page), set by
+        ``avic_deactivate_vmcb`` (KVM must see the guest's TPR writes again)."""
+        return not active
 
     # ===================================================================================
     # Activation (inhibits)
@@ -354,7 +346,8 @@ class AvicState:
         atomic step: its own apicv_active follows the VM's, then its physical entry."""
         yield Step(
             f"avic.apicv_update[{vcpu.index}]", frozenset({"avic.inhibits", "run_state"}),
-            frozenset({"avic.physical_table"}), lambda: self._apply_update(vcpu),
+            frozenset({"avic.physical_table", f"apicv_active[{vcpu.index}]"}),
+            lambda: self._apply_update(vcpu),
         )
         return None
 
@@ -364,10 +357,26 @@ class AvicState:
             self._refresh_entry(vcpu)
 
     def _refresh_entry(self, v: Vcpu) -> None:
+        """``avic_refresh_apicv_exec_ctrl``: the VMCB first, then the physical entry (a put,
+        or a load of a vCPU that is loaded)."""
+        self._write_vmcb(v.index, self._active)
         if not self._active:
             self._put_entry(v, blocking=False)
-        elif v.run_state is RunState.IN_GUEST and v.last_pcpu is not None:
+        elif v.run_state in _LOADED and v.last_pcpu is not None:
             self._load_entry(v, v.last_pcpu)
+
+    def apic_mode_changed(self, apic: LocalApic) -> None:
+        """The vCPU's APIC switched xAPIC <-> x2APIC: ``svm_set_virtual_apic_mode``."""
+        i = self._index.get(apic)
+        if i is None or i >= len(self._x2) or self._x2[i] == apic.x2apic_mode:
+            return
+        self.set_virtual_apic_mode(self._vm().vcpus[i])
+
+    def set_virtual_apic_mode(self, vcpu: Vcpu) -> None:
+        """``avic_refresh_virtual_apic_mode`` (AV-F3, e0bead97e759): only the VMCB changes
+        (x2AVIC mode bit, max index, x2APIC MSR intercepts); no put/load, so the physical
+        entry (IsRunning) is never rewritten."""
+        self._write_vmcb(vcpu.index, self.vcpu_active(vcpu))
 
     def vcpu_active(self, vcpu: Vcpu) -> bool:
         """``kvm_vcpu_apicv_active``: the VM's state once this vCPU applied the last inhibit
@@ -384,6 +393,7 @@ class AvicState:
     # IsRunning across the life cycle (Part E)
     # ===================================================================================
     def _write_entry(self, vcpu_id: int, shadow: int) -> None:
+        self.entry_writes += 1
         self.shadow[vcpu_id] = shadow
         self.physical_table[vcpu_id] = self.hw_entry(shadow)
 
@@ -492,6 +502,67 @@ class AvicState:
         """``avic_kick_vcpu`` (AV-C2): no IRR write, only complete the delivery."""
         if self.complete_delivery(vcpu.apic):
             vcpu.sched.notify(vcpu.apic)
+
+    def deliver_steps(self, apic: LocalApic, vector: int, level_triggered: bool) -> Protocol:
+        """``svm_deliver_interrupt`` with queued steps (AV-E7, 66fa226c131f): set IRR, then
+        ``svm_complete_interrupt_delivery``: load-acquire ``vcpu->mode``, then read
+        ``apicv_active``, each an atomic step, then act on what was read (doorbell, wake-up,
+        or KVM_REQ_EVENT + kick).  Reading the mode first pairs with the entry's
+        store-release (:meth:`entry_steps`): a sender that sees IN_GUEST_MODE sees the
+        apicv_active the entry published."""
+        i = self._index[apic]
+        vcpu = self._vm().vcpus[i]
+        yield Step(
+            f"avic.deliver.set_irr[{i}]", frozenset({f"apic_regs[{i}]"}),
+            frozenset({f"irr[{i}]"}), lambda: set_irr(apic, vector, level_triggered),
+        )
+        in_guest = yield Step(
+            f"avic.deliver.read_mode[{i}]", frozenset({f"run_state[{i}]"}), frozenset(),
+            lambda: self.in_guest_mode(vcpu),
+        )
+        active = yield Step(
+            f"avic.deliver.read_apicv_active[{i}]", frozenset({f"apicv_active[{i}]"}),
+            frozenset(), lambda: self.vcpu_active(vcpu),
+        )
+        yield self._complete_step(vcpu, bool(in_guest), bool(active))
+        return None
+
+    def _complete_step(self, vcpu: Vcpu, in_guest: bool, active: bool) -> Step:
+        """The end of ``svm_complete_interrupt_delivery``, on the values read before."""
+        i = vcpu.index
+        return Step(
+            f"avic.deliver.complete[{i}]", frozenset({f"run_state[{i}]"}),
+            frozenset({f"run_state[{i}]", "avic.doorbells"}),
+            lambda: self._complete(vcpu, in_guest, active),
+        )
+
+    def _complete(self, vcpu: Vcpu, in_guest: bool, active: bool) -> None:
+        if not active:
+            vcpu.sched.notify(vcpu.apic)  # KVM_REQ_EVENT + kvm_vcpu_kick
+        elif in_guest:
+            self.ring_doorbell(vcpu)
+        else:
+            vcpu.sched.wake_up(vcpu)
+
+    def entry_steps(self, vcpu: Vcpu, pcpu: int | None = None) -> Protocol:
+        """The target's ``vcpu_enter_guest`` as one atomic step (AV-E7): KVM_REQ_APICV_UPDATE
+        (its apicv_active follows the VM's), KVM_REQ_EVENT's look at IRR (an interrupt
+        pending now is injected at this entry, by KVM or by the CPU's VMRUN), then the
+        store-release of IN_GUEST_MODE (``Scheduler.load``).  Returns whether an interrupt
+        was pending at the entry."""
+        i = vcpu.index
+
+        def enter() -> bool:
+            self._apply_update(vcpu)
+            pending = vcpu.apic.pending_interrupt() is not None
+            vcpu.sched.load(vcpu, pcpu)
+            return pending
+
+        seen = yield Step(
+            f"avic.enter[{i}]", frozenset({f"irr[{i}]", "avic.inhibits"}),
+            frozenset({f"run_state[{i}]", f"apicv_active[{i}]", "avic.physical_table"}), enter,
+        )
+        return seen
 
     def ga_log_notify(self, tag: int) -> bool:
         """``avic_ga_log_notifier`` (AV-A8): wake vCPU ``vcpu_idx`` of this VM.  True if a
@@ -648,22 +719,31 @@ class AvicState:
                 return None
             t = by_id.get(dest)
             return [] if t is None else [t]
-        ids: list[int] = []
+        ids = self.logical_fast_ids(x2, dest, w.flat)
+        if ids is None:
+            return None
+        return [by_id[i] for i in ids if i in by_id]
+
+    def logical_fast_ids(self, x2: bool, dest: int, flat: bool) -> list[int] | None:
+        """The fast path's logical loop (AV-C3, bbfc7aa62a4a): every set bit of the
+        destination's bitmap is a target, its guest physical ID taken from the cluster
+        (x2APIC) or from the logical table (xAPIC; an invalid entry is skipped, KVM's
+        ``WARN_ON_ONCE`` + return for that bit).  None sends KVM to the slow path."""
         if x2:
             bitmap = x2apic_logical_bitmap(dest)
             cluster = (dest >> 16) << 4
-            ids = [cluster + i for i in range(16) if bitmap >> i & 1]
+            return [cluster + i for i in range(16) if bitmap >> i & 1]
+        if flat:
+            bitmap, cluster = dest, 0
         else:
-            if w.flat:
-                bitmap, cluster = dest, 0
-            else:
-                bitmap, cluster = dest & 0xF, (dest >> 4) << 2
-            for i in range(8):
-                if bitmap >> i & 1:
-                    raw = self.logical_table.raw(cluster + i)
-                    if raw & (1 << 31):
-                        ids.append(raw & 0xFF)
-        return [by_id[i] for i in ids if i in by_id]
+            bitmap, cluster = dest & 0xF, (dest >> 4) << 2
+        ids: list[int] = []
+        for i in range(8):
+            if bitmap >> i & 1:
+                raw = self.logical_table.raw(cluster + i)
+                if raw & (1 << 31):
+                    ids.append(raw & 0xFF)
+        return ids
 
     # ===================================================================================
     # The logical table (avic_handle_ldr_update / avic_handle_dfr_update)
@@ -745,6 +825,8 @@ class AvicState:
         if trap and offset == RRR:
             return  # a790e338c7c4: writes to Remote Read Data are ignored
         vcpu.emulate_mmio_write(gpa, value, size)
+        if trap and offset == APIC_ID:
+            self.handle_apic_id_update(vcpu)
 
     @staticmethod
     def _level_eoi(apic: LocalApic) -> bool:
@@ -766,9 +848,10 @@ class AvicState:
             del self._busy_after[vcpu.apic]
 
     def _x2avic(self, vcpu: Vcpu, msr: int) -> bool:
+        """The MSR is an x2APIC register the VMCB does not intercept (x2AVIC active)."""
         return (
-            X2APIC_MSR_BASE <= msr <= 0x8FF and self.config.x2avic and vcpu.apic.x2apic_mode
-            and self.vcpu_active(vcpu)
+            X2APIC_MSR_BASE <= msr <= 0x8FF
+            and not self._vmcbs[vcpu.index].intercept_x2apic_msrs
         )
 
     def rdmsr(self, vcpu: Vcpu, msr: int) -> int:
@@ -798,6 +881,22 @@ class AvicState:
             return
         vcpu.emulate_wrmsr(msr, value)
 
+    def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
+        """AV-G4: with INTERCEPT_CR8_WRITE set (AVIC deactivated) the write exits
+        (``SVM_EXIT_WRITE_CR8``) and KVM's ``cr8_write_interception`` -> ``kvm_set_cr8`` sets
+        the TPR (or injects the #GP of a reserved bit); clear (AVIC active), the CPU writes
+        V_TPR, which AVIC keeps as the backing page's TPR: no exit."""
+        if self._vmcbs[vcpu.index].intercept_cr8_write:
+            vcpu.record_exit(ExitReason.WRITE_CR8, 0, value)
+        vcpu.emulate_mov_to_cr8(value)
+
+    def handle_apic_id_update(self, vcpu: Vcpu) -> None:
+        """After a trapped xAPIC ID write: nothing in the AVIC tables.  f5f9089f76dd removed
+        ``avic_handle_apic_id_update`` (which moved the vCPU's physical entry to the new ID and
+        cleared the old one, clobbering the owner of that ID); the change inhibits AVIC through
+        the APIC map instead (APIC_ID_MODIFIED, AV-G2)."""
+        return None
+
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
         return vcpu.sched.notify
 
@@ -813,12 +912,16 @@ class AvicState:
             tuple(self.doorbells),
             self._active,
             tuple(self.warnings),
+            tuple(self._vmcbs),
+            tuple(self._x2),
         )
 
     def set_state(self, state: Hashable) -> None:
-        if not isinstance(state, tuple) or len(state) != 7:
+        if not isinstance(state, tuple) or len(state) != 9:
             raise ApicValueError(f"state={state!r} is not an AVIC state")
-        phys, logical, shadow, ldr, doorbells, active, warnings = state
+        phys, logical, shadow, ldr, doorbells, active, warnings, vmcbs, x2 = state
+        self._vmcbs = list(vmcbs)
+        self._x2 = list(x2)
         self.physical_table.set_state(phys)
         self.logical_table.set_state(logical)
         self.shadow = dict(shadow)
@@ -857,9 +960,14 @@ REPLAY_SEAMS: frozenset[str] = frozenset(
         "AvicState.id_too_big",  # BR-A21: inhibit, do not reject the vCPU
         "AvicState.kick_targets",  # BR-A23 (Xen RFC): kick every target
         "AvicState.remember_ldr",  # BR-A25: the LDR cache follows even a bad LDR
+        "AvicState.in_guest_mode",  # BR-A5 31f251d4ddfa: doorbell iff in guest mode
+        "AvicState.deliver_steps",  # BR-A4 66fa226c131f: apicv_active read after vcpu->mode
+        "AvicState.logical_fast_ids",  # BR-A11 bbfc7aa62a4a: every logical bit on the fast path
+        "AvicState.set_virtual_apic_mode",  # BR-A15 e0bead97e759: no put/load on a mode switch
+        "AvicState.handle_apic_id_update",  # BR-A16 f5f9089f76dd: no entry moved on an ID change
+        "AvicState.cr8_intercept",  # BR-A22 87d0f901a9bd: CR8 intercept follows activation
         "kick_dest",  # BR-A10 a879a88e05f3: decode by the sender's mode
         "x2apic_logical_bitmap",  # BR-A9 da3fb46d226a: bits 15:0
         "decode_index",  # BR-A19 ca11d9d35e95: a 12-bit index
-        "Avic.icr_split",  # BR-A17 73b42dc69be8: x2AVIC's split ICR
     }
 )
