@@ -1,10 +1,13 @@
 """The model against the host's KVM, side by side in one run (``apicsim.kvm.KvmVm``).
 
 Run: ``./dev python bench/bench_kernel.py`` (``--quick`` for a short run).  Prints the machine
-(CPU model from ``/proc/cpuinfo``, kernel, Python), one table of rates and one table of every
-ratio with its target.  Each row is the best of several repeats of a loop timed with
-``time.perf_counter`` (wall clock), so background load can only make a row look slower, and
-the repeats of all rows alternate, so that load falls on every row alike.  Not a test: it
+(CPU model as ``lscpu`` names it, kernel, Python, cores, load average at the start), one table
+of rates and one table of every ratio with its target (with ``--ipi``, the guest-driver rows
+of ``bench/bench_ipi.py`` too).  Each row is the best of many short repeats of a loop timed
+with ``time.thread_time`` (the CPU time of this thread: Python, the kernel's ioctl work and
+the guest's run time alike; not the time it waited for a CPU, which on a shared, loaded
+machine is most of the wall clock and none of the code's cost), and the repeats of all rows
+alternate, so that whatever load remains falls on every row alike.  Not a test: it
 exits 0 whatever it measures, and without a usable ``/dev/kvm`` it prints the model's rows only.
 
 What is measured, on the same topology for both (4 vCPUs, every APIC software-enabled and in
@@ -17,14 +20,16 @@ x2APIC mode; the model gets the guest CPUID features and ``vector_hashing`` of t
     ``KvmVm.signal_msi`` wrapper, which checks its arguments and packs the struct on every call.
     Target: the model at least 0.5x the raw ioctl's rate (goal 1.0x).
 (b) one guest ICR write, x2APIC unicast fixed IPI to APIC ID 1 (WRMSR 0x830).  Model:
-    ``vm.vcpu(0).wrmsr`` (trap-and-emulate: the exit and its record in the exit log, ICR
-    emulation, the route, the accept, the kick), with 4 and with 4096 vCPUs (the 4096-vCPU
-    VM sends to its last vCPU).  Kernel baseline: a guest loop ``wrmsr; out; jmp`` entered once
+    ``vm.vcpu(0).wrmsr`` (trap-and-emulate: the exit, counted and recorded in the exit log,
+    then KVM's fastpath for an x2APIC ICR write: the kept route, the accept, the kick), with 4
+    and with 4096 vCPUs (the 4096-vCPU VM sends to its last vCPU), and with 4 vCPUs and the
+    exit log off (``exit_log=0``: what KVM itself keeps of an exit, its counters; no record is
+    allocated).  Kernel baseline: a guest loop ``wrmsr; out; jmp`` entered once
     with its registers set, then one KVM_RUN per WRMSR (the fewest ioctls a VMM needs: KVM_RUN,
     then a look at ``kvm_run.exit_reason``).  Also shown, labelled: the ``KvmVcpu.wrmsr``
     wrapper (KVM_GET_MP_STATE, KVM_GET_SREGS, KVM_SET_REGS, KVM_RUN, KVM_GET_REGS per write).
-    Targets: the model at least 0.35x the raw KVM_SIGNAL_MSI rate; the 4096-vCPU cost per
-    write within 1.1x of the 4-vCPU cost.
+    Targets: the model at least 0.35x the raw KVM_SIGNAL_MSI rate (shown for both exit-log
+    settings); the 4096-vCPU cost per write within 1.1x of the 4-vCPU cost.
 
 The model runs as configured by default (its exit log on, 4096 entries) with its tracer off,
 as KVM runs with its tracepoints off; both deliver the same interrupt to the same vCPU state
@@ -39,10 +44,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import os
 import platform
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,18 +73,31 @@ Loop = Callable[[int], None]
 
 
 def machine() -> str:
-    """The CPU model (``/proc/cpuinfo``), the kernel and the Python that ran the benchmark."""
+    """The CPU model (``lscpu``'s "Model name", else ``/proc/cpuinfo``), the kernel, the Python,
+    the cores and the load average (1, 5, 15 minutes) when the benchmark started."""
     cpu = "unknown CPU"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        lines = out.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        lines = []
+    for line in lines:
+        if line.startswith("Model name:"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    else:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{cpu}; Linux {platform.release()}; "
-        f"{platform.python_implementation()} {platform.python_version()}"
+        f"{platform.python_implementation()} {platform.python_version()}; "
+        f"{os.cpu_count()} cores; load {load}"
     )
 
 
@@ -86,21 +106,22 @@ def best_rates(loops: list[tuple[Loop, int]], repeats: int) -> list[float]:
     of ``repeats``.  The repeats are interleaved (row 1, row 2, ..., row 1, ...) so that
     background load falls on every row alike."""
     best = [float("inf")] * len(loops)
+    clock = time.thread_time
     for _ in range(repeats):
         for i, (fn, n) in enumerate(loops):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(n)
-            best[i] = min(best[i], time.perf_counter() - t0)
+            best[i] = min(best[i], clock() - t0)
     return [n / t for (_, n), t in zip(loops, best, strict=True)]
 
 
-def model_vm(vcpus: int) -> Vm:
+def model_vm(vcpus: int, exit_log: int = 4096) -> Vm:
     """The model, configured as the host's KVM guest (features, vector_hashing); every other
-    option at its default (the exit log on)."""
+    option at its default (the exit log on, unless ``exit_log=0``)."""
     ok, _ = kvm_available()
     features = guest_features() if ok else None
     hashing = host_vector_hashing() if ok else None
-    vm = Vm(vcpus, features=features, vector_hashing=hashing)
+    vm = Vm(vcpus, features=features, vector_hashing=hashing, exit_log=exit_log)
     setup_x2apic([vm.vcpu(i).wrmsr for i in range(vcpus)])
     return vm
 
@@ -179,6 +200,7 @@ ROWS = {
     "msi_raw": "(a) MSI        kernel  KVM_SIGNAL_MSI ioctl, prebuilt struct (baseline)",
     "msi_wrapper": "(a) MSI        kernel  KvmVm.signal_msi wrapper (checks + packs per call)",
     "icr_model": "(b) ICR write  model   vcpu(0).wrmsr(0x830), 4 vCPUs",
+    "icr_model_nolog": "(b) ICR write  model   vcpu(0).wrmsr(0x830), 4 vCPUs, exit log off",
     "icr_model_big": "(b) ICR write  model   vcpu(0).wrmsr(0x830), 4096 vCPUs",
     "icr_raw": "(b) ICR write  kernel  guest WRMSR loop, one KVM_RUN per write (baseline)",
     "icr_wrapper": "(b) ICR write  kernel  KvmVcpu.wrmsr wrapper (5 ioctls per write)",
@@ -187,15 +209,15 @@ ROWS = {
 
 def measure(quick: bool) -> tuple[list[Row], str | None]:
     """Every row of ``ROWS``; the reason KVM was not measured, if it was not."""
-    n, kvm_n, wrapper_n, repeats = (
-        (5_000, 2_000, 200, 3) if quick else (50_000, 20_000, 2_000, 5)
-    )
+    n, kvm_n, wrapper_n, repeats = (2_000, 1_000, 100, 5) if quick else (2_000, 1_000, 100, 40)
     vm = model_vm(VCPUS)
+    nolog = model_vm(VCPUS, exit_log=0)
     big = model_vm(BIG_VCPUS)
     assert vm.signal_msi(MSI_ADDRESS, 0, MSI_DATA, 0) == 1
     loops: dict[str, tuple[Loop, int]] = {
         "msi_model": (msi_loop(vm.signal_msi), n),
         "icr_model": (icr_loop(vm.vcpu(0).wrmsr), n),
+        "icr_model_nolog": (icr_loop(nolog.vcpu(0).wrmsr), n),
         "icr_model_big": (icr_loop(big.vcpu(0).wrmsr, BIG_ICR), n),
     }
     ok, why = kvm_available()
@@ -216,6 +238,7 @@ def measure(quick: bool) -> tuple[list[Row], str | None]:
             release()
         assert VECTOR in kvm.lapic_view(1).irr and VECTOR in kvm.lapic_view(2).irr
     assert VECTOR in vm.lapic(1).irr and VECTOR in vm.lapic(2).irr
+    assert VECTOR in nolog.lapic(1).irr and not nolog.exits
     assert VECTOR in big.lapic(BIG_VCPUS - 1).irr
     return [Row(key, name, rates.get(key)) for key, name in ROWS.items()], None
 
@@ -241,14 +264,40 @@ def ratios(rows: list[Row]) -> list[tuple[str, float, str, bool | None]]:
     add("(a) model MSI / KvmVm.signal_msi wrapper rate", "msi_model", "msi_wrapper", None)
     add("(a) KvmVm.signal_msi wrapper / raw ioctl rate", "msi_wrapper", "msi_raw", None)
     add("(b) model ICR write / raw KVM_SIGNAL_MSI rate", "icr_model", "msi_raw", 0.35)
+    add("(b) model ICR write, exit log off / raw KVM_SIGNAL_MSI", "icr_model_nolog", "msi_raw",
+        0.35)
     add("(b) model ICR write / guest WRMSR, one KVM_RUN", "icr_model", "icr_raw", None)
     add("(b) model ICR write / KvmVcpu.wrmsr wrapper", "icr_model", "icr_wrapper", None)
     add("(b) model cost per ICR write, 4096 / 4 vCPUs", "icr_model", "icr_model_big", 1.1, True)
     return out
 
 
-def report(rows: list[Row], why: str | None) -> None:
-    print(f"machine: {machine()}")
+def guest_ratios(quick: bool) -> list[tuple[str, float, str, bool | None]]:
+    """The ratios of ``bench/bench_ipi.py`` (the Linux guest driver's paths, model only), in
+    :func:`ratios`' form, so that one table holds every ratio of ``bench/``."""
+    import bench_ipi
+
+    n, repeats = (2_000, 5) if quick else (2_000, 40)
+    u4 = bench_ipi.unicast_cost(4, n, repeats)
+    u4096 = bench_ipi.unicast_cost(4096, n, repeats)
+    pv, acc = bench_ipi.pv_vs_accept(max(200, n // 20), repeats)
+    return [
+        ("(c) guest driver unicast IPI rate / 500,000 per s", 1 / u4 / 500_000, ">= 1x",
+         1 / u4 >= 500_000),
+        ("(c) guest driver cost per unicast IPI, 4096 / 4 vCPUs", u4096 / u4, "<= 1.1x",
+         u4096 / u4 <= 1.1),
+        ("(c) PV send-IPI hypercall, 128 targets / 128 accepts", pv / acc, "<= 1.2x",
+         pv / acc <= 1.2),
+    ]  # fmt: skip
+
+
+def report(
+    rows: list[Row],
+    why: str | None,
+    where: str,
+    extra: Sequence[tuple[str, float, str, bool | None]] = (),
+) -> None:
+    print(f"machine: {where}")
     width = max(len(r.name) for r in rows)
     print(f"{'benchmark (x2APIC vCPUs)':<{width}}  {'ops/s':>12}  {'per op':>10}")
     for r in rows:
@@ -260,7 +309,7 @@ def report(rows: list[Row], why: str | None) -> None:
         print(f"\nKVM not measured: {why}; only the model's ratios are shown")
     print()
     print(f"{'ratio':<{width}}  {'measured':>12}  {'target':>10}  verdict")
-    for what, value, target, met in ratios(rows):
+    for what, value, target, met in [*ratios(rows), *extra]:
         verdict = "" if met is None else ("met" if met else "NOT met")
         print(f"{what:<{width}}  {value:>11.3f}x  {target:>10}  {verdict}")
 
@@ -268,9 +317,14 @@ def report(rows: list[Row], why: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument(
+        "--no-guest", action="store_true", help="skip the (c) rows of bench/bench_ipi.py"
+    )
     args = parser.parse_args(argv)
+    where = machine()  # the load before the benchmark's own
     rows, why = measure(args.quick)
-    report(rows, why)
+    extra = [] if args.no_guest else guest_ratios(args.quick)
+    report(rows, why, where, extra)
     return 0
 
 

@@ -11,7 +11,12 @@ looked up again:
   APICs the map chose, in the order the map path offered it to them (keyed by destination
   and vector, the whole message compared on a hit);
 * per raw MSI (address_lo, data) with address_hi = 0 and no flags: the decoded message and
-  its targets (KVM_SIGNAL_MSI then skips the decode too).
+  its targets (KVM_SIGNAL_MSI then skips the decode too);
+* per source APIC in x2APIC mode, per raw 64-bit ICR value written with WRMSR 0x830: the
+  decoded message, its targets and the ``send_hook`` it went through (``Vcpu.emulate_wrmsr``
+  then neither decodes nor looks up the message: KVM's own fastpath for this exit,
+  ``handle_fastpath_set_x2apic_icr_irqoff``, is the model).  Learnt from a route already kept
+  for the decoded message, so it is exactly as valid as that route.
 
 What may be kept: only a route the map decided (``deliver`` reported the fast path) with at
 least one target, for a message that is not lowest priority (its arbitration reads PPR and
@@ -22,9 +27,12 @@ When it is forgotten (``forget``): whenever the map is marked dirty (``Vm._mark_
 every APIC's ``map_hook``: an APIC ID, LDR, DFR, APIC_BASE (enable, x2APIC mode, base),
 SVR software enable, a RESET/INIT or a KVM_SET_LAPIC image), when a vCPU is added (hotplug)
 and when a snapshot is restored.  Those are everything a route depends on besides the
-message: the map, and the source's x2APIC mode (the broadcast test), itself an APIC_BASE
-change.  The acceptance (``accept``: enable bits, SVR, the vector's validity) runs on every
-delivery, so it needs no invalidation.
+message and the VM's fixed options (``KvmOptions``: one cache per VM): the map, and the
+source's x2APIC mode (the broadcast test and the ICR layout), itself an APIC_BASE change.
+What a hit still checks each time, because it can change without touching the map: the
+route cache switch, the tracer, queued steps, and for an ICR value the sender's ``send`` op
+(an accelerator may bind its own) and ``send_hook``.  The acceptance (``accept``: enable
+bits, SVR, the vector's validity) runs on every delivery, so it needs no invalidation.
 
 The cache is bounded (``LIMIT`` routes; past it, everything is forgotten).  Not modelled:
 anything of KVM; this is a simulator speed-up whose answers equal the uncached ones (tested
@@ -38,24 +46,41 @@ from lapic.apic import LocalApic
 from lapic.icr import Interrupt
 
 LIMIT = 1 << 16
-"""Routes kept at most (ICR routes and MSI routes together)."""
+"""Routes kept at most (source routes and MSI routes together; ICR values, apart)."""
 
 Targets = tuple[LocalApic, ...]
+Route = tuple[Interrupt, Targets, int, int, int, int]
+"""A kept route: the decoded message (compared whole on a hit), its targets, then the
+message's vector, delivery mode, trigger and level as ``LocalApic.accept_fast`` takes them
+(unpacked once, not indexed out of the message on every hit)."""
+IcrRoute = tuple[Targets, object, int, int, int, int]
+"""A kept x2APIC ICR route: its targets, the ``send_hook`` the message was sent through (a
+hit requires the sender's hook to be that very object still), then the message's vector,
+delivery mode, trigger and level as ``LocalApic.accept_fast`` takes them."""
 
 
 class RouteCache:
     """The routes of one VM (``Vm._routes``)."""
 
-    __slots__ = ("_size", "by_source", "msi")
+    __slots__ = ("_icr_count", "_icr_filled", "_size", "by_source", "icr", "msi")
 
     def __init__(self) -> None:
-        self.by_source: dict[LocalApic | None, dict[int, tuple[Interrupt, Targets]]] = {}
+        self.by_source: dict[LocalApic | None, dict[int, Route]] = {}
         """source APIC (None: a device) -> ``dest << 8 | vector`` -> (message, targets): one
         message per key (the last learnt), compared whole on a hit, so the lookup hashes
         two ints instead of the message.  Read directly by the hot path of ``Vm._deliver``
         (what :meth:`of_source` does, inlined); written only here."""
-        self.msi: dict[int, dict[int, tuple[Interrupt, Targets]]] = {}
+        self.msi: dict[int, dict[int, Route]] = {}
         """data -> address_lo -> (message, targets); read like ``by_source``."""
+        self.icr: dict[LocalApic, dict[int, IcrRoute]] = {}
+        """source APIC -> 64-bit x2APIC ICR value -> ``IcrRoute``.  One dict
+        per source for the life of the VM (:meth:`icr_of`: a vCPU holds its own), emptied in
+        place by :meth:`forget`."""
+        self._icr_filled: list[dict[int, IcrRoute]] = []
+        """The per-source ICR dicts that hold a route (what :meth:`forget` empties)."""
+        self._icr_count = 0
+        """ICR values kept (bounded by ``LIMIT`` too; not in ``len``: each names a route of
+        ``by_source``, which ``len`` counts)."""
         self._size = 0
 
     def __len__(self) -> int:
@@ -63,10 +88,20 @@ class RouteCache:
 
     def forget(self) -> None:
         """Drop every route (the map they were decided from is being replaced)."""
-        if self._size:
+        if self._size or self._icr_count:
             self.by_source.clear()
             self.msi.clear()
-            self._size = 0
+            for routes in self._icr_filled:
+                routes.clear()
+            self._icr_filled.clear()
+            self._size = self._icr_count = 0
+
+    def icr_of(self, source: LocalApic) -> dict[int, IcrRoute]:
+        """The ICR routes of ``source`` (the same dict for the life of the VM)."""
+        routes = self.icr.get(source)
+        if routes is None:
+            routes = self.icr[source] = {}
+        return routes
 
     def of_source(self, source: LocalApic | None, irq: Interrupt) -> Targets | None:
         """The targets of ``irq`` sent by ``source``, if known."""
@@ -74,7 +109,7 @@ class RouteCache:
         route = None if by is None else by.get(irq[6] << 8 | irq[0])
         return None if route is None or route[0] != irq else route[1]
 
-    def of_msi(self, address_lo: int, data: int) -> tuple[Interrupt, Targets] | None:
+    def of_msi(self, address_lo: int, data: int) -> Route | None:
         """The decoded message and targets of the MSI (``address_lo``, 0, ``data``), if
         known."""
         by = self.msi.get(data)
@@ -102,7 +137,7 @@ class RouteCache:
         by = self.by_source.get(source)
         if by is None:
             by = self.by_source[source] = {}
-        by[irq[6] << 8 | irq[0]] = (irq, tuple(seen))
+        by[irq[6] << 8 | irq[0]] = _route(irq, seen)
 
     def learn_msi(self, address_lo: int, data: int, irq: Interrupt, seen: list[LocalApic]) -> None:
         """Keep the route the map decided for the MSI (``address_lo``, 0, ``data``)."""
@@ -112,9 +147,23 @@ class RouteCache:
         by = self.msi.get(data)
         if by is None:
             by = self.msi[data] = {}
-        by[address_lo] = (irq, tuple(seen))
+        by[address_lo] = _route(irq, seen)
+
+    def learn_icr(self, source: LocalApic, value: int, route: Route, hook: object) -> None:
+        """Keep ``route`` (kept for the message ICR ``value`` decodes to) for ``value``."""
+        if self._icr_count >= LIMIT:
+            self.forget()
+        routes = self.icr_of(source)
+        if not routes:
+            self._icr_filled.append(routes)
+        routes[value] = (route[1], hook, *route[2:])
+        self._icr_count += 1
 
     def _grow(self) -> None:
         if self._size >= LIMIT:
             self.forget()
         self._size += 1
+
+
+def _route(irq: Interrupt, seen: list[LocalApic]) -> Route:
+    return (irq, tuple(seen), irq[0], irq[1], irq[4], irq[3])

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from hypervisor.vm import Vm
 
 _FIXED_MODES = (0, 1)
+_IN_GUEST = RunState.IN_GUEST  # notify runs once per interrupt: globals, not enum lookups
+_BLOCKED = RunState.BLOCKED
 
 
 def _names(*names: str) -> frozenset[str]:
@@ -130,7 +132,7 @@ class Scheduler:
         # The two steps of kick_steps, called directly (each is a no-op in the other's state);
         # kick_ipi's common case (no INIT pending) inlined, as this runs once per IPI.
         state = vcpu.run_state
-        if state is RunState.IN_GUEST:
+        if state is _IN_GUEST:
             if apic.events.init:  # init_pending, without the property
                 self.kick_ipi(vcpu)
             elif self.host.running is not vcpu:
@@ -138,7 +140,7 @@ class Scheduler:
                 hs = self.host.stats
                 hs.kicks += 1
                 hs.host_ipis += 1
-        elif state is RunState.BLOCKED:
+        elif state is _BLOCKED:
             self.wake_up(vcpu)
 
     def kick_steps(self, vcpu: Vcpu) -> Protocol:

@@ -72,6 +72,9 @@ class RunState(Enum):
         return f"RunState.{self.name}"
 
 
+_IN_GUEST = RunState.IN_GUEST  # an enum member lookup costs ~100 ns; a global does not
+
+
 class MpState(Enum):
     """KVM ``KVM_MP_STATE_*`` (the ones the in-kernel APIC uses)."""
 
@@ -108,6 +111,9 @@ class Vcpu:
         self.exits = 0
         self.guest_if = True
         """RFLAGS.IF of the guest: False is ``cli`` (``halt()`` is then ``cli; hlt``)."""
+        self.icr_routes = vm._routes.icr_of(apic)
+        """The x2APIC ICR values this vCPU's guest sent whose route is kept
+        (``hypervisor.routes``; read by the fastpath of :meth:`emulate_wrmsr`)."""
 
     # ===================================================================================
     # Guest-executed accesses
@@ -135,7 +141,7 @@ class Vcpu:
         if type(msr) is not int or type(value) is not int or msr >> 32 or value >> 64:
             msr = int(check_int("msr", msr, 0, 0xFFFFFFFF))
             value = int(check_int("value", value, 0, (1 << 64) - 1))
-        if self.run_state is not RunState.IN_GUEST:
+        if self.run_state is not _IN_GUEST:
             self._executing()
         self.host.running = self
         self.vm.accel.wrmsr(self, msr, value)
@@ -287,6 +293,42 @@ class Vcpu:
         raise gp(f"RDMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
 
     def emulate_wrmsr(self, msr: int, value: int) -> None:
+        if msr == 0x830:  # x2APIC ICR: KVM's exit fastpath, handle_fastpath_set_x2apic_icr_irqoff
+            route = self.icr_routes.get(value)
+            if route is None:
+                stats = self.vm.stats
+                sent = stats.ipis
+                self._emulate_wrmsr(msr, value)
+                if stats.ipis != sent:  # the write sent its message (no #GP, no ESR refusal)
+                    self.vm.learn_icr(self.apic, value)
+                return
+            # A value whose route is kept (hypervisor.routes): no decode, no lookup; the
+            # register is stored and the targets accept through their own ApicOps, as the
+            # slow path would do it (Vm._deliver on a kept route), while nothing a hit cannot
+            # see changed (the route cache switch, tracing, queued steps, the send seam).
+            vm = self.vm
+            apic = self.apic
+            if (
+                not vm.route_cache
+                or vm.tracer.on
+                or vm._steps.queued
+                or apic._op_send is not None
+                or apic.send_hook is not route[1]
+            ):
+                self._emulate_wrmsr(msr, value)
+                return
+            apic.store_x2apic_icr(value)
+            stats = vm.stats
+            stats.ipis += 1
+            stats.fast_path += 1
+            targets, _, vector, mode, trigger, level = route
+            for target in targets:
+                if target.accept_fast(vector, mode, trigger, level):
+                    stats.irqs_accepted += 1
+            return
+        self._emulate_wrmsr(msr, value)
+
+    def _emulate_wrmsr(self, msr: int, value: int) -> None:
         if 0x800 <= msr <= 0xBFF or msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR):
             tracer = self.vm.tracer
             if tracer.on and tracer.detail:

@@ -85,9 +85,10 @@ from hypervisor.trace import (
     Tracer,
 )
 from hypervisor.vcpu import Vcpu
+from lapic import icr as _icr
 from lapic.apic import Features, LocalApic
 from lapic.faults import ApicTypeError, ApicValueError, GuestFault, check_int
-from lapic.icr import DeliveryMode, Icr, Interrupt, Msi, check_interrupt
+from lapic.icr import DeliveryMode, Icr, Interrupt, Msi, check_interrupt, interrupt_of_icr
 from lapic.profile import LowestPriorityPolicy, Profile
 from lapic.registers import APIC_DEFAULT_BASE
 
@@ -379,9 +380,9 @@ class Vm:
                 if source is not None:
                     stats.ipis += 1
                 stats.fast_path += 1
-                vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
+                _, targets, vector, mode, trigger, level = route
                 r = 0
-                for apic in route[1]:
+                for apic in targets:
                     if apic.accept_fast(vector, mode, trigger, level):
                         stats.irqs_accepted += 1
                         r += 1
@@ -430,6 +431,29 @@ class Vm:
             self._routes.learn_source(source, irq, seen)
         return r
 
+    def learn_icr(self, source: LocalApic, value: int) -> None:
+        """After ``source``'s guest wrote ``value`` to the x2APIC ICR (WRMSR 0x830) the slow
+        way and the write sent its message: keep the route of that ICR value
+        (``RouteCache.learn_icr``) if the message it decodes to went through this VM's
+        delivery and its route was kept, so the next write of ``value`` goes straight to the
+        targets (``Vcpu.emulate_wrmsr``).  A value with reserved bits is never kept (the true
+        mask, whatever a replay made WRMSR accept)."""
+        if (
+            not self.route_cache
+            or self.tracer.on
+            or self._steps.queued
+            or source._op_send is not None
+            or source.send_hook != self._deliver
+            or not source.x2apic_mode
+            or value & _icr.X2APIC_ICR_RESERVED
+        ):
+            return
+        irq = interrupt_of_icr(value & 0xFFFFFFFF & ~_icr.DELIVERY_STATUS, value >> 32)
+        by_source = self._routes.by_source.get(source)
+        route = None if by_source is None else by_source.get(irq[6] << 8 | irq[0])
+        if route is not None and route[0] == irq:
+            self._routes.learn_icr(source, value, route, source.send_hook)
+
     def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
         if self.tracer.on:
             self.tracer.emit(KvmEoi(apic.vcpu_id, vector))
@@ -462,8 +486,7 @@ class Vm:
                 stats = self.stats
                 stats.msis += 1
                 stats.fast_path += 1
-                irq, targets = route
-                vector, mode, level, trigger = irq[0], irq[1], irq[3], irq[4]
+                _, targets, vector, mode, trigger, level = route
                 r = 0
                 for apic in targets:
                     if apic.accept_fast(vector, mode, trigger, level):

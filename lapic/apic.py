@@ -234,6 +234,7 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         """The views over ``regs``: 32-bit words and the IRR/ISR/TMR bitmaps."""
         view = memoryview(self.regs)
         self._w = view.cast("I")
+        self._q = view.cast("Q")
         self._irr = VectorBitmap.over(view[IRR_BASE : IRR_BASE + SPAN_BYTES])
         self._isr = VectorBitmap.over(view[ISR_BASE : ISR_BASE + SPAN_BYTES])
         self._tmr = VectorBitmap.over(view[TMR_BASE : TMR_BASE + SPAN_BYTES])

@@ -83,6 +83,7 @@ class ApicCore:
     icr_split: bool
     regs: bytearray
     _w: memoryview
+    _q: memoryview
     _irr: VectorBitmap
     _isr: VectorBitmap
     _tmr: VectorBitmap

@@ -52,6 +52,7 @@ GAPS = tuple(
 
 _VIEWS = (
     "_w",
+    "_q",
     "_irr",
     "_isr",
     "_tmr",

@@ -46,6 +46,11 @@ _ICR_HIGH = (ICR_OFF + 4) >> 2
 """The x2APIC ICR's destination dword when the ICR is not split (VMX: 64-bit at 0x300)."""
 _ICR2 = ICR2_OFF >> 2
 _ICR2_DEST = ICR2["dest"]
+_ICR_LOW_STORED = 0xFFFFFFFF & ~DELIVERY_STATUS
+"""What an ICR write stores of its low dword (delivery status is read-only)."""
+_ICR_STORED = (1 << 64) - 1 & ~DELIVERY_STATUS
+_ICR_QWORD = ICR_OFF >> 3
+assert _ICR_HIGH == _ICR + 1  # the x2APIC ICR's two dwords, one quadword at 0x300
 _SELF_IPI = ICR_LOW["shorthand"].place(Shorthand.SELF)
 """The ICR low dword of a SELF IPI write, vector 0 (KVM ``APIC_DEST_SELF``)."""
 _XAPIC_ID = XAPIC_ID["id"]
@@ -165,19 +170,24 @@ class RegisterMixin(ApicCore):
     def _write_icr(self, value: int, x2apic: bool) -> None:
         w = self._w
         if x2apic:
-            value &= ~DELIVERY_STATUS
-            low = value & 0xFFFFFFFF
-            dest = value >> 32
-            self._send(low, dest)
-            w[_ICR] = low
-            if self.icr_split:
-                w[_ICR2] = dest
-            else:
-                w[_ICR_HIGH] = dest
+            self._send(value & _ICR_LOW_STORED, value >> 32)
+            self.store_x2apic_icr(value)
         else:
             value &= ~DELIVERY_STATUS
             self._send(value, _ICR2_DEST.get(int(w[_ICR2])))
             w[_ICR] = value
+
+    def store_x2apic_icr(self, value: int) -> None:
+        """The register half of an x2APIC ICR write of ``value`` (already checked): the low
+        dword without delivery status at 0x300, the destination at 0x304 or, with
+        ``icr_split``, 0x310.  ``_write_icr`` stores it after the send; a hypervisor fastpath
+        that delivered the message itself calls it (``hypervisor.vcpu.Vcpu.emulate_wrmsr``)."""
+        if self.icr_split:
+            w = self._w
+            w[_ICR] = value & _ICR_LOW_STORED
+            w[_ICR2] = value >> 32
+        else:  # 0x300 and 0x304 are one little-endian quadword
+            self._q[_ICR_QWORD] = value & _ICR_STORED
 
     def _write_icr2(self, value: int, x2apic: bool) -> None:
         self._w[_ICR2] = value & _ICR2_DEST.mask

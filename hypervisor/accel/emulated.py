@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from hypervisor.vm import Vm
     from lapic.apic import LocalApic
 
+_MSR_WRITE = ExitReason.MSR_WRITE  # a global: an enum member lookup costs ~100 ns per exit
+
 
 class Emulated:
     name = "emulated"
@@ -58,7 +60,7 @@ class Emulated:
         return vcpu.emulate_rdmsr(msr)
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
-        vcpu.record_exit(ExitReason.MSR_WRITE, msr, value)
+        vcpu.record_exit(_MSR_WRITE, msr, value)
         vcpu.emulate_wrmsr(msr, value)
 
     def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:

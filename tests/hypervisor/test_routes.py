@@ -11,8 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypervisor import Vm
+from hypervisor.apic_map import build
 from hypervisor.config import VmConfig
+from hypervisor.delivery import deliver
+from lapic.apic import LocalApic
 from lapic.faults import ApicValueError, GuestFault
+from lapic.icr import X2APIC_ICR_RESERVED, Interrupt, Msi, interrupt_of_icr
+from lapic.profile import LowestPriorityPolicy, Profile
 
 XAPIC_BASE = 0xFEE00000
 ENABLE_XAPIC = XAPIC_BASE | 0x800
@@ -198,3 +203,213 @@ def test_a_hotplugged_vcpu_that_aliases_a_cached_destination_is_not_missed__MAP_
         results.append((first, vm.signal_msi(XAPIC_BASE | 5 << 12, 0, 0x40), vm.snapshot()))
     assert results[0] == results[1]
     assert results[0][:2] == (1, 1)  # the new vCPU's APIC is software-disabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Every kept route against an uncached decode (FAST-10): the ICR values of the fastpath, the
+# raw MSIs and the messages per source, after random state changes under random KvmOptions.
+# ---------------------------------------------------------------------------------------------
+ICR_STORED = 0xFFFFFFFF & ~0x1000  # the low dword an ICR write keeps (delivery status dropped)
+
+
+def _decided_now(vm: Vm, source: LocalApic | None, irq: Interrupt) -> tuple[LocalApic, ...] | None:
+    """The targets KVM's delivery would choose for ``irq`` from ``source`` now, decided anew
+    from the current APIC states (a map built from them if the VM's map is dirty), with an
+    accept that only records; None if the map path would not decide it."""
+    seen: list[LocalApic] = []
+
+    def record(apic: LocalApic, message: Interrupt) -> bool:
+        seen.append(apic)
+        return False
+
+    the_map = None
+    if vm._use_map:
+        the_map = vm._map
+        if vm._map_dirty:
+            the_map = build(vm._apics, x2apic_format=vm.x2apic_format)[0]
+    _, fast = deliver(
+        irq, source, the_map, vm._apics, vm.profile, vm.broadcast_quirk, vm.lowest_priority,
+        record, vm._use_map,
+    )  # fmt: skip
+    return tuple(seen) if fast else None
+
+
+def _check_every_kept_route(vm: Vm) -> int:
+    """Each kept route equals an uncached decode of its key; returns how many were checked."""
+    routes = vm._routes
+    checked = 0
+    for source, by_key in routes.by_source.items():
+        for key, (irq, targets, *fields) in by_key.items():
+            assert key == irq.dest << 8 | irq.vector
+            assert _decided_now(vm, source, irq) == targets, f"source route {irq!r}"
+            assert fields == [irq.vector, irq.delivery_mode, irq.trigger, irq.level]
+            checked += 1
+    for data, by_address in routes.msi.items():
+        for address_lo, (irq, targets, *fields) in by_address.items():
+            assert irq == Msi(address_lo, 0, data).decode(x2apic_format=vm.x2apic_format)
+            assert _decided_now(vm, None, irq) == targets, f"MSI route {irq!r}"
+            assert fields == [irq.vector, irq.delivery_mode, irq.trigger, irq.level]
+            checked += 1
+    for source, by_value in routes.icr.items():
+        for value, (targets, hook, *fields) in by_value.items():
+            assert source.x2apic_mode and not value & X2APIC_ICR_RESERVED
+            assert hook == source.send_hook == vm._deliver
+            irq = interrupt_of_icr(value & ICR_STORED, value >> 32)
+            assert _decided_now(vm, source, irq) == targets, f"ICR route {value:#x}"
+            assert fields == [irq.vector, irq.delivery_mode, irq.trigger, irq.level]
+            checked += 1
+    return checked
+
+
+def _x2apic_icr(i: int, value: int) -> Op:
+    """vCPU ``i``'s guest writes ``value`` to the x2APIC ICR (WRMSR 0x830)."""
+
+    def op(vm: Vm) -> object:
+        if i >= len(vm):
+            return None
+        vm.vcpu(i).wrmsr(0x830, value)
+        return None
+
+    return op
+
+
+def _guest_msr(i: int, msr: int, value: int) -> Op:
+    def op(vm: Vm) -> object:
+        if i >= len(vm):
+            return None
+        vm.vcpu(i).wrmsr(msr, value)
+        return None
+
+    return op
+
+
+def _restore_first(vm: Vm) -> object:
+    """Restore the snapshot the VM was given at the start (``vm._first``)."""
+    vm.restore(vm._first)  # type: ignore[attr-defined]
+    return None
+
+
+x2apic_dest = st.one_of(dest8, st.sampled_from([0x10001, 0x20003, 0xFFFFFFFF]), st.integers(0, 9))
+icr_low = st.builds(
+    lambda v, mode, logical, level, trigger, shorthand, junk: (
+        v | mode << 8 | logical << 11 | level << 14 | trigger << 15 | shorthand << 18 | junk
+    ),
+    st.sampled_from([0x20, 0x31, 0xF0, 0x0E]),
+    st.sampled_from([0, 0, 0, 1, 4, 2]),  # fixed (mostly), lowest priority, NMI, SMI
+    st.integers(0, 1), st.integers(0, 1), st.integers(0, 1),
+    st.sampled_from([0, 0, 0, 1, 2, 3]),
+    st.sampled_from([0, 0, 0, 0x1000, 0x2000, 1 << 20]),  # delivery status; reserved bits
+)  # fmt: skip
+route_change = st.one_of(
+    state_change,
+    st.builds(  # guest APIC_BASE writes: enable, disable, x2APIC mode (a #GP where illegal)
+        lambda i, v: _guest_msr(i, 0x1B, v), vcpu_index, st.sampled_from(BASES)
+    ),
+    st.builds(  # x2APIC SVR software enable / disable
+        lambda i, v: _guest_msr(i, 0x80F, v), vcpu_index, st.sampled_from([0xFF, 0x1FF])
+    ),
+    st.builds(lambda i: _x2apic_icr(i, 5 << 8), vcpu_index),  # INIT to APIC ID 0 (a RESET)
+    st.just(_restore_first),
+)
+route_use = st.one_of(
+    delivery,
+    st.builds(lambda i, d, low: _x2apic_icr(i, d << 32 | low), vcpu_index, x2apic_dest, icr_low),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    vcpus=st.integers(1, 5),
+    x2apic_format=st.booleans(),
+    broadcast_quirk=st.booleans(),
+    lowest_priority=st.sampled_from(list(LowestPriorityPolicy)),
+    optimized_apic_map=st.booleans(),
+    excludes_new=st.booleans(),
+    x2apic=st.lists(st.booleans(), min_size=5, max_size=5),
+    ops=st.lists(st.one_of(route_use, route_use, route_change), min_size=1, max_size=40),
+)
+def test_every_kept_route_equals_an_uncached_decode_after_any_state_change__FAST_10(
+    vcpus: int,
+    x2apic_format: bool,
+    broadcast_quirk: bool,
+    lowest_priority: LowestPriorityPolicy,
+    optimized_apic_map: bool,
+    excludes_new: bool,
+    x2apic: list[bool],
+    ops: list[Op],
+) -> None:
+    config = VmConfig.build(vcpus)
+    kvm = config.kvm.replace(
+        x2apic_format=x2apic_format,
+        broadcast_quirk=broadcast_quirk,
+        lowest_priority=lowest_priority,
+        optimized_apic_map=optimized_apic_map,
+        map_excludes_new_vcpu=excludes_new,
+    )
+    config = config.replace(kvm=kvm)
+    cached, fresh = Vm(config), Vm(config)
+    fresh.route_cache = False
+    for vm in (cached, fresh):  # every APIC software-enabled, some in x2APIC mode
+        for i in range(vcpus):
+            if x2apic[i]:
+                vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+                vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+            else:
+                vm.lapic(i).mmio_write(0xF0, 0x1FF)
+        vm._first = vm.snapshot()  # type: ignore[attr-defined]
+    checked = 0
+    for step, op in enumerate(ops):
+        got, want = _outcome(cached, op), _outcome(fresh, op)
+        assert got == want, f"step {step}: {got!r} != {want!r}"
+        checked += _check_every_kept_route(cached)
+        a, b = cached.snapshot(), fresh.snapshot()
+        assert a == b, f"step {step}: " + "; ".join(b.diff(a))
+    assert len(fresh._routes) == 0 and not any(fresh._routes.icr.values())
+
+
+def test_an_icr_value_is_kept_only_for_its_sender_and_forgotten_with_the_map__FAST_10() -> None:
+    vm = Vm(3)
+    for i in range(3):
+        vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+        vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+    value = 2 << 32 | 0x40F0
+    vm.vcpu(0).wrmsr(0x830, value)  # the slow path, which keeps the route and the value
+    assert vm.vcpu(0).icr_routes[value][0] == (vm.lapic(2),)
+    assert value not in vm.vcpu(1).icr_routes
+    fast = vm.stats.fast_path
+    vm.vcpu(0).wrmsr(0x830, value)
+    assert vm.stats.fast_path == fast + 1 and 0xF0 in vm.lapic(2).irr
+    assert vm.lapic(0).icr == value & ~0x1000
+    vm.vcpu(2).wrmsr(0x80F, 0xFF)  # the target software-disables itself: the map changes
+    assert not vm.vcpu(0).icr_routes and len(vm._routes) == 0
+    vm.vcpu(0).wrmsr(0x830, value | 0x1000)  # delivery status is dropped, not kept
+    vm.vcpu(0).wrmsr(0x830, value | 0x1000)
+    assert vm.lapic(0).icr == value
+
+
+def test_an_icr_value_sent_through_another_send_hook_skips_the_fastpath__FAST_10() -> None:
+    vm = Vm(2)
+    for i in range(2):
+        vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+        vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+    value = 1 << 32 | 0x40F0
+    vm.vcpu(0).wrmsr(0x830, value)
+    vm.vcpu(0).wrmsr(0x830, value)
+    assert value in vm.vcpu(0).icr_routes
+    sent: list[Interrupt] = []
+    vm.lapic(0).send_hook = lambda apic, irq: sent.append(irq)
+    vm.vcpu(0).wrmsr(0x830, value)
+    assert [irq.vector for irq in sent] == [0xF0]
+
+
+def test_an_icr_value_the_sender_refuses_is_never_kept_though_its_route_is__FAST_10() -> None:
+    vm = Vm(2, Profile.custom("kvm", accept_illegal_vectors=False))
+    for i in range(2):
+        vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+        vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+    value = 1 << 32 | 0x400E  # vector 14: the sender logs a send illegal vector error
+    assert vm.deliver(interrupt_of_icr(value & 0xFFFFFFFF, 1), vm.lapic(0)) == 0  # kept route
+    for _ in range(2):
+        vm.vcpu(0).wrmsr(0x830, value)
+        assert value not in vm.vcpu(0).icr_routes
+        assert vm.stats.ipis == 1 and vm.lapic(0)._esr_pending == 0x20
