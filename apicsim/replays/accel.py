@@ -15,8 +15,8 @@ Not here: the patcher and the registry (``apicsim.replays``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 import hypervisor.accel.avic as accel_avic
 import hypervisor.hw.avic as hw_avic
@@ -29,7 +29,7 @@ from lapic.apic import LocalApic
 from lapic.faults import ApicValueError
 from lapic.icr import Interrupt
 
-from .patcher import Patcher
+from .patcher import Patcher, Row, active_rows
 
 
 def br_a3(p: Patcher) -> None:
@@ -250,8 +250,6 @@ def br_a25(p: Patcher) -> None:
     p.set(AvicState, "remember_ldr", remember_ldr)
 
 
-Install = Callable[[Patcher], None]
-Row = tuple[str, str, str, str, tuple[str, ...], Install | None, str]
 
 _NO_PREEMPTION = (
     "the model's load/put/refresh is one atomic step: no preemption point exists inside it "
@@ -335,20 +333,7 @@ ROWS: tuple[Row, ...] = (
 BY_ID: dict[str, Row] = {row[0]: row for row in ROWS}
 
 
-@contextmanager
-def active(ids: Iterable[str]) -> Iterator[None]:
+def active(ids: Iterable[str]) -> AbstractContextManager[None]:
     """Put the named BR-A* bugs back for the ``with`` block (``apicsim.replays.active`` does
     the same for every catalogued bug)."""
-    patcher = Patcher()
-    try:
-        for bug in ids:
-            row = BY_ID.get(bug.strip().upper().replace("_", "-"))
-            if row is None:
-                raise ApicValueError(f"bug={bug!r} is not an AVIC replay; known: {list(BY_ID)}")
-            install = row[5]
-            if install is None:
-                raise ApicValueError(f"{row[0]} is not replayable: {row[6]}")
-            install(patcher)
-        yield
-    finally:
-        patcher.restore()
+    return active_rows(BY_ID, ids, "an AVIC replay")

@@ -16,16 +16,15 @@ Not here: the patcher and the registry (``apicsim.replays``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 import hypervisor.hw.vmx as hw_vmx
 from hypervisor.accel.apicv import MSR_ICR, ApicvState, _store_icr
 from hypervisor.vcpu import RunState, Vcpu
-from lapic.faults import ApicValueError
 from lapic.icr import DELIVERY_STATUS
 
-from .patcher import Patcher
+from .patcher import Patcher, Row, active_rows
 
 
 def br_v1(p: Patcher) -> None:
@@ -118,8 +117,6 @@ def br_v12(p: Patcher) -> None:
     )
 
 
-Install = Callable[[Patcher], None]
-Row = tuple[str, str, str, str, tuple[str, ...], Install | None, str]
 
 ROWS: tuple[Row, ...] = (
     ("BR-V1", "fdba608f15e2",
@@ -169,20 +166,7 @@ ROWS: tuple[Row, ...] = (
 BY_ID: dict[str, Row] = {row[0]: row for row in ROWS}
 
 
-@contextmanager
-def active(ids: Iterable[str]) -> Iterator[None]:
+def active(ids: Iterable[str]) -> AbstractContextManager[None]:
     """Put the named BR-V* bugs back for the ``with`` block (``apicsim.replays.active`` does
     the same for every catalogued bug)."""
-    patcher = Patcher()
-    try:
-        for bug in ids:
-            row = BY_ID.get(bug.strip().upper().replace("_", "-"))
-            if row is None:
-                raise ApicValueError(f"bug={bug!r} is not an APICv replay; known: {list(BY_ID)}")
-            install = row[5]
-            if install is None:
-                raise ApicValueError(f"{row[0]} is not replayable: {row[6]}")
-            install(patcher)
-        yield
-    finally:
-        patcher.restore()
+    return active_rows(BY_ID, ids, "an APICv replay")

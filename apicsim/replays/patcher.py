@@ -25,13 +25,14 @@ package) and the catalogue (``__init__.py``).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 from lapic.apic import LocalApic
+from lapic.faults import ApicValueError
 
 SEAMS_ATTRIBUTE = "REPLAY_SEAMS"
 """Name of the module-level frozenset in which a model module declares its seams."""
@@ -242,3 +243,29 @@ __all__ = [
     "declared_seams",
     "oob",
 ]
+
+
+Install = Callable[["Patcher"], None]
+"""What a replay row installs: swaps made through the patcher it is given."""
+Row = tuple[str, str, str, str, tuple[str, ...], Install | None, str]
+"""An accelerator replay row: id, commit, subject, what it puts back, rule ids, the installer
+(None if not replayable) and, then, why not."""
+
+
+@contextmanager
+def active_rows(by_id: dict[str, Row], ids: Iterable[str], family: str) -> Iterator[None]:
+    """Put the rows ``ids`` of ``by_id`` back for the ``with`` block; ``family`` names the
+    catalogue in the error for an unknown id ("an AVIC replay")."""
+    patcher = Patcher()
+    try:
+        for bug in ids:
+            row = by_id.get(bug.strip().upper().replace("_", "-"))
+            if row is None:
+                raise ApicValueError(f"bug={bug!r} is not {family}; known: {list(by_id)}")
+            install = row[5]
+            if install is None:
+                raise ApicValueError(f"{row[0]} is not replayable: {row[6]}")
+            install(patcher)
+        yield
+    finally:
+        patcher.restore()
