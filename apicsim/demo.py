@@ -30,10 +30,12 @@ target, the wake-up vector 0xF1 to a blocked one under IPIv) and the wake-ups.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
 from hypervisor import ExitReason, Vm
+from hypervisor.trace import Stats
 
 DRIVERS: tuple[tuple[str, str | None], ...] = (
     ("x2apic_phys", None),
@@ -128,24 +130,24 @@ class AvicMeasurement:
         return f"{self.driver}/{'half halted' if self.halted else 'running'}"
 
 
-def measure_avic(driver: str, *, halt_odd: bool, vcpus: int, vector: int) -> AvicMeasurement:
-    """The broadcast under AVIC; with ``halt_odd`` the odd vCPUs execute HLT first."""
+def _accelerated_broadcast(
+    vm: Vm, driver: str, *, halt_odd: bool, vcpus: int, vector: int,
+    counters: Callable[[Stats], dict[str, int]],
+) -> tuple[int, dict[str, int], int, list[str]]:
+    """The broadcast both accelerated tables make: boot ``driver`` on ``vm``, halt the odd
+    vCPUs if ``halt_odd``, send, run every vCPU.  Returns the vCPUs halted, how much each of
+    ``counters(vm.stats)`` grew during the send alone, the destinations that handled the vector
+    exactly once, and what went wrong (a missed or duplicated vector, wake-ups that do not
+    match the halted vCPUs; ``counters`` must name ``"wakeups"``)."""
     from guest import Guest
 
-    vm = Vm(vcpus=vcpus, accelerator="avic")
     guest = Guest(vm, driver=driver)
-    halted = 0
-    if halt_odd:
-        for i in range(1, vcpus, 2):
-            halted += vm.vcpu(i).halt()
-    stats = vm.stats
-    exits0, doorbells0, wakeups0 = stats.exits, stats.doorbells, stats.wakeups
-    incomplete0 = stats.exits_by_reason[ExitReason.AVIC_INCOMPLETE_IPI]
+    halted = sum(vm.vcpu(i).halt() for i in range(1, vcpus, 2)) if halt_odd else 0
+    start = counters(vm.stats)
     before = [guest.cpu(i).handled.count(vector) for i in range(vcpus)]
     guest.cpu(0).send_IPI_mask_allbutself(list(range(vcpus)), vector)
-    exits = stats.exits - exits0
-    incomplete = stats.exits_by_reason[ExitReason.AVIC_INCOMPLETE_IPI] - incomplete0
-    doorbells, wakeups = stats.doorbells - doorbells0, stats.wakeups - wakeups0
+    end = counters(vm.stats)
+    grew = {k: end.get(k, 0) - start.get(k, 0) for k in sorted(end.keys() | start.keys())}
     for i in range(vcpus):
         guest.cpu(i).run()
     counts = [guest.cpu(i).handled.count(vector) - before[i] for i in range(vcpus)]
@@ -153,11 +155,29 @@ def measure_avic(driver: str, *, halt_odd: bool, vcpus: int, vector: int) -> Avi
     wrong = [i for i in range(1, vcpus) if counts[i] != 1]
     if wrong or counts[0]:
         problems.append(f"vCPUs {wrong[:5]} missed {vector:#x} or the sender handled it")
-    if halted and wakeups != halted:
-        problems.append(f"{halted} halted vCPUs but {wakeups} wake-ups")
+    if halted and grew["wakeups"] != halted:
+        problems.append(f"{halted} halted vCPUs but {grew['wakeups']} wake-ups")
+    return halted, grew, sum(1 for i in range(1, vcpus) if counts[i] == 1), problems
+
+
+def _avic_counters(stats: Stats) -> dict[str, int]:
+    return {
+        "exits": stats.exits,
+        "incomplete": stats.exits_by_reason[ExitReason.AVIC_INCOMPLETE_IPI],
+        "doorbells": stats.doorbells,
+        "wakeups": stats.wakeups,
+    }
+
+
+def measure_avic(driver: str, *, halt_odd: bool, vcpus: int, vector: int) -> AvicMeasurement:
+    """The broadcast under AVIC; with ``halt_odd`` the odd vCPUs execute HLT first."""
+    vm = Vm(vcpus=vcpus, accelerator="avic")
+    halted, grew, once, problems = _accelerated_broadcast(
+        vm, driver, halt_odd=halt_odd, vcpus=vcpus, vector=vector, counters=_avic_counters
+    )
     return AvicMeasurement(
-        driver, halted, exits, incomplete, doorbells, wakeups, vcpus - 1,
-        sum(1 for i in range(1, vcpus) if counts[i] == 1), tuple(problems),
+        driver, halted, grew["exits"], grew["incomplete"], grew["doorbells"], grew["wakeups"],
+        vcpus - 1, once, tuple(problems),
     )
 
 
@@ -214,48 +234,35 @@ VMX_ACCELERATORS = (("apicv", "APICv"), ("ipiv", "IPIv"))
 """The Intel accelerators of the demo: ``Vm(accelerator=...)`` name and table title."""
 
 
+def _vmx_counters(stats: Stats) -> dict[str, int]:
+    by_reason = stats.exits_by_reason
+    return {
+        "exits": stats.exits,
+        "posted": stats.posted,
+        "wakeups": stats.wakeups,
+        "apic_writes": by_reason[ExitReason.APIC_WRITE],
+        "msr_writes": by_reason[ExitReason.MSR_WRITE],
+        **{f"notify {v:#x}": n for v, n in stats.notifications.items()},
+    }
+
+
 def measure_vmx(
     accelerator: str, driver: str, *, halt_odd: bool, vcpus: int, vector: int
 ) -> VmxMeasurement:
     """The broadcast under APICv or IPIv; with ``halt_odd`` the odd vCPUs execute HLT first
     (with RFLAGS.IF = 1: woken by the posted vector)."""
-    from guest import Guest
-
     vm = Vm(vcpus=vcpus, accelerator=accelerator)
-    guest = Guest(vm, driver=driver)
-    halted = 0
-    if halt_odd:
-        for i in range(1, vcpus, 2):
-            halted += vm.vcpu(i).halt()
-    stats = vm.stats
-    by_reason = stats.exits_by_reason
-    exits0, posted0, wakeups0 = stats.exits, stats.posted, stats.wakeups
-    apic0, msr0 = by_reason[ExitReason.APIC_WRITE], by_reason[ExitReason.MSR_WRITE]
-    notified0 = dict(stats.notifications)
-    before = [guest.cpu(i).handled.count(vector) for i in range(vcpus)]
-    guest.cpu(0).send_IPI_mask_allbutself(list(range(vcpus)), vector)
+    halted, grew, once, problems = _accelerated_broadcast(
+        vm, driver, halt_odd=halt_odd, vcpus=vcpus, vector=vector, counters=_vmx_counters
+    )
+    if grew["posted"] != vcpus - 1:
+        problems.append(f"{grew['posted']} vectors posted for {vcpus - 1} destinations")
     notified = {
-        v: n - notified0.get(v, 0)
-        for v, n in sorted(stats.notifications.items())
-        if n - notified0.get(v, 0)
+        int(k.split()[1], 16): n for k, n in grew.items() if k.startswith("notify ") and n
     }
-    exits, posted, wakeups = stats.exits - exits0, stats.posted - posted0, stats.wakeups - wakeups0
-    apic_writes = by_reason[ExitReason.APIC_WRITE] - apic0
-    msr_writes = by_reason[ExitReason.MSR_WRITE] - msr0
-    for i in range(vcpus):
-        guest.cpu(i).run()
-    counts = [guest.cpu(i).handled.count(vector) - before[i] for i in range(vcpus)]
-    problems: list[str] = []
-    wrong = [i for i in range(1, vcpus) if counts[i] != 1]
-    if wrong or counts[0]:
-        problems.append(f"vCPUs {wrong[:5]} missed {vector:#x} or the sender handled it")
-    if halted and wakeups != halted:
-        problems.append(f"{halted} halted vCPUs but {wakeups} wake-ups")
-    if posted != vcpus - 1:
-        problems.append(f"{posted} vectors posted for {vcpus - 1} destinations")
     return VmxMeasurement(
-        accelerator, driver, halted, exits, apic_writes, msr_writes, posted, notified, wakeups,
-        vcpus - 1, sum(1 for i in range(1, vcpus) if counts[i] == 1), tuple(problems),
+        accelerator, driver, halted, grew["exits"], grew["apic_writes"], grew["msr_writes"],
+        grew["posted"], notified, grew["wakeups"], vcpus - 1, once, tuple(problems),
     )
 
 
