@@ -40,7 +40,8 @@ there (KVM does it at the next ``vmx_vcpu_pi_load``); KVM_GET_LAPIC syncs the PI
 (``kvm_vcpu_ioctl_get_lapic``), KVM_SET_LAPIC clears it (``vmx_apicv_post_state_restore``).
 
 Not modelled: nested posted interrupts (``nested_vector`` is only recorded), the IOMMU's
-interrupt remapping (``device_post`` is the post itself), TPR thresholds, SENDUIPI.
+interrupt remapping (``device_post`` is the post itself), SENDUIPI, TPR thresholds other than
+the one a MOV to CR8 checks while APICv is inhibited (CR8-2).
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ write beyond "fixed, physical, no shorthand" (:func:`ipiv_qualifies` takes ``min
 what the CPU does past ``LAST_PID_POINTER_INDEX`` or on an entry whose valid bit is 0
 (:class:`IpivMiss`), and whether an IPIv post follows the ON/SN notification rule.
 
-Not modelled: TPR thresholds and TPR-below-threshold exits, the interrupt-window control,
+Not modelled here: TPR thresholds and TPR-below-threshold exits (KVM's side models the one
+a MOV to CR8 meets while APICv is inhibited, ``hypervisor.accel.apicv``), the
+interrupt-window control,
 interrupt shadows (STI/MOV SS), nested posted interrupts (vmcs12), the APIC-access page's
 physical address, SENDUIPI, VM-entry consistency checks (UNVERIFIED, PI-H3).
 """
