@@ -33,9 +33,9 @@ what the CPU does past ``LAST_PID_POINTER_INDEX`` or on an entry whose valid bit
 
 Not modelled here: TPR thresholds and TPR-below-threshold exits (KVM's side models the one
 a MOV to CR8 meets while APICv is inhibited, ``hypervisor.accel.apicv``), the
-interrupt-window control,
-interrupt shadows (STI/MOV SS), nested posted interrupts (vmcs12), the APIC-access page's
-physical address, SENDUIPI, VM-entry consistency checks (UNVERIFIED, PI-H3).
+interrupt-window control, interrupt shadows (STI/MOV SS), nested posted interrupts (vmcs12),
+the APIC-access page's physical address, SENDUIPI, VM-entry consistency checks (UNVERIFIED,
+PI-H3).
 """
 
 from __future__ import annotations
