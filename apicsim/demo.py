@@ -181,9 +181,18 @@ def measure_avic(driver: str, *, halt_odd: bool, vcpus: int, vector: int) -> Avi
     )
 
 
+def _grid(labels: list[str], rows: list[tuple[str, list[str]]], name_width: int = 22) -> list[str]:
+    """The lines of one table: a header of column ``labels``, then each named row of cells,
+    right-aligned in columns at least 16 wide."""
+    width = max(16, *(len(label) + 2 for label in labels))
+    lines = [f"{'':<{name_width}}" + "".join(f"{label:>{width}}" for label in labels)]
+    for name, cells in rows:
+        lines.append(f"{name:<{name_width}}" + "".join(f"{c:>{width}}" for c in cells))
+    return lines
+
+
 def render_avic(results: list[AvicMeasurement], *, vector: int) -> str:
     """The AVIC table (its row names start with "AVIC", its verdicts with "AVIC PASS")."""
-    width = max(16, *(len(m.label) + 2 for m in results))
     rows: list[tuple[str, list[str]]] = [
         ("AVIC VM exits", [str(m.exits) for m in results]),
         ("AVIC incomplete IPIs", [str(m.incomplete_ipi) for m in results]),
@@ -197,11 +206,9 @@ def render_avic(results: list[AvicMeasurement], *, vector: int) -> str:
         "the same call under AMD AVIC (x2AVIC, IPI virtualization on): every target running, "
         "then the odd vCPUs halted",
         "",
-        f"{'':<22}" + "".join(f"{m.label:>{width}}" for m in results),
+        *_grid([m.label for m in results], rows),
+        "",
     ]
-    for name, cells in rows:
-        lines.append(f"{name:<22}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append("")
     for m in results:
         verdict = "AVIC FAIL" if m.problems else "AVIC PASS"
         lines.append(f"{verdict} {m.label}: {'; '.join(m.problems) or 'every target once'}")
@@ -269,7 +276,6 @@ def measure_vmx(
 def render_vmx(results: list[VmxMeasurement], title: str, *, vector: int) -> str:
     """One Intel table: its row names start with ``title`` ("APICv", "IPIv"), its verdicts
     with "<title> PASS"."""
-    width = max(16, *(len(m.label) + 2 for m in results))
     name_width = max(22, len(title) + 20)
     rows: list[tuple[str, list[str]]] = [
         (f"{title} VM exits", [str(m.exits) for m in results]),
@@ -292,11 +298,9 @@ def render_vmx(results: list[VmxMeasurement], title: str, *, vector: int) -> str
         f"the same call under Intel {title} ({what}): every target running, then the odd "
         "vCPUs halted",
         "",
-        f"{'':<{name_width}}" + "".join(f"{m.label:>{width}}" for m in results),
+        *_grid([m.label for m in results], rows, name_width),
+        "",
     ]
-    for name, cells in rows:
-        lines.append(f"{name:<{name_width}}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append("")
     for m in results:
         verdict = f"{title} FAIL" if m.problems else f"{title} PASS"
         lines.append(f"{verdict} {m.label}: {'; '.join(m.problems) or 'every target once'}")
@@ -305,7 +309,6 @@ def render_vmx(results: list[VmxMeasurement], title: str, *, vector: int) -> str
 
 def render(results: list[Measurement], *, vcpus: int, vector: int) -> str:
     """The side-by-side table."""
-    width = max(16, *(len(m.label) + 2 for m in results))
     rows: list[tuple[str, list[str]]] = [
         ("VM exits", [str(m.exits) for m in results]),
         ("hypercalls", [str(m.hypercalls) for m in results]),
@@ -319,11 +322,9 @@ def render(results: list[Measurement], *, vcpus: int, vector: int) -> str:
         f"apicsim demo: vCPU 0 sends vector {vector:#x} to all other {vcpus - 1} of {vcpus} "
         "vCPUs (send_IPI_mask_allbutself), trap-and-emulate; counts are for that one call",
         "",
-        f"{'':<22}" + "".join(f"{m.label:>{width}}" for m in results),
+        *_grid([m.label for m in results], rows),
+        "",
     ]
-    for name, cells in rows:
-        lines.append(f"{name:<22}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append("")
     for m in results:
         verdict = "PASS" if m.passed else "FAIL"
         detail = (
