@@ -121,19 +121,12 @@ def host_apic_id_of_ndst(ndst: int, host_x2apic: bool) -> int:
 # ===========================================================================================
 # The descriptor
 # ===========================================================================================
-@dataclass(frozen=True, slots=True)
-class Pid:
-    """A posted-interrupt descriptor as a value: ``pir`` (the vectors posted), ``control``
-    (the raw u64 of :data:`PID_CONTROL`); ``bytes(pid)`` is the 64-byte image (PIR as
-    ``u32 pir[8]`` little-endian, control at byte 32, bytes 40-63 reserved, zero)."""
+class _ControlWord:
+    """ON, SN, NV and NDST read from a descriptor's raw control word (:data:`PID_CONTROL`);
+    shared by the value (:class:`Pid`) and the live descriptor (:class:`PiDesc`)."""
 
-    pir_bits: int = 0
-    control: int = 0
-
-    @property
-    def pir(self) -> FrozenVectorSet:
-        bits = self.pir_bits
-        return FrozenVectorSet(v for v in range(256) if bits >> v & 1)
+    __slots__ = ()
+    control: int
 
     @property
     def on(self) -> bool:
@@ -150,6 +143,21 @@ class Pid:
     @property
     def ndst(self) -> int:
         return _NDST.get(self.control)
+
+
+@dataclass(frozen=True, slots=True)
+class Pid(_ControlWord):
+    """A posted-interrupt descriptor as a value: ``pir`` (the vectors posted), ``control``
+    (the raw u64 of :data:`PID_CONTROL`); ``bytes(pid)`` is the 64-byte image (PIR as
+    ``u32 pir[8]`` little-endian, control at byte 32, bytes 40-63 reserved, zero)."""
+
+    pir_bits: int = 0
+    control: int = 0
+
+    @property
+    def pir(self) -> FrozenVectorSet:
+        bits = self.pir_bits
+        return FrozenVectorSet(v for v in range(256) if bits >> v & 1)
 
     def __bytes__(self) -> bytes:
         return (
@@ -174,7 +182,7 @@ class Pid:
         )
 
 
-class PiDesc:
+class PiDesc(_ControlWord):
     """The live descriptor of one vCPU (``struct pi_desc``): ``pir`` a 256-bit int, ``control``
     the u64.  Each method is one atomic operation of ``posted_intr.h``."""
 
@@ -210,14 +218,6 @@ class PiDesc:
         old = self.control & _SN
         self.control &= ~_SN
         return bool(old)
-
-    @property
-    def on(self) -> bool:
-        return bool(self.control & _ON)
-
-    @property
-    def sn(self) -> bool:
-        return bool(self.control & _SN)
 
     @property
     def nv(self) -> int:
