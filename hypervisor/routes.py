@@ -31,8 +31,11 @@ message and the VM's fixed options (``KvmOptions``: one cache per VM): the map, 
 source's x2APIC mode (the broadcast test and the ICR layout), itself an APIC_BASE change.
 What a hit still checks each time, because it can change without touching the map: the
 route cache switch, the tracer, queued steps, and for an ICR value the sender's ``send`` op
-(an accelerator may bind its own) and ``send_hook``.  The acceptance (``accept``: enable
-bits, SVR, the vector's validity) runs on every delivery, so it needs no invalidation.
+(an accelerator may bind its own) and ``send_hook``.  Each target accepts through its
+``LocalApic.acceptor`` of the message, made when the route is kept: it has read the
+target's enable bits (APIC_BASE.EN, SVR's software enable) then, which is right for as long
+as the route lives, because changing either dirties the map; the target's ApicOps and
+``notify_hook`` it reads on every delivery.
 
 The cache is bounded (``LIMIT`` routes; past it, everything is forgotten).  Not modelled:
 anything of KVM; this is a simulator speed-up whose answers equal the uncached ones (tested
@@ -40,6 +43,8 @@ by ``tests/hypervisor/test_routes.py`` against a VM with ``route_cache = False``
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from hypervisor.delivery import AcceptFn
 from lapic.apic import LocalApic
@@ -49,14 +54,17 @@ LIMIT = 1 << 16
 """Routes kept at most (source routes and MSI routes together; ICR values, apart)."""
 
 Targets = tuple[LocalApic, ...]
-Route = tuple[Interrupt, Targets, int, int, int, int]
-"""A kept route: the decoded message (compared whole on a hit), its targets, then the
-message's vector, delivery mode, trigger and level as ``LocalApic.accept_fast`` takes them
-(unpacked once, not indexed out of the message on every hit)."""
-IcrRoute = tuple[Targets, object, int, int, int, int]
-"""A kept x2APIC ICR route: its targets, the ``send_hook`` the message was sent through (a
-hit requires the sender's hook to be that very object still), then the message's vector,
-delivery mode, trigger and level as ``LocalApic.accept_fast`` takes them."""
+Accepts = tuple[Callable[[], bool], ...]
+"""Each target's ``LocalApic.acceptor`` of the message, in the targets' order: what a hit
+calls (no decode, no lookup, no per-call argument handling)."""
+Route = tuple[Interrupt, Accepts, Targets, int, int, int, int]
+"""A kept route: the decoded message (compared whole on a hit), its targets' acceptors, the
+targets, then the message's vector, delivery mode, trigger and level as
+``LocalApic.accept_fast`` takes them (what the acceptors were made from)."""
+IcrRoute = tuple[Accepts, object, Targets, int, int, int, int]
+"""A kept x2APIC ICR route: the targets' acceptors, the ``send_hook`` the message was sent
+through (a hit requires the sender's hook to be that very object still), then the targets,
+vector, delivery mode, trigger and level, as in :data:`Route`."""
 
 
 class RouteCache:
@@ -107,7 +115,7 @@ class RouteCache:
         """The targets of ``irq`` sent by ``source``, if known."""
         by = self.by_source.get(source)
         route = None if by is None else by.get(irq[6] << 8 | irq[0])
-        return None if route is None or route[0] != irq else route[1]
+        return None if route is None or route[0] != irq else route[2]
 
     def of_msi(self, address_lo: int, data: int) -> Route | None:
         """The decoded message and targets of the MSI (``address_lo``, 0, ``data``), if
@@ -166,4 +174,6 @@ class RouteCache:
 
 
 def _route(irq: Interrupt, seen: list[LocalApic]) -> Route:
-    return (irq, tuple(seen), irq[0], irq[1], irq[4], irq[3])
+    vector, mode, trigger, level = irq[0], irq[1], irq[4], irq[3]
+    accepts = tuple(apic.acceptor(vector, mode, trigger, level) for apic in seen)
+    return (irq, accepts, tuple(seen), vector, mode, trigger, level)

@@ -23,7 +23,7 @@ notifiers other than load/put, RFLAGS.IF.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hypervisor.host.machine import Host
@@ -55,11 +55,11 @@ class Scheduler:
         self.steps = host.steps
         self.halt_recheck = True
         """KVM's order (block, then re-check).  False: the broken check-then-block variant."""
-        self._vcpu_of: dict[LocalApic, Vcpu] = {}
+        self._kick_of: dict[LocalApic, Callable[[LocalApic], None]] = {}
 
     def attach(self, vcpu: Vcpu) -> None:
         """Register a new vCPU (so :meth:`notify` finds it from its APIC)."""
-        self._vcpu_of[vcpu.apic] = vcpu
+        self.notifier(vcpu)
 
     # ===================================================================================
     # Load / put (KVM vcpu_load / vcpu_put)
@@ -124,24 +124,44 @@ class Scheduler:
         self.notify(vcpu.apic)
 
     def notify(self, apic: LocalApic) -> None:
-        """:meth:`kick` by APIC: the ``notify_hook`` the emulated accelerator installs."""
-        vcpu = self._vcpu_of[apic]
-        if self.steps.queued:
-            self.steps.start(f"kick.vcpu{vcpu.index}", self.kick_steps(vcpu))
-            return
-        # The two steps of kick_steps, called directly (each is a no-op in the other's state);
-        # kick_ipi's common case (no INIT pending) inlined, as this runs once per IPI.
-        state = vcpu.run_state
-        if state is _IN_GUEST:
-            if apic.events.init:  # init_pending, without the property
-                self.kick_ipi(vcpu)
-            elif self.host.running is not vcpu:
-                self.vm.stats.kicks += 1
-                hs = self.host.stats
-                hs.kicks += 1
-                hs.host_ipis += 1
-        elif state is _BLOCKED:
-            self.wake_up(vcpu)
+        """:meth:`kick` by APIC (what :meth:`notifier` made for its vCPU)."""
+        self._kick_of[apic](apic)
+
+    def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
+        """``kvm_vcpu_kick`` for ``vcpu``, as the ``notify_hook`` of its APIC (one function
+        per vCPU, made on first use)."""
+        kick = self._kick_of.get(vcpu.apic)
+        if kick is None:
+            kick = self._kick_of[vcpu.apic] = self._make_kick(vcpu)
+        return kick
+
+    def _make_kick(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
+        """It runs once per accepted interrupt, so the objects it reads are bound once, here
+        (the VM's and the host's counters and step scheduler are never replaced)."""
+        steps = self.steps
+        host = self.host
+        host_stats = host.stats
+        vm_stats = self.vm.stats
+        name = f"kick.vcpu{vcpu.index}"
+
+        def kick(apic: LocalApic) -> None:
+            if steps.queued:
+                steps.start(name, self.kick_steps(vcpu))
+                return
+            # The two steps of kick_steps, called directly (each is a no-op in the other's
+            # state); kick_ipi's common case (no INIT pending) inlined.
+            state = vcpu.run_state
+            if state is _IN_GUEST:
+                if apic.events.init:  # init_pending, without the property
+                    self.kick_ipi(vcpu)
+                elif host.running is not vcpu:
+                    vm_stats.kicks += 1
+                    host_stats.kicks += 1
+                    host_stats.host_ipis += 1
+            elif state is _BLOCKED:
+                self.wake_up(vcpu)
+
+        return kick
 
     def kick_steps(self, vcpu: Vcpu) -> Protocol:
         i = vcpu.index

@@ -223,7 +223,7 @@ def _map_state(vm: Vm, m: ApicMap | None) -> MapState | None:
 def _stats_items(vm: Vm) -> tuple[tuple[str, Hashable], ...]:
     st = vm.stats
     out: list[tuple[str, Hashable]] = []
-    for name in st.__slots__:
+    for name in st.NAMES:
         value = getattr(st, name)
         if name == "exits_by_reason":
             value = tuple(sorted((int(r), n) for r, n in value.items() if n))
@@ -257,7 +257,7 @@ def snapshot_vm(vm: Vm) -> VmSnapshot:
         vcpus=vcpus,
         host=_host_state(vm, vm.host),
         stats=_stats_items(vm),
-        exit_log=None if vm.exit_log is None else tuple(vm.exit_log),
+        exit_log=None if vm.exit_log is None else tuple(vm.exits),
         trace=tuple(vm.tracer.events),
         accel=vm.accel.state(),
         # A VM whose map was never built (dirty since its first vCPU) has no _map yet.
@@ -317,10 +317,7 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
     st = vm.stats
     for name, value in snap.stats:
         if name == "exits_by_reason":
-            counter = st.exits_by_reason
-            counter.clear()
-            for r, n in value:  # type: ignore[attr-defined]
-                counter[ExitReason(r)] = n
+            st.exits_by_reason = {ExitReason(r): n for r, n in value}  # type: ignore[attr-defined]
         elif name == "notifications":
             st.notifications.clear()
             for v, n in value:  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from hypervisor.exits import Exit, ExitReason
+from hypervisor.exits import ExitReason
 from hypervisor.pv_ipi import emulate_hypercall
 from hypervisor.trace import (
     KvmApicWrite,
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from hypervisor.vm import Vm
 
 NMI_VECTOR = 2
-_new_tuple = tuple.__new__
 
 Handler = Callable[["Vcpu", int], None]
 NmiHandler = Callable[["Vcpu"], None]
@@ -223,10 +222,10 @@ class Vcpu:
         self.exits += 1
         stats = vm.stats
         stats.exits += 1
-        stats.exits_by_reason[reason] += 1
+        stats.exit_counts[reason] += 1
         log = vm.exit_log
-        if log is not None:  # Exit(...) without NamedTuple.__new__'s keyword handling
-            log.append(_new_tuple(Exit, (self.index, reason, qualification, value)))
+        if log is not None:  # a plain tuple; Vm.exits reads it as an Exit
+            log.append((self.index, reason, qualification, value))
         if vm.tracer.on:
             vm.tracer.emit(KvmExit(self.vcpu_id, reason, qualification))
 
@@ -321,10 +320,11 @@ class Vcpu:
             stats = vm.stats
             stats.ipis += 1
             stats.fast_path += 1
-            targets, _, vector, mode, trigger, level = route
-            for target in targets:
-                if target.accept_fast(vector, mode, trigger, level):
-                    stats.irqs_accepted += 1
+            r = 0
+            for accept in route[0]:
+                if accept():
+                    r += 1
+            stats.irqs_accepted += r
             return
         self._emulate_wrmsr(msr, value)
 

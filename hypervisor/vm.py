@@ -69,7 +69,7 @@ from hypervisor.config import (
     check_max_vcpu_ids,
 )
 from hypervisor.delivery import AcceptFn, deliver
-from hypervisor.exits import Exit
+from hypervisor.exits import Exit, ExitReason
 from hypervisor.host.machine import MAX_PCPUS, Host
 from hypervisor.pv_ipi import pv_send_ipi
 from hypervisor.routes import RouteCache
@@ -201,7 +201,11 @@ class Vm:
         self.stats = Stats()
         self.tracer = Tracer(config.trace, self.clock)
         exit_log = config.exit_log
-        self.exit_log: deque[Exit] | None = deque(maxlen=exit_log) if exit_log else None
+        self.exit_log: deque[tuple[int, ExitReason, int, int]] | None = (
+            deque(maxlen=exit_log) if exit_log else None
+        )
+        """The latest exits as plain ``(vcpu, reason, qualification, value)`` tuples (the
+        cheapest record to make per exit); :attr:`exits` reads them as :class:`Exit`."""
         self._vcpus: list[Vcpu] = []
         self._apics: list[LocalApic] = []
         # The map, its dirty bit and its inhibits are set again by add_vcpu (every VM has a
@@ -380,12 +384,11 @@ class Vm:
                 if source is not None:
                     stats.ipis += 1
                 stats.fast_path += 1
-                _, targets, vector, mode, trigger, level = route
                 r = 0
-                for apic in targets:
-                    if apic.accept_fast(vector, mode, trigger, level):
-                        stats.irqs_accepted += 1
+                for accept in route[1]:
+                    if accept():
                         r += 1
+                stats.irqs_accepted += r
                 return r
             accept = self._accept
         return self._route(source, irq, accept)[0]
@@ -486,12 +489,11 @@ class Vm:
                 stats = self.stats
                 stats.msis += 1
                 stats.fast_path += 1
-                _, targets, vector, mode, trigger, level = route
                 r = 0
-                for apic in targets:
-                    if apic.accept_fast(vector, mode, trigger, level):
-                        stats.irqs_accepted += 1
+                for accept in route[1]:
+                    if accept():
                         r += 1
+                stats.irqs_accepted += r
                 return r
         check_msi(address_lo, address_hi, data, flags)
         if flags & ~KVM_MSI_VALID_DEVID:
@@ -626,7 +628,7 @@ class Vm:
     @property
     def exits(self) -> list[Exit]:
         """The most recent exits (at most ``exit_log``), oldest first."""
-        return list(self.exit_log) if self.exit_log is not None else []
+        return [] if self.exit_log is None else [Exit(*e) for e in self.exit_log]
 
 
 def _icr_low(irq: Interrupt) -> int:

@@ -41,6 +41,7 @@ Choices settled here (each is also in ``specs/lapic.md``):
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from lapic import destination
@@ -147,6 +148,11 @@ _SVR_RESET = SVR.pack(vector=0xFF)
 # _accept and _local_deliver are hot paths: they use these constants' literal values
 # (SVR dword 0xF0 >> 2, LVT vector 7:0, delivery mode 10:8), pinned here.
 assert _SVR == 0xF0 >> 2 and _LVT_VECTOR.mask == 0xFF and _LVT_MODE.shift == 8
+
+
+def _refused() -> bool:
+    """The acceptor of a message a disabled APIC refuses (``LocalApic.acceptor``)."""
+    return False
 
 
 class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
@@ -774,6 +780,50 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
 
     _accept = accept_fast
     """The historical name (``apicsim.replays`` and the LVT path call it)."""
+
+    def acceptor(self, vector: int, mode: int, trigger: int, level: int) -> Callable[[], bool]:
+        """``accept_fast`` of one message, made once for a route that delivers it again and
+        again (``hypervisor.routes``): a function of no arguments with the same effect and
+        result as ``self.accept_fast(vector, mode, trigger, level)``, for as long as this
+        APIC raises no ``map_changed`` (the caller drops it then: every APIC_BASE change and
+        every change of SVR's software enable raises it, so the two enable bits are read
+        once, here).  For a fixed message that asserts, with a vector this APIC accepts, what
+        the message decides (mode, trigger, the vector's validity, the IRR/TMR bit) is
+        decided here too; the APIC's ApicOps and ``notify_hook`` are read on every call, in
+        ``accept_fast``'s order.  Any other message calls ``accept_fast`` itself."""
+        if (
+            mode
+            or (trigger and not level)
+            or (vector < 16 and not self.profile.accept_illegal_vectors)
+        ):
+
+            def accept_other() -> bool:
+                return self.accept_fast(vector, mode, trigger, level)
+
+            return accept_other
+        if not self.apic_base & APIC_BASE_EN or not self._w[_SVR] & SVR_ENABLE:
+            return _refused  # accept_fast refuses it, and changes nothing
+        bit = ((vector >> 5) << 7) | (vector & 31)  # lapic.vectors.bit_index
+        tmr = 1 if trigger else 0
+        level_triggered = bool(trigger)
+
+        def accept_fixed() -> bool:  # accept_fast's FIXED branch, less what is decided above
+            ready = self._op_set_intr_ready
+            if ready is None:
+                self._tmr_bits[bit] = tmr  # PRIO-6: TMR follows the trigger
+                self._irr_bits[bit] = 1
+            elif not ready(self, vector, level_triggered):
+                return True
+            op = self._op_raise_event
+            if op is None:
+                hook = self.notify_hook
+                if hook is not None:
+                    hook(self)
+            else:
+                op(self, _EV_INTERRUPT)
+            return True
+
+        return accept_fixed
 
     # Methods of the mixins that ``apicsim.replays`` swaps by name: its patcher replaces
     # entries of LocalApic's own namespace, so they are named here as well.

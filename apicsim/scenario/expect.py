@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from apicsim.ops import U32, U64, Hypercall, Op
 from hypervisor.trace import Stats
 
-STAT_NAMES = tuple(n for n in Stats.__slots__ if n != "exits_by_reason")
+STAT_NAMES = tuple(n for n in Stats.NAMES if n != "exits_by_reason")
 EXPECT_KEYS = (
     "result",
     "fault",

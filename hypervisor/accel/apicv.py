@@ -815,7 +815,7 @@ class ApicvState:
             self._reenter(vcpu)
 
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        return vcpu.sched.notify
+        return vcpu.sched.notifier(vcpu)
 
     # -- the ICR (VID-6, IPIV-3, IPIV-4, VID-7) --------------------------------------------
     def icr_write(self, vcpu: Vcpu, icrl: int, icrh: int, x2apic: bool) -> None:

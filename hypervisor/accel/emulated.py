@@ -78,7 +78,7 @@ class Emulated:
             vcpu.record_exit(ExitReason.TPR_BELOW_THRESHOLD, 0, 0)
 
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        return vcpu.sched.notify  # kvm_vcpu_kick (hypervisor.sched), one call from the APIC
+        return vcpu.sched.notifier(vcpu)  # kvm_vcpu_kick (hypervisor.sched)
 
     def vcpu_load(self, vcpu: Vcpu, pcpu: Pcpu) -> None:
         return None

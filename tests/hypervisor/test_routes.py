@@ -239,24 +239,27 @@ def _check_every_kept_route(vm: Vm) -> int:
     routes = vm._routes
     checked = 0
     for source, by_key in routes.by_source.items():
-        for key, (irq, targets, *fields) in by_key.items():
+        for key, (irq, accepts, targets, *fields) in by_key.items():
             assert key == irq.dest << 8 | irq.vector
             assert _decided_now(vm, source, irq) == targets, f"source route {irq!r}"
             assert fields == [irq.vector, irq.delivery_mode, irq.trigger, irq.level]
+            assert len(accepts) == len(targets)
             checked += 1
     for data, by_address in routes.msi.items():
-        for address_lo, (irq, targets, *fields) in by_address.items():
+        for address_lo, (irq, accepts, targets, *fields) in by_address.items():
             assert irq == Msi(address_lo, 0, data).decode(x2apic_format=vm.x2apic_format)
             assert _decided_now(vm, None, irq) == targets, f"MSI route {irq!r}"
             assert fields == [irq.vector, irq.delivery_mode, irq.trigger, irq.level]
+            assert len(accepts) == len(targets)
             checked += 1
     for source, by_value in routes.icr.items():
-        for value, (targets, hook, *fields) in by_value.items():
+        for value, (accepts, hook, targets, *fields) in by_value.items():
             assert source.x2apic_mode and not value & X2APIC_ICR_RESERVED
             assert hook == source.send_hook == vm._deliver
             irq = interrupt_of_icr(value & ICR_STORED, value >> 32)
             assert _decided_now(vm, source, irq) == targets, f"ICR route {value:#x}"
             assert fields == [irq.vector, irq.delivery_mode, irq.trigger, irq.level]
+            assert len(accepts) == len(targets)
             checked += 1
     return checked
 
@@ -374,7 +377,7 @@ def test_an_icr_value_is_kept_only_for_its_sender_and_forgotten_with_the_map__FA
         vm.vcpu(i).wrmsr(0x80F, 0x1FF)
     value = 2 << 32 | 0x40F0
     vm.vcpu(0).wrmsr(0x830, value)  # the slow path, which keeps the route and the value
-    assert vm.vcpu(0).icr_routes[value][0] == (vm.lapic(2),)
+    assert vm.vcpu(0).icr_routes[value][2] == (vm.lapic(2),)
     assert value not in vm.vcpu(1).icr_routes
     fast = vm.stats.fast_path
     vm.vcpu(0).wrmsr(0x830, value)

@@ -898,7 +898,7 @@ class AvicState:
         return None
 
     def notifier(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        return vcpu.sched.notify
+        return vcpu.sched.notifier(vcpu)
 
     # ===================================================================================
     # Snapshot, dump
