@@ -136,32 +136,7 @@ class Scheduler:
         return kick
 
     def _make_kick(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        """It runs once per accepted interrupt, so the objects it reads are bound once, here
-        (the VM's and the host's counters and step scheduler are never replaced)."""
-        steps = self.steps
-        host = self.host
-        host_stats = host.stats
-        vm_stats = self.vm.stats
-        name = f"kick.vcpu{vcpu.index}"
-
-        def kick(apic: LocalApic) -> None:
-            if steps.queued:
-                steps.start(name, self.kick_steps(vcpu))
-                return
-            # The two steps of kick_steps, called directly (each is a no-op in the other's
-            # state); kick_ipi's common case (no INIT pending) inlined.
-            state = vcpu.run_state
-            if state is _IN_GUEST:
-                if apic.events.init:  # init_pending, without the property
-                    self.kick_ipi(vcpu)
-                elif host.running is not vcpu:
-                    vm_stats.kicks += 1
-                    host_stats.kicks += 1
-                    host_stats.host_ipis += 1
-            elif state is _BLOCKED:
-                self.wake_up(vcpu)
-
-        return kick
+        return Kick(self, vcpu).kick
 
     def kick_steps(self, vcpu: Vcpu) -> Protocol:
         i = vcpu.index
@@ -197,9 +172,7 @@ class Scheduler:
             self.put(vcpu)
         if self.host.running is not vcpu:
             self.vm.stats.kicks += 1
-            hs = self.host.stats
-            hs.kicks += 1
-            hs.host_ipis += 1
+            self.host.stats.kicks += 1  # and its host IPI (HostStats.host_ipis)
 
     def wake(self, vcpu: Vcpu) -> None:
         """A blocked vCPU becomes runnable (preempted, ready for its next entry)."""
@@ -322,3 +295,38 @@ def _unique(apics: Sequence[LocalApic]) -> list[LocalApic]:
         if all(a is not b for b in out):
             out.append(a)
     return out
+
+
+class Kick:
+    """``kvm_vcpu_kick`` of one vCPU (``Scheduler.notifier``): its ``kick`` is the APIC's
+    ``notify_hook``.  It runs once per accepted interrupt, so what it reads is bound once,
+    here (the VM's and the host's counters and the step scheduler are never replaced); a
+    bound method, so the VM still copies and pickles."""
+
+    __slots__ = ("host", "host_stats", "name", "sched", "steps", "vcpu", "vm_stats")
+
+    def __init__(self, sched: Scheduler, vcpu: Vcpu) -> None:
+        self.sched = sched
+        self.vcpu = vcpu
+        self.steps = sched.steps
+        self.host = sched.host
+        self.host_stats = sched.host.stats
+        self.vm_stats = sched.vm.stats
+        self.name = f"kick.vcpu{vcpu.index}"
+
+    def kick(self, apic: LocalApic) -> None:
+        vcpu = self.vcpu
+        if self.steps.queued:
+            self.steps.start(self.name, self.sched.kick_steps(vcpu))
+            return
+        # The two steps of kick_steps, called directly (each is a no-op in the other's state);
+        # kick_ipi's common case (no INIT pending) inlined.
+        state = vcpu.run_state
+        if state is _IN_GUEST:
+            if apic.events.init:  # init_pending, without the property
+                self.sched.kick_ipi(vcpu)
+            elif self.host.running is not vcpu:
+                self.vm_stats.kicks += 1
+                self.host_stats.kicks += 1  # and its host IPI (HostStats.host_ipis)
+        elif state is _BLOCKED:
+            self.sched.wake_up(vcpu)

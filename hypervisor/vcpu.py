@@ -110,6 +110,9 @@ class Vcpu:
         self.exits = 0
         self.guest_if = True
         """RFLAGS.IF of the guest: False is ``cli`` (``halt()`` is then ``cli; hlt``)."""
+        self._accel_wrmsr = vm.accel.wrmsr
+        """The accelerator's WRMSR (``vm.accel`` is fixed for the VM's life), bound once:
+        every x2APIC register write goes through it."""
         self.icr_routes = vm._routes.icr_of(apic)
         """The x2APIC ICR values this vCPU's guest sent whose route is kept
         (``hypervisor.routes``; read by the fastpath of :meth:`emulate_wrmsr`)."""
@@ -143,7 +146,7 @@ class Vcpu:
         if self.run_state is not _IN_GUEST:
             self._executing()
         self.host.running = self
-        self.vm.accel.wrmsr(self, msr, value)
+        self._accel_wrmsr(self, msr, value)
 
     def hypercall(
         self,
@@ -321,8 +324,8 @@ class Vcpu:
             stats.ipis += 1
             stats.fast_path += 1
             r = 0
-            for accept in route[0]:
-                if accept():
+            for acceptor in route[0]:
+                if acceptor():
                     r += 1
             stats.irqs_accepted += r
             return

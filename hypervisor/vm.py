@@ -385,8 +385,8 @@ class Vm:
                     stats.ipis += 1
                 stats.fast_path += 1
                 r = 0
-                for accept in route[1]:
-                    if accept():
+                for acceptor in route[1]:
+                    if acceptor():
                         r += 1
                 stats.irqs_accepted += r
                 return r
@@ -490,8 +490,8 @@ class Vm:
                 stats.msis += 1
                 stats.fast_path += 1
                 r = 0
-                for accept in route[1]:
-                    if accept():
+                for acceptor in route[1]:
+                    if acceptor():
                         r += 1
                 stats.irqs_accepted += r
                 return r

@@ -151,8 +151,58 @@ assert _SVR == 0xF0 >> 2 and _LVT_VECTOR.mask == 0xFF and _LVT_MODE.shift == 8
 
 
 def _refused() -> bool:
-    """The acceptor of a message a disabled APIC refuses (``LocalApic.acceptor``)."""
+    """The acceptor of a fixed message a disabled APIC refuses (``LocalApic.acceptor``)."""
     return False
+
+
+class Acceptor:
+    """``LocalApic.acceptor`` of a message other than an asserting fixed one with a valid
+    vector: ``accept_fast`` with the message's fields."""
+
+    __slots__ = ("apic", "level", "mode", "trigger", "vector")
+
+    def __init__(self, apic: LocalApic, vector: int, mode: int, trigger: int, level: int):
+        self.apic = apic
+        self.vector = vector
+        self.mode = mode
+        self.trigger = trigger
+        self.level = level
+
+    def accept(self) -> bool:
+        return self.apic.accept_fast(self.vector, self.mode, self.trigger, self.level)
+
+
+class FixedAcceptor:
+    """``LocalApic.acceptor`` of a fixed message that asserts, with a vector the APIC accepts,
+    to an enabled APIC: ``accept_fast``'s FIXED branch less what the message and the enable
+    bits decided (the APIC's ApicOps and ``notify_hook`` are read on every call)."""
+
+    __slots__ = ("apic", "bit", "level_triggered", "tmr", "vector")
+
+    def __init__(self, apic: LocalApic, vector: int, trigger: int):
+        self.apic = apic
+        self.vector = vector
+        self.bit = ((vector >> 5) << 7) | (vector & 31)  # lapic.vectors.bit_index
+        self.tmr = 1 if trigger else 0
+        self.level_triggered = bool(trigger)
+
+    def accept(self) -> bool:
+        apic = self.apic
+        ready = apic._op_set_intr_ready
+        if ready is None:  # DefaultApicOps.set_intr_ready, inlined
+            bit = self.bit
+            apic._tmr_bits[bit] = self.tmr  # PRIO-6: TMR follows the trigger
+            apic._irr_bits[bit] = 1
+        elif not ready(apic, self.vector, self.level_triggered):
+            return True  # the accelerator notified the vCPU itself
+        op = apic._op_raise_event
+        if op is None:  # DefaultApicOps.raise_event, inlined
+            hook = apic.notify_hook
+            if hook is not None:
+                hook(apic)
+        else:
+            op(apic, _EV_INTERRUPT)
+        return True
 
 
 class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
@@ -789,41 +839,18 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         every change of SVR's software enable raises it, so the two enable bits are read
         once, here).  For a fixed message that asserts, with a vector this APIC accepts, what
         the message decides (mode, trigger, the vector's validity, the IRR/TMR bit) is
-        decided here too; the APIC's ApicOps and ``notify_hook`` are read on every call, in
-        ``accept_fast``'s order.  Any other message calls ``accept_fast`` itself."""
+        decided here too (:class:`FixedAcceptor`); any other message calls ``accept_fast``
+        itself (:class:`Acceptor`).  Bound methods, so a VM that keeps them still copies and
+        pickles."""
         if (
             mode
             or (trigger and not level)
             or (vector < 16 and not self.profile.accept_illegal_vectors)
         ):
-
-            def accept_other() -> bool:
-                return self.accept_fast(vector, mode, trigger, level)
-
-            return accept_other
+            return Acceptor(self, vector, mode, trigger, level).accept
         if not self.apic_base & APIC_BASE_EN or not self._w[_SVR] & SVR_ENABLE:
             return _refused  # accept_fast refuses it, and changes nothing
-        bit = ((vector >> 5) << 7) | (vector & 31)  # lapic.vectors.bit_index
-        tmr = 1 if trigger else 0
-        level_triggered = bool(trigger)
-
-        def accept_fixed() -> bool:  # accept_fast's FIXED branch, less what is decided above
-            ready = self._op_set_intr_ready
-            if ready is None:
-                self._tmr_bits[bit] = tmr  # PRIO-6: TMR follows the trigger
-                self._irr_bits[bit] = 1
-            elif not ready(self, vector, level_triggered):
-                return True
-            op = self._op_raise_event
-            if op is None:
-                hook = self.notify_hook
-                if hook is not None:
-                    hook(self)
-            else:
-                op(self, _EV_INTERRUPT)
-            return True
-
-        return accept_fixed
+        return FixedAcceptor(self, vector, trigger).accept
 
     # Methods of the mixins that ``apicsim.replays`` swaps by name: its patcher replaces
     # entries of LocalApic's own namespace, so they are named here as well.

@@ -194,6 +194,29 @@ def test_deepcopy_of_a_vm_is_an_equal_independent_vm__VMSNAP_1() -> None:
     assert twin.vcpu(1).run() == [0x41] and vm.lapic(1).pending_interrupt() == 0x41
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_vm_delivers_its_kept_routes_and_kicks_to_its_own_vcpus__VMSNAP_1(
+    how: str,
+) -> None:
+    vm = x2apic_vm([0, 1, 2])
+    icr = (2 << 32) | ICR_ASSERT | 0x52
+    for vcpu in vm.vcpus:
+        vcpu.enter(vcpu.index)
+    vm.vcpu(0).wrmsr(MSR_ICR, icr)  # the route and the ICR value are kept from here on
+    vm.signal_msi(0xFEE00000 | (1 << 12), 0, 0x61)
+    assert vm.lapic(2).pending_interrupt() == 0x52
+    twin = copy.deepcopy(vm) if how == "deepcopy" else pickle.loads(pickle.dumps(vm))
+    kicks, host_kicks = vm.stats.kicks, vm.host.stats.kicks
+    twin.vcpu(0).wrmsr(MSR_ICR, icr | 0x01)  # vector 0x53, a new route
+    twin.vcpu(0).wrmsr(MSR_ICR, icr | 0x01)  # the kept one
+    twin.signal_msi(0xFEE00000 | (1 << 12), 0, 0x62)
+    twin.signal_msi(0xFEE00000 | (1 << 12), 0, 0x62)
+    assert twin.lapic(2).irr == {0x52, 0x53} and twin.lapic(1).irr == {0x61, 0x62}
+    assert vm.lapic(2).irr == {0x52} and vm.lapic(1).irr == {0x61}
+    assert (vm.stats.kicks, vm.host.stats.kicks) == (kicks, host_kicks)
+    assert twin.stats.kicks == kicks + 4 and twin.host.stats.kicks == host_kicks + 4
+
+
 def test_pickle_round_trip_of_a_vm_gives_an_equal_vm__VMSNAP_1() -> None:
     vm = x2apic_vm([0, 1, 5])
     vm.vcpu(0).wrmsr(MSR_ICR, (5 << 32) | ICR_ASSERT | 0x52)
