@@ -7,7 +7,9 @@ of ``bench/bench_ipi.py`` too).  Each row is the best of many short repeats of a
 with ``time.thread_time`` (the CPU time of this thread: Python, the kernel's ioctl work and
 the guest's run time alike; not the time it waited for a CPU, which on a shared, loaded
 machine is most of the wall clock and none of the code's cost), and the repeats of all rows
-alternate, so that whatever load remains falls on every row alike.  Not a test: it
+alternate, so that whatever load remains falls on every row alike.  Each timed repeat follows
+an untimed one an eighth its length, so that no row pays for refilling the caches and branch
+predictors the row before it used (the guest loop's KVM_RUN rows most of all).  Not a test: it
 exits 0 whatever it measures, and without a usable ``/dev/kvm`` it prints the model's rows only.
 
 What is measured, on the same topology for both (4 vCPUs, every APIC software-enabled and in

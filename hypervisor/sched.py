@@ -132,11 +132,8 @@ class Scheduler:
         per vCPU, made on first use)."""
         kick = self._kick_of.get(vcpu.apic)
         if kick is None:
-            kick = self._kick_of[vcpu.apic] = self._make_kick(vcpu)
+            kick = self._kick_of[vcpu.apic] = Kick(self, vcpu).kick
         return kick
-
-    def _make_kick(self, vcpu: Vcpu) -> Callable[[LocalApic], None]:
-        return Kick(self, vcpu).kick
 
     def kick_steps(self, vcpu: Vcpu) -> Protocol:
         i = vcpu.index

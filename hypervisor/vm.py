@@ -155,23 +155,7 @@ class Vm:
                 names = ", ".join(mixed or ["vcpus"])
                 raise ApicValueError(f"config cannot be combined with keywords ({names})")
         else:
-            config = VmConfig.build(
-                vcpus,  # type: ignore[arg-type]  # a VmConfig took the other branch
-                profile,
-                x2apic_format=x2apic_format,
-                broadcast_quirk=broadcast_quirk,
-                vector_hashing=vector_hashing,
-                vcpu_ids=vcpu_ids,
-                max_vcpu_ids=max_vcpu_ids,
-                bsp_vcpu_id=bsp_vcpu_id,
-                features=features,
-                accelerator=accelerator,
-                enforce_pv_cpuid=enforce_pv_cpuid,
-                pv_features=pv_features,
-                aps_started=aps_started,
-                exit_log=exit_log,
-                trace=trace,
-            )
+            config = VmConfig.build(vcpus, **keywords)  # type: ignore[arg-type]
         check_max_vcpu_ids(config.max_vcpu_ids)
         self._init_host(host)
         self._setup(config)
