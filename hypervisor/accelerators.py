@@ -41,6 +41,11 @@ class Accelerator(Protocol):
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None: ...
 
+    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
+        """``wrmsr`` bound to ``vcpu`` once (``Vcpu.wrmsr`` calls it for every guest WRMSR):
+        an accelerator that intercepts every WRMSR gives ``vcpu.msr_exit`` itself."""
+        ...
+
     def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
         """The guest's MOV to CR8 (``Vcpu.mov_to_cr8``): record the exit it takes, if any, and
         let it take effect (``vcpu.emulate_mov_to_cr8``, which raises the #GP of a reserved

@@ -12,11 +12,11 @@ looked up again:
   and vector, the whole message compared on a hit);
 * per raw MSI (address_lo, data) with address_hi = 0 and no flags: the decoded message and
   its targets (KVM_SIGNAL_MSI then skips the decode too);
-* per source APIC in x2APIC mode, per raw 64-bit ICR value written with WRMSR 0x830: the
-  decoded message, its targets and the ``send_hook`` it went through (``Vcpu.emulate_wrmsr``
-  then neither decodes nor looks up the message: KVM's own fastpath for this exit,
-  ``handle_fastpath_set_x2apic_icr_irqoff``, is the model).  Learnt from a route already kept
-  for the decoded message, so it is exactly as valid as that route.
+* per source APIC in x2APIC mode (ICR not split), per raw 64-bit ICR value written with WRMSR
+  0x830: its targets, the ``send_hook`` it went through and what the write stores
+  (``Vcpu.msr_exit`` then neither decodes nor looks up the message: KVM's own fastpath for
+  this exit, ``handle_fastpath_set_x2apic_icr_irqoff``, is the model).  Learnt from a route
+  already kept for the decoded message, so it is exactly as valid as that route.
 
 What may be kept: only a route the map decided (``deliver`` reported the fast path) with at
 least one target, for a message that is not lowest priority (its arbitration reads PPR and
@@ -61,10 +61,11 @@ Route = tuple[Interrupt, Accepts, Targets, int, int, int, int]
 """A kept route: the decoded message (compared whole on a hit), its targets' acceptors, the
 targets, then the message's vector, delivery mode, trigger and level as
 ``LocalApic.accept_fast`` takes them (what the acceptors were made from)."""
-IcrRoute = tuple[Accepts, object, Targets, int, int, int, int]
+IcrRoute = tuple[Accepts, object, int, Targets, int, int, int, int]
 """A kept x2APIC ICR route: the targets' acceptors, the ``send_hook`` the message was sent
-through (a hit requires the sender's hook to be that very object still), then the targets,
-vector, delivery mode, trigger and level, as in :data:`Route`."""
+through (a hit requires the sender's hook to be that very object still), the quadword the
+write stores (``LocalApic.x2apic_icr_image``), then the targets, vector, delivery mode,
+trigger and level, as in :data:`Route`."""
 
 
 class RouteCache:
@@ -157,14 +158,17 @@ class RouteCache:
             by = self.msi[data] = {}
         by[address_lo] = _route(irq, seen)
 
-    def learn_icr(self, source: LocalApic, value: int, route: Route, hook: object) -> None:
-        """Keep ``route`` (kept for the message ICR ``value`` decodes to) for ``value``."""
+    def learn_icr(
+        self, source: LocalApic, value: int, route: Route, hook: object, image: int
+    ) -> None:
+        """Keep ``route`` (kept for the message ICR ``value`` decodes to) for ``value``, which
+        stores ``image`` in the ICR."""
         if self._icr_count >= LIMIT:
             self.forget()
         routes = self.icr_of(source)
         if not routes:
             self._icr_filled.append(routes)
-        routes[value] = (route[1], hook, *route[2:])
+        routes[value] = (route[1], hook, image, *route[2:])
         self._icr_count += 1
 
     def _grow(self) -> None:

@@ -316,6 +316,8 @@ def restore_vm(vm: Vm, snap: VmSnapshot) -> None:
     host.running = back(hs.running, host.running)  # type: ignore[assignment]
     st = vm.stats
     for name, value in snap.stats:
+        if name == "exits":
+            continue  # Stats.exits is the sum of exits_by_reason
         if name == "exits_by_reason":
             st.exits_by_reason = {ExitReason(r): n for r, n in value}  # type: ignore[attr-defined]
         elif name == "notifications":

@@ -500,7 +500,6 @@ class Stats:
     __slots__ = (
         "doorbells",
         "exit_counts",
-        "exits",
         "fast_path",
         "hypercalls",
         "ipis",
@@ -517,7 +516,6 @@ class Stats:
     def __init__(self) -> None:
         self.doorbells = 0
         """AVIC doorbells rung for this VM's vCPUs (by the CPU or by KVM)."""
-        self.exits = 0
         self.exit_counts = [0] * _EXIT_SLOTS
         """Exits by reason, indexed by the reason's value (``exit_counts[reason] += 1`` is
         the cheapest count per exit; a Counter keyed by the enum costs three times as much).
@@ -538,6 +536,13 @@ class Stats:
         """APICv: PIR bits newly set (by KVM's sender, IPIv or a device)."""
         self.notifications: Counter[int] = Counter()
         """APICv: notification IPIs sent, by vector (posted-interrupt, wake-up)."""
+
+    @property
+    def exits(self) -> int:
+        """Every exit: the sum of :attr:`exit_counts` (read-only; no count of its own to keep
+        per exit)."""
+        counts = self.exit_counts
+        return sum(counts[r] for r in ExitReason)
 
     @property
     def exits_by_reason(self) -> Counter[ExitReason]:

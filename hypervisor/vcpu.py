@@ -47,6 +47,7 @@ from lapic.faults import (
     gp,
 )
 from lapic.registers import APIC_BASE_BSP, APIC_BASE_MSR, TSC_DEADLINE_MSR
+from lapic.writers import ICR_QWORD
 
 if TYPE_CHECKING:
     from hypervisor.host.pcpu import Pcpu
@@ -72,6 +73,8 @@ class RunState(Enum):
 
 
 _IN_GUEST = RunState.IN_GUEST  # an enum member lookup costs ~100 ns; a global does not
+_MSR_WRITE = ExitReason.MSR_WRITE
+_MSR_WRITE_SLOT = int(_MSR_WRITE)  # a plain int indexes a list faster than an IntEnum
 
 
 class MpState(Enum):
@@ -110,12 +113,12 @@ class Vcpu:
         self.exits = 0
         self.guest_if = True
         """RFLAGS.IF of the guest: False is ``cli`` (``halt()`` is then ``cli; hlt``)."""
-        self._accel_wrmsr = vm.accel.wrmsr
-        """The accelerator's WRMSR (``vm.accel`` is fixed for the VM's life), bound once:
-        every x2APIC register write goes through it."""
+        self._wrmsr = vm.accel.wrmsr_of(self)
+        """The guest's WRMSR on this vCPU as its accelerator handles it (``vm.accel`` is fixed
+        for the VM's life), bound once: every x2APIC register write goes through it."""
         self.icr_routes = vm._routes.icr_of(apic)
         """The x2APIC ICR values this vCPU's guest sent whose route is kept
-        (``hypervisor.routes``; read by the fastpath of :meth:`emulate_wrmsr`)."""
+        (``hypervisor.routes``; read by the fastpath of :meth:`msr_exit`)."""
 
     # ===================================================================================
     # Guest-executed accesses
@@ -146,7 +149,7 @@ class Vcpu:
         if self.run_state is not _IN_GUEST:
             self._executing()
         self.host.running = self
-        self._accel_wrmsr(self, msr, value)
+        self._wrmsr(msr, value)
 
     def hypercall(
         self,
@@ -219,13 +222,13 @@ class Vcpu:
     # KVM's side of an exit
     # ===================================================================================
     def record_exit(self, reason: ExitReason, qualification: int, value: int) -> None:
+        """KVM's side of one exit, before its handler runs: the CR8 sync of SVM without AVIC
+        (KVMB-11), the counters, the exit log, the ``kvm_exit`` tracepoint."""
         vm = self.vm
         if vm.sync_cr8_at_exit:
             self.sync_cr8_to_lapic()
         self.exits += 1
-        stats = vm.stats
-        stats.exits += 1
-        stats.exit_counts[reason] += 1
+        vm.stats.exit_counts[reason] += 1
         log = vm.exit_log
         if log is not None:  # a plain tuple; Vm.exits reads it as an Exit
             log.append((self.index, reason, qualification, value))
@@ -294,44 +297,54 @@ class Vcpu:
             return self.apic.rdmsr(msr)
         raise gp(f"RDMSR {msr:#x}: MSR not modelled (KVM injects #GP for unknown MSRs)")
 
-    def emulate_wrmsr(self, msr: int, value: int) -> None:
-        if msr == 0x830:  # x2APIC ICR: KVM's exit fastpath, handle_fastpath_set_x2apic_icr_irqoff
+    def msr_exit(self, msr: int, value: int) -> None:
+        """A WRMSR that exits (EXIT_REASON_MSR_WRITE; trap-and-emulate, and every accelerator
+        for the MSR writes it intercepts).  KVM counts and records the exit (what
+        :meth:`record_exit` does, written out here: this runs once per x2APIC register
+        write), then handles it.  An x2APIC ICR value whose route is kept
+        (``hypervisor.routes``) takes KVM's exit fastpath,
+        ``handle_fastpath_set_x2apic_icr_irqoff``: the register is stored and the targets
+        accept through their acceptors, as the slow path would do it (``Vm._deliver`` on a
+        kept route), with no decode and no lookup, while nothing a hit cannot see changed
+        (the route cache switch, tracing, queued steps, the sender's send seam).  Anything
+        else is :meth:`emulate_wrmsr`, after which an ICR value that sent its message has its
+        route kept (``Vm.learn_icr``)."""
+        vm = self.vm
+        if vm.sync_cr8_at_exit:
+            self.sync_cr8_to_lapic()
+        self.exits += 1
+        stats = vm.stats
+        stats.exit_counts[_MSR_WRITE_SLOT] += 1
+        log = vm.exit_log
+        if log is not None:  # a plain tuple; Vm.exits reads it as an Exit
+            log.append((self.index, _MSR_WRITE, msr, value))
+        tracer = vm.tracer
+        if tracer.on:
+            tracer.emit(KvmExit(self.vcpu_id, _MSR_WRITE, msr))
+        elif msr == 0x830 and vm.route_cache and not vm._steps.queued:
             route = self.icr_routes.get(value)
             if route is None:
-                stats = self.vm.stats
                 sent = stats.ipis
-                self._emulate_wrmsr(msr, value)
+                self.emulate_wrmsr(msr, value)
                 if stats.ipis != sent:  # the write sent its message (no #GP, no ESR refusal)
-                    self.vm.learn_icr(self.apic, value)
+                    vm.learn_icr(self.apic, value)
                 return
-            # A value whose route is kept (hypervisor.routes): no decode, no lookup; the
-            # register is stored and the targets accept through their own ApicOps, as the
-            # slow path would do it (Vm._deliver on a kept route), while nothing a hit cannot
-            # see changed (the route cache switch, tracing, queued steps, the send seam).
-            vm = self.vm
             apic = self.apic
-            if (
-                not vm.route_cache
-                or vm.tracer.on
-                or vm._steps.queued
-                or apic._op_send is not None
-                or apic.send_hook is not route[1]
-            ):
-                self._emulate_wrmsr(msr, value)
+            if apic._op_send is None and apic.send_hook is route[1]:
+                apic._q[ICR_QWORD] = route[2]  # LocalApic.store_x2apic_icr(value)
+                stats.ipis += 1
+                stats.fast_path += 1
+                r = 0
+                for acceptor in route[0]:
+                    if acceptor():
+                        r += 1
+                stats.irqs_accepted += r
                 return
-            apic.store_x2apic_icr(value)
-            stats = vm.stats
-            stats.ipis += 1
-            stats.fast_path += 1
-            r = 0
-            for acceptor in route[0]:
-                if acceptor():
-                    r += 1
-            stats.irqs_accepted += r
-            return
-        self._emulate_wrmsr(msr, value)
+        self.emulate_wrmsr(msr, value)
 
-    def _emulate_wrmsr(self, msr: int, value: int) -> None:
+    def emulate_wrmsr(self, msr: int, value: int) -> None:
+        """KVM's emulation of a WRMSR (``kvm_set_msr_common``: the x2APIC registers,
+        IA32_APIC_BASE, TSC deadline; #GP for any other MSR)."""
         if 0x800 <= msr <= 0xBFF or msr in (APIC_BASE_MSR, TSC_DEADLINE_MSR):
             tracer = self.vm.tracer
             if tracer.on and tracer.detail:

@@ -423,7 +423,7 @@ class Vm:
         way and the write sent its message: keep the route of that ICR value
         (``RouteCache.learn_icr``) if the message it decodes to went through this VM's
         delivery and its route was kept, so the next write of ``value`` goes straight to the
-        targets (``Vcpu.emulate_wrmsr``).  A value with reserved bits is never kept (the true
+        targets (``Vcpu.msr_exit``).  A value with reserved bits is never kept (the true
         mask, whatever a replay made WRMSR accept)."""
         if (
             not self.route_cache
@@ -435,11 +435,14 @@ class Vm:
             or value & _icr.X2APIC_ICR_RESERVED
         ):
             return
+        image = source.x2apic_icr_image(value)
+        if image is None:
+            return  # a split ICR: the fastpath stores one quadword
         irq = interrupt_of_icr(value & 0xFFFFFFFF & ~_icr.DELIVERY_STATUS, value >> 32)
         by_source = self._routes.by_source.get(source)
         route = None if by_source is None else by_source.get(irq[6] << 8 | irq[0])
         if route is not None and route[0] == irq:
-            self._routes.learn_icr(source, value, route, source.send_hook)
+            self._routes.learn_icr(source, value, route, source.send_hook, image)
 
     def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
         if self.tracer.on:

@@ -205,6 +205,23 @@ class FixedAcceptor:
         return True
 
 
+class DefaultFixedAcceptor(FixedAcceptor):
+    """:class:`FixedAcceptor` of an APIC with the default ``set_intr_ready`` and
+    ``raise_event`` (both inline: IRR and TMR set in the page, then ``notify_hook``)."""
+
+    __slots__ = ()
+
+    def accept(self) -> bool:
+        apic = self.apic
+        bit = self.bit
+        apic._tmr_bits[bit] = self.tmr  # PRIO-6: TMR follows the trigger
+        apic._irr_bits[bit] = 1
+        hook = apic.notify_hook
+        if hook is not None:
+            hook(apic)
+        return True
+
+
 class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
     """One local APIC.  ``LocalApic(vcpu_id=3, profile="kvm", bsp=False)`` is in RESET state.
 
@@ -835,13 +852,16 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         """``accept_fast`` of one message, made once for a route that delivers it again and
         again (``hypervisor.routes``): a function of no arguments with the same effect and
         result as ``self.accept_fast(vector, mode, trigger, level)``, for as long as this
-        APIC raises no ``map_changed`` (the caller drops it then: every APIC_BASE change and
-        every change of SVR's software enable raises it, so the two enable bits are read
-        once, here).  For a fixed message that asserts, with a vector this APIC accepts, what
-        the message decides (mode, trigger, the vector's validity, the IRR/TMR bit) is
-        decided here too (:class:`FixedAcceptor`); any other message calls ``accept_fast``
-        itself (:class:`Acceptor`).  Bound methods, so a VM that keeps them still copies and
-        pickles."""
+        APIC raises no ``map_changed`` and binds no other ops (the caller drops it then:
+        every APIC_BASE change and every change of SVR's software enable raises it, so the
+        two enable bits are read once, here; ``bind_ops`` runs when a vCPU is wired to its
+        accelerator, and a VM forgets its routes when it adds a vCPU).  For a fixed message
+        that asserts, with a vector this APIC accepts, what the message decides (mode,
+        trigger, the vector's validity, the IRR/TMR bit) is decided here too, and whether
+        ``set_intr_ready`` and ``raise_event`` run inline (:class:`DefaultFixedAcceptor`) or
+        through the bound ops (:class:`FixedAcceptor`); any other message calls
+        ``accept_fast`` itself (:class:`Acceptor`).  Bound methods, so a VM that keeps them
+        still copies and pickles."""
         if (
             mode
             or (trigger and not level)
@@ -850,6 +870,8 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
             return Acceptor(self, vector, mode, trigger, level).accept
         if not self.apic_base & APIC_BASE_EN or not self._w[_SVR] & SVR_ENABLE:
             return _refused  # accept_fast refuses it, and changes nothing
+        if self._op_set_intr_ready is None and self._op_raise_event is None:
+            return DefaultFixedAcceptor(self, vector, trigger).accept
         return FixedAcceptor(self, vector, trigger).accept
 
     # Methods of the mixins that ``apicsim.replays`` swaps by name: its patcher replaces

@@ -49,6 +49,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from hypervisor.apic_map import Inhibits
@@ -766,6 +767,9 @@ class ApicvState:
         self._reenter(vcpu)
         return value
 
+    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
+        return partial(self.wrmsr, vcpu)
+
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
         if self._x2apic_active(vcpu, msr) and not self.x2apic_msr_intercepted(msr, True):
             if msr == MSR_TPR:
@@ -785,8 +789,7 @@ class ApicvState:
             if msr == MSR_ICR and not value & X2APIC_ICR_RESERVED:
                 self.icr_write(vcpu, value & 0xFFFFFFFF, value >> 32, True)
                 return
-        self._exit(vcpu, ExitReason.MSR_WRITE, msr, value)
-        vcpu.emulate_wrmsr(msr, value)
+        vcpu.msr_exit(msr, value)
         self._reenter(vcpu)
 
     def virtual_eoi(self, vcpu: Vcpu) -> None:

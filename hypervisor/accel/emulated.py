@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from hypervisor.vm import Vm
     from lapic.apic import LocalApic
 
-_MSR_WRITE = ExitReason.MSR_WRITE  # a global: an enum member lookup costs ~100 ns per exit
-
-
 class Emulated:
     name = "emulated"
 
@@ -60,8 +57,10 @@ class Emulated:
         return vcpu.emulate_rdmsr(msr)
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
-        vcpu.record_exit(_MSR_WRITE, msr, value)
-        vcpu.emulate_wrmsr(msr, value)
+        vcpu.msr_exit(msr, value)
+
+    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
+        return vcpu.msr_exit  # every WRMSR exits
 
     def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
         """CR8-2: SVM intercepts the write (exit, then KVM's ``kvm_set_cr8``) while a requested

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from hypervisor.accel.avic.config import Avic as Avic
@@ -863,10 +864,12 @@ class AvicState:
             self._unaccelerated(vcpu, offset, False, False)
         return vcpu.emulate_rdmsr(msr)
 
+    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
+        return partial(self.wrmsr, vcpu)
+
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
         if not self._x2avic(vcpu, msr):
-            vcpu.record_exit(ExitReason.MSR_WRITE, msr, value)
-            vcpu.emulate_wrmsr(msr, value)
+            vcpu.msr_exit(msr, value)
             return
         offset = (msr - X2APIC_MSR_BASE) << 4
         if offset in (ICR, 0x3F0):  # ICR, SELF IPI
