@@ -44,8 +44,10 @@ Not modelled: the host task names and pids of a real trace (the task column is `
 the CPU column the vCPU index), KVM's RIP fields (no instruction stream), tracepoints for
 events the model does not simulate (page faults, ``kvm_entry``).
 
-Counters (``Stats``) are plain integer attributes, always updated; ``Stats.snapshot()`` is a
-frozen copy and ``stats - earlier`` the counts since then (:class:`StatsSnapshot`).
+Counters (``Stats``) are plain integer attributes, always updated (the exits by reason in a
+list indexed by the reason, read as ``exits_by_reason``; ``exits`` is their sum);
+``Stats.snapshot()`` is a frozen copy and ``stats - earlier`` the counts since then
+(:class:`StatsSnapshot`).
 """
 
 from __future__ import annotations
@@ -472,7 +474,7 @@ _EXIT_SLOTS = max(ExitReason) + 1
 """Length of :attr:`Stats.exit_counts`: one slot per possible reason value (5 KiB of pointers
 to the shared 0 per VM; only the 13 reasons' slots are ever read)."""
 _NOT_COUNTS = frozenset({"exits_by_reason", "notifications"})
-"""The :class:`Stats` slots that are Counters, not plain counts."""
+"""The :class:`Stats` counters read as Counters, not plain counts."""
 _ACCEL_COUNTS = frozenset({"doorbells", "posted", "notifications"})
 
 
@@ -497,21 +499,9 @@ class Stats:
     )
     """The counters, in the order ``as_dict``, ``snapshot`` and ``repr`` list them."""
 
-    __slots__ = (
-        "doorbells",
-        "exit_counts",
-        "fast_path",
-        "hypercalls",
-        "ipis",
-        "irqs_accepted",
-        "kicks",
-        "msis",
-        "notifications",
-        "posted",
-        "pv_ipi_calls",
-        "slow_path",
-        "wakeups",
-    )
+    __slots__ = ("exit_counts", *(n for n in NAMES if n not in ("exits", "exits_by_reason")))
+    """The counters kept per event (``exits`` and ``exits_by_reason`` are read from
+    ``exit_counts``)."""
 
     def __init__(self) -> None:
         self.doorbells = 0
