@@ -43,7 +43,8 @@ class Accelerator(Protocol):
 
     def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
         """``wrmsr`` bound to ``vcpu`` once (``Vcpu.wrmsr`` calls it for every guest WRMSR):
-        an accelerator that intercepts every WRMSR gives ``vcpu.msr_exit`` itself."""
+        an accelerator that intercepts every WRMSR gives ``vcpu.msr_exit`` itself.  Optional:
+        ``Vcpu`` binds ``wrmsr`` when an accelerator has no ``wrmsr_of``."""
         ...
 
     def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:

@@ -46,6 +46,10 @@ class ExitReason(IntEnum):
     __hash__ = int.__hash__  # Enum hashes by name in Python code; exits are counted per reason
 
 
+EXIT_SLOTS: dict[ExitReason, int] = {reason: i for i, reason in enumerate(ExitReason)}
+"""Each reason's index in the VM's list of exit counts (``Stats.exit_counts``)."""
+
+
 class Exit(NamedTuple):
     """One VM exit as recorded in ``Vm.exits``."""
 

@@ -33,9 +33,9 @@ What a hit still checks each time, because it can change without touching the ma
 route cache switch, the tracer, queued steps, and for an ICR value the sender's ``send`` op
 (an accelerator may bind its own) and ``send_hook``.  Each target accepts through its
 ``LocalApic.acceptor`` of the message, made when the route is kept: it has read the
-target's enable bits (APIC_BASE.EN, SVR's software enable) then, which is right for as long
-as the route lives, because changing either dirties the map; the target's ApicOps and
-``notify_hook`` it reads on every delivery.
+target's enable bits (APIC_BASE.EN, SVR's software enable) and chosen between its inline and
+bound ops then, which is right for as long as the route lives, because changing any of them
+dirties the map; its ``notify_hook`` it reads on every delivery.
 
 The cache is bounded (``LIMIT`` routes; past it, everything is forgotten).  Not modelled:
 anything of KVM; this is a simulator speed-up whose answers equal the uncached ones (tested

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from hypervisor.exits import ExitReason
+from hypervisor.exits import EXIT_SLOTS, ExitReason
 from lapic.faults import ApicTypeError, ApicValueError
 from lapic.registers import REGISTER_BY_OFFSET
 
@@ -470,9 +470,6 @@ def _one_or_many(what: str, value: object, kind: type) -> set[Any] | None:
     return out
 
 
-_EXIT_SLOTS = max(ExitReason) + 1
-"""Length of :attr:`Stats.exit_counts`: one slot per possible reason value (5 KiB of pointers
-to the shared 0 per VM; only the 13 reasons' slots are ever read)."""
 _NOT_COUNTS = frozenset({"exits_by_reason", "notifications"})
 """The :class:`Stats` counters read as Counters, not plain counts."""
 _ACCEL_COUNTS = frozenset({"doorbells", "posted", "notifications"})
@@ -506,10 +503,10 @@ class Stats:
     def __init__(self) -> None:
         self.doorbells = 0
         """AVIC doorbells rung for this VM's vCPUs (by the CPU or by KVM)."""
-        self.exit_counts = [0] * _EXIT_SLOTS
-        """Exits by reason, indexed by the reason's value (``exit_counts[reason] += 1`` is
-        the cheapest count per exit; a Counter keyed by the enum costs three times as much).
-        Read them as :attr:`exits_by_reason`."""
+        self.exit_counts = [0] * len(EXIT_SLOTS)
+        """Exits by reason, at each reason's index in ``hypervisor.exits.EXIT_SLOTS`` (a
+        list item costs a third of a Counter keyed by the enum to count).  Read them as
+        :attr:`exits_by_reason`."""
         self.hypercalls = 0
         self.ipis = 0
         """Interrupt messages sent by vCPUs (ICR/SELF IPI writes and PV IPI hypercalls)."""
@@ -531,21 +528,21 @@ class Stats:
     def exits(self) -> int:
         """Every exit: the sum of :attr:`exit_counts` (read-only; no count of its own to keep
         per exit)."""
-        counts = self.exit_counts
-        return sum(counts[r] for r in ExitReason)
+        return sum(self.exit_counts)
 
     @property
     def exits_by_reason(self) -> Counter[ExitReason]:
-        """The exits by reason (a new Counter of the non-zero counts, read from
-        :attr:`exit_counts`); assigning a mapping of reason to count replaces them all."""
+        """The exits by reason: a new Counter of the non-zero counts at each read (a copy:
+        later exits do not change it, and changing it changes nothing); assigning a mapping
+        of reason to count replaces them all."""
         counts = self.exit_counts
-        return Counter({r: counts[r] for r in ExitReason if counts[r]})
+        return Counter({r: counts[i] for r, i in EXIT_SLOTS.items() if counts[i]})
 
     @exits_by_reason.setter
     def exits_by_reason(self, value: dict[ExitReason, int]) -> None:
-        counts = [0] * _EXIT_SLOTS
+        counts = [0] * len(EXIT_SLOTS)
         for r, n in value.items():
-            counts[ExitReason(r)] = int(n)
+            counts[EXIT_SLOTS[ExitReason(r)]] = int(n)
         self.exit_counts = counts
 
     def as_dict(self) -> dict[str, object]:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING
 
-from hypervisor.exits import ExitReason
+from hypervisor.exits import EXIT_SLOTS, ExitReason
 from hypervisor.pv_ipi import emulate_hypercall
 from hypervisor.trace import (
     KvmApicWrite,
@@ -74,7 +75,7 @@ class RunState(Enum):
 
 _IN_GUEST = RunState.IN_GUEST  # an enum member lookup costs ~100 ns; a global does not
 _MSR_WRITE = ExitReason.MSR_WRITE
-_MSR_WRITE_SLOT = int(_MSR_WRITE)  # a plain int indexes a list faster than an IntEnum
+_MSR_WRITE_SLOT = EXIT_SLOTS[_MSR_WRITE]
 
 
 class MpState(Enum):
@@ -113,7 +114,9 @@ class Vcpu:
         self.exits = 0
         self.guest_if = True
         """RFLAGS.IF of the guest: False is ``cli`` (``halt()`` is then ``cli; hlt``)."""
-        self._wrmsr = vm.accel.wrmsr_of(self)
+        accel = vm.accel
+        wrmsr_of = getattr(accel, "wrmsr_of", None)  # an accelerator without it: its wrmsr
+        self._wrmsr = partial(accel.wrmsr, self) if wrmsr_of is None else wrmsr_of(self)
         """The guest's WRMSR on this vCPU as its accelerator handles it (``vm.accel`` is fixed
         for the VM's life), bound once: every x2APIC register write goes through it."""
         self.icr_routes = vm._routes.icr_of(apic)
@@ -228,7 +231,7 @@ class Vcpu:
         if vm.sync_cr8_at_exit:
             self.sync_cr8_to_lapic()
         self.exits += 1
-        vm.stats.exit_counts[reason] += 1
+        vm.stats.exit_counts[EXIT_SLOTS[reason]] += 1
         log = vm.exit_log
         if log is not None:  # a plain tuple; Vm.exits reads it as an Exit
             log.append((self.index, reason, qualification, value))

@@ -174,8 +174,9 @@ class Acceptor:
 
 class FixedAcceptor:
     """``LocalApic.acceptor`` of a fixed message that asserts, with a vector the APIC accepts,
-    to an enabled APIC: ``accept_fast``'s FIXED branch less what the message and the enable
-    bits decided (the APIC's ApicOps and ``notify_hook`` are read on every call)."""
+    to an enabled APIC with ops of its own: ``accept_fast``'s FIXED branch less what the
+    message and the enable bits decided (the bound ops and ``notify_hook`` are read on every
+    call)."""
 
     __slots__ = ("apic", "bit", "level_triggered", "tmr", "vector")
 
@@ -318,10 +319,13 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         """Install the delivery vtable (:mod:`lapic.ops`; None: :data:`DEFAULT_OPS`).  A
         hypervisor calls it when it wires a vCPU to an accelerator.  Each operation ``ops``
         inherits unchanged from ``DefaultApicOps`` runs inline; the others are cached here as
-        bound methods, so a call costs no lookup through ``ops``."""
+        bound methods, so a call costs no lookup through ``ops``.  Other ops than the bound
+        ones raise ``map_changed`` once bound (whoever keeps this APIC's ``acceptor`` drops it:
+        it chose between inline and bound operations when it was made)."""
         if ops is None:
             ops = DEFAULT_OPS
         bound = overridden(ops)
+        changed = getattr(self, "ops", ops) is not ops  # the constructor binds the first
         self.ops = ops
         self._op_set_intr_ready = bound.get("set_intr_ready")  # type: ignore[assignment]
         self._op_pending_intr = bound.get("pending_intr")  # type: ignore[assignment]
@@ -331,6 +335,8 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         self._op_raise_event = bound.get("raise_event")  # type: ignore[assignment]
         self._op_map_changed = bound.get("map_changed")  # type: ignore[assignment]
         self._op_eoi_reported = bound.get("eoi_reported")  # type: ignore[assignment]
+        if changed:
+            self._map_changed()
 
     # ===================================================================================
     # Pending events (lapic.events): the names other layers use
@@ -852,10 +858,10 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         """``accept_fast`` of one message, made once for a route that delivers it again and
         again (``hypervisor.routes``): a function of no arguments with the same effect and
         result as ``self.accept_fast(vector, mode, trigger, level)``, for as long as this
-        APIC raises no ``map_changed`` and binds no other ops (the caller drops it then:
-        every APIC_BASE change and every change of SVR's software enable raises it, so the
-        two enable bits are read once, here; ``bind_ops`` runs when a vCPU is wired to its
-        accelerator, and a VM forgets its routes when it adds a vCPU).  For a fixed message
+        APIC raises no ``map_changed`` (the caller drops it then: every APIC_BASE change,
+        every change of SVR's software enable and every ``bind_ops`` of other ops raises it,
+        so the two enable bits and the choice of inline or bound ops are made once, here).
+        For a fixed message
         that asserts, with a vector this APIC accepts, what the message decides (mode,
         trigger, the vector's validity, the IRR/TMR bit) is decided here too, and whether
         ``set_intr_ready`` and ``raise_event`` run inline (:class:`DefaultFixedAcceptor`) or

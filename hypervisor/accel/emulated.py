@@ -24,6 +24,7 @@ CPU writes V_TPR).  Not modelled: VMX without a TPR shadow (every MOV CR8 a CR-a
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from hypervisor.exits import ExitReason
@@ -60,7 +61,9 @@ class Emulated:
         vcpu.msr_exit(msr, value)
 
     def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
-        return vcpu.msr_exit  # every WRMSR exits
+        if type(self).wrmsr is not Emulated.wrmsr:  # a subclass that handles WRMSR itself
+            return partial(self.wrmsr, vcpu)
+        return vcpu.msr_exit  # every WRMSR exits: the exit itself, without this call
 
     def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:
         """CR8-2: SVM intercepts the write (exit, then KVM's ``kvm_set_cr8``) while a requested

@@ -81,3 +81,87 @@ def test_an_msr_write_exit_is_recorded_and_handled_as_record_exit_then_emulate_w
         assert a == b, f"step {step}: " + "; ".join(b.diff(a))
         assert written_out.exits == by_reference.exits
         assert [v.exits for v in written_out.vcpus] == [v.exits for v in by_reference.vcpus]
+
+
+def test_a_target_that_binds_other_ops_takes_them_on_a_kept_route__FAST_10() -> None:
+    from lapic import LocalApic
+    from lapic.ops import DefaultApicOps
+
+    class Spy(DefaultApicOps):
+        def __init__(self) -> None:
+            self.vectors: list[int] = []
+
+        def set_intr_ready(self, apic: LocalApic, vector: int, level_triggered: bool) -> bool:
+            self.vectors.append(vector)
+            return super().set_intr_ready(apic, vector, level_triggered)
+
+    vm = Vm(2)
+    for i in range(2):
+        vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+        vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+    icr = 1 << 32 | 0x4041
+    for _ in range(2):  # the route and the ICR value are kept
+        vm.vcpu(0).wrmsr(0x830, icr)
+        vm.signal_msi(0xFEE01000, 0, 0x40)
+    spy = Spy()
+    vm.lapic(1).bind_ops(spy)
+    vm.vcpu(0).wrmsr(0x830, icr)
+    vm.signal_msi(0xFEE01000, 0, 0x40)
+    assert spy.vectors == [0x41, 0x40]
+
+
+def test_an_accelerator_without_wrmsr_of_or_with_its_own_wrmsr_still_sees_every_write() -> None:
+    from hypervisor.accel.emulated import Emulated
+    from hypervisor.accelerators import ACCELERATORS
+
+    class Logging(Emulated):
+        name = "logging-test"
+
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
+            self.seen.append(msr)
+            super().wrmsr(vcpu, msr, value)
+
+    class Plain:  # the accelerator interface without wrmsr_of (delegates to Emulated)
+        name = "plain-test"
+
+        def __init__(self) -> None:
+            self.inner = Emulated()
+            self.seen: list[int] = []
+
+        def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
+            self.seen.append(msr)
+            self.inner.wrmsr(vcpu, msr, value)
+
+        def __getattr__(self, name: str) -> object:
+            if name == "wrmsr_of":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    try:
+        ACCELERATORS["logging-test"] = Logging
+        ACCELERATORS["plain-test"] = Plain  # type: ignore[assignment]
+        for name in ("logging-test", "plain-test"):
+            vm = Vm(2, accelerator=name)
+            for i in range(2):
+                vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+                vm.vcpu(i).wrmsr(0x80F, 0x1FF)
+            for _ in range(2):
+                vm.vcpu(0).wrmsr(0x830, 1 << 32 | 0x4041)
+            assert vm.accel.seen == [0x1B, 0x80F] * 2 + [0x830] * 2  # type: ignore[attr-defined]
+            assert vm.stats.exits == 6 and vm.lapic(1).irr == {0x41}
+    finally:
+        del ACCELERATORS["logging-test"], ACCELERATORS["plain-test"]
+
+
+def test_exits_by_reason_is_a_copy_and_exits_is_their_sum__EXIT_1() -> None:
+    vm = Vm(1)
+    vm.vcpu(0).wrmsr(0x1B, ENABLE_X2APIC)
+    held = vm.stats.exits_by_reason
+    held[ExitReason.HLT] += 5  # a copy: the VM's counts do not change
+    vm.vcpu(0).wrmsr(0x80F, 0x1FF)
+    assert held == {ExitReason.MSR_WRITE: 1, ExitReason.HLT: 5}
+    assert vm.stats.exits_by_reason == {ExitReason.MSR_WRITE: 2} and vm.stats.exits == 2
+    assert len(vm.stats.exit_counts) == len(ExitReason)

@@ -77,3 +77,18 @@ def test_an_acceptor_does_what_accept_fast_does_until_its_apic_changes_the_map__
         assert accept() == plain.accept_fast(*message)
         assert snapshot(made) == snapshot(plain)
         assert seen_made.notified == seen_plain.notified
+
+
+def test_binding_other_ops_raises_map_changed_so_kept_acceptors_are_dropped__FAST_10() -> None:
+    from lapic.ops import DefaultApicOps
+
+    class Counting(DefaultApicOps):
+        def set_intr_ready(self, apic: LocalApic, vector: int, level_triggered: bool) -> bool:
+            return super().set_intr_ready(apic, vector, level_triggered)
+
+    apic = LocalApic(0, "kvm", False)
+    seen = Seen(apic)
+    apic.bind_ops(None)  # the ops it has: nothing to drop
+    assert not seen.map_changed
+    apic.bind_ops(Counting())
+    assert seen.map_changed
