@@ -319,13 +319,16 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         """Install the delivery vtable (:mod:`lapic.ops`; None: :data:`DEFAULT_OPS`).  A
         hypervisor calls it when it wires a vCPU to an accelerator.  Each operation ``ops``
         inherits unchanged from ``DefaultApicOps`` runs inline; the others are cached here as
-        bound methods, so a call costs no lookup through ``ops``.  Other ops than the bound
-        ones raise ``map_changed`` once bound (whoever keeps this APIC's ``acceptor`` drops it:
-        it chose between inline and bound operations when it was made)."""
+        bound methods, so a call costs no lookup through ``ops``.  Binding other ops than the
+        bound ones first raises ``map_changed`` through the ones being replaced (whoever keeps
+        this APIC's ``acceptor`` drops it: it chose between inline and bound operations when
+        it was made; the new ops are not told, as an accelerator binds them before its own
+        state for the vCPU exists)."""
         if ops is None:
             ops = DEFAULT_OPS
         bound = overridden(ops)
-        changed = getattr(self, "ops", ops) is not ops  # the constructor binds the first
+        if getattr(self, "ops", ops) is not ops:  # the constructor binds the first ops
+            self._map_changed()  # through the ops being replaced, not the new ones
         self.ops = ops
         self._op_set_intr_ready = bound.get("set_intr_ready")  # type: ignore[assignment]
         self._op_pending_intr = bound.get("pending_intr")  # type: ignore[assignment]
@@ -335,8 +338,6 @@ class LocalApic(StateMixin, RegisterMixin, PriorityMixin, ApicCore):
         self._op_raise_event = bound.get("raise_event")  # type: ignore[assignment]
         self._op_map_changed = bound.get("map_changed")  # type: ignore[assignment]
         self._op_eoi_reported = bound.get("eoi_reported")  # type: ignore[assignment]
-        if changed:
-            self._map_changed()
 
     # ===================================================================================
     # Pending events (lapic.events): the names other layers use
