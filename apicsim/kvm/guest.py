@@ -28,7 +28,9 @@ changed, so no stale translation can exist).  Layout (guest physical = guest lin
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from apicsim.kvm.asm import Asm
 
@@ -185,33 +187,23 @@ def build(mem: memoryview) -> Stubs:
     load: dict[int, int] = {}
     store: dict[int, int] = {}
 
-    def finish() -> None:
+    def stub(emit: Callable[[], object]) -> int:
+        """Emit one access (``emit``), then report to the host and stop; its entry address."""
+        entry = STUBS + len(asm)
+        emit()
         asm.out_al(DONE_PORT).jmp_self().align(16)
+        return entry
 
     for size in (1, 2, 4, 8):
-        load[size] = STUBS + len(asm)
-        asm.load_rdi(size)
-        finish()
-        store[size] = STUBS + len(asm)
-        asm.store_rdi(size)
-        finish()
-    rdmsr = STUBS + len(asm)
-    asm.rdmsr()
-    finish()
-    wrmsr = STUBS + len(asm)
-    asm.wrmsr()
-    finish()
-    vmcall = STUBS + len(asm)
-    asm.vmcall()
-    finish()
+        load[size] = stub(partial(asm.load_rdi, size))
+        store[size] = stub(partial(asm.store_rdi, size))
+    rdmsr = stub(asm.rdmsr)
+    wrmsr = stub(asm.wrmsr)
+    vmcall = stub(asm.vmcall)
     wrmsr_loop = STUBS + len(asm)
     asm.wrmsr().out_al(DONE_PORT).jmp_to(wrmsr_loop - STUBS).align(16)
-    mov_to_cr8 = STUBS + len(asm)
-    asm.mov_cr8_rax()
-    finish()
-    mov_from_cr8 = STUBS + len(asm)
-    asm.mov_rax_cr8()
-    finish()
+    mov_to_cr8 = stub(asm.mov_cr8_rax)
+    mov_from_cr8 = stub(asm.mov_rax_cr8)
     stubs = asm.bytes()
     mem[STUBS : STUBS + len(stubs)] = stubs
     return Stubs(load, store, rdmsr, wrmsr, vmcall, wrmsr_loop, mov_to_cr8, mov_from_cr8)
