@@ -113,8 +113,21 @@ def measure(driver: str, base: str | None, *, vcpus: int, vector: int) -> Measur
     )
 
 
+class _Workload:
+    """What the AVIC and Intel rows have in common: the workload a row measured, labelled by
+    its driver and whether the odd vCPUs were halted."""
+
+    __slots__ = ()
+    driver: str
+    halted: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.driver}/{'half halted' if self.halted else 'running'}"
+
+
 @dataclass(frozen=True, slots=True)
-class AvicMeasurement:
+class AvicMeasurement(_Workload):
     driver: str
     halted: int
     exits: int
@@ -124,10 +137,6 @@ class AvicMeasurement:
     destinations: int
     handled_once: int
     problems: tuple[str, ...]
-
-    @property
-    def label(self) -> str:
-        return f"{self.driver}/{'half halted' if self.halted else 'running'}"
 
 
 def _accelerated_broadcast(
@@ -216,7 +225,7 @@ def render_avic(results: list[AvicMeasurement], *, vector: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class VmxMeasurement:
+class VmxMeasurement(_Workload):
     """One workload under APICv or IPIv (``accelerator``)."""
 
     accelerator: str
@@ -231,10 +240,6 @@ class VmxMeasurement:
     destinations: int
     handled_once: int
     problems: tuple[str, ...]
-
-    @property
-    def label(self) -> str:
-        return f"{self.driver}/{'half halted' if self.halted else 'running'}"
 
 
 VMX_ACCELERATORS = (("apicv", "APICv"), ("ipiv", "IPIv"))
