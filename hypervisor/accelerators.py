@@ -39,12 +39,10 @@ class Accelerator(Protocol):
 
     def rdmsr(self, vcpu: Vcpu, msr: int) -> int: ...
 
-    def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None: ...
-
-    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
-        """``wrmsr`` bound to ``vcpu`` once (``Vcpu.wrmsr`` calls it for every guest WRMSR):
-        an accelerator that intercepts every WRMSR gives ``vcpu.msr_exit`` itself.  Optional:
-        ``Vcpu`` binds ``wrmsr`` when an accelerator has no ``wrmsr_of``."""
+    def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
+        """The guest's WRMSR.  ``Vcpu`` binds it to each vCPU once; an accelerator may give
+        that binding itself with an optional ``wrmsr_of(vcpu)`` (trap-and-emulate, which
+        intercepts every WRMSR, gives ``vcpu.msr_exit``: one call less per write)."""
         ...
 
     def mov_to_cr8(self, vcpu: Vcpu, value: int) -> None:

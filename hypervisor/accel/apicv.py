@@ -49,7 +49,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 from hypervisor.apic_map import Inhibits
@@ -766,9 +765,6 @@ class ApicvState:
         value = vcpu.emulate_rdmsr(msr)
         self._reenter(vcpu)
         return value
-
-    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
-        return partial(self.wrmsr, vcpu)
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
         if self._x2apic_active(vcpu, msr) and not self.x2apic_msr_intercepted(msr, True):

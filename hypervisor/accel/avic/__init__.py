@@ -51,7 +51,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from functools import partial
 from typing import TYPE_CHECKING
 
 from hypervisor.accel.avic.config import Avic as Avic
@@ -863,9 +862,6 @@ class AvicState:
         if offset == TMCCT:
             self._unaccelerated(vcpu, offset, False, False)
         return vcpu.emulate_rdmsr(msr)
-
-    def wrmsr_of(self, vcpu: Vcpu) -> Callable[[int, int], None]:
-        return partial(self.wrmsr, vcpu)
 
     def wrmsr(self, vcpu: Vcpu, msr: int, value: int) -> None:
         if not self._x2avic(vcpu, msr):
