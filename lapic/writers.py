@@ -51,7 +51,6 @@ _ICR_LOW_STORED = 0xFFFFFFFF & ~DELIVERY_STATUS
 _ICR_STORED = (1 << 64) - 1 & ~DELIVERY_STATUS
 ICR_QWORD = ICR_OFF >> 3
 """The x2APIC ICR's quadword in the page's quadword view (``LocalApic._q``), unless split."""
-_ICR_QWORD = ICR_QWORD
 assert _ICR_HIGH == _ICR + 1  # the x2APIC ICR's two dwords, one quadword at 0x300
 _SELF_IPI = ICR_LOW["shorthand"].place(Shorthand.SELF)
 """The ICR low dword of a SELF IPI write, vector 0 (KVM ``APIC_DEST_SELF``)."""
@@ -183,18 +182,19 @@ class RegisterMixin(ApicCore):
         """The register half of an x2APIC ICR write of ``value`` (already checked): the low
         dword without delivery status at 0x300, the destination at 0x304 or, with
         ``icr_split``, 0x310.  ``_write_icr`` stores it after the send."""
-        if self.icr_split:
+        image = self.x2apic_icr_image(value)
+        if image is None:
             w = self._w
             w[_ICR] = value & _ICR_LOW_STORED
             w[_ICR2] = value >> 32
         else:  # 0x300 and 0x304 are one little-endian quadword
-            self._q[_ICR_QWORD] = value & _ICR_STORED
+            self._q[ICR_QWORD] = image
 
     def x2apic_icr_image(self, value: int) -> int | None:
         """What an x2APIC ICR write of ``value`` stores, as the quadword at :data:`ICR_QWORD`
-        of the page (``self._q[ICR_QWORD] = image`` is :meth:`store_x2apic_icr`), for a
-        hypervisor fastpath that keeps it per value (``hypervisor.vcpu.Vcpu.msr_exit``);
-        None with ``icr_split``, whose two dwords are not one quadword."""
+        of the page (what :meth:`store_x2apic_icr` writes there), for a hypervisor fastpath
+        that keeps it per value (``hypervisor.vcpu.Vcpu.msr_exit``); None with
+        ``icr_split``, whose two dwords are not one quadword."""
         return None if self.icr_split else value & _ICR_STORED
 
     def _write_icr2(self, value: int, x2apic: bool) -> None:
