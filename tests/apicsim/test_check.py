@@ -18,6 +18,8 @@ from apicsim import check, scenario
 from apicsim.cli import main
 from apicsim.kvm import kvm_available
 
+from .scenario_files import line_of
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "specs" / "scenarios"
 SHIPPED = sorted(SCENARIOS.glob("*.toml"))
@@ -45,13 +47,6 @@ def write(
     )
     path.write_text(header + textwrap.dedent(body), encoding="utf-8")
     return path
-
-
-def line_of(path: Path, text: str) -> int:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if text in line:
-            return number
-    raise AssertionError(f"{text!r} is not in {path}")
 
 
 def run_check(paths: list[Path], backend: str) -> tuple[int, list[check.FileResult], str]:

@@ -18,6 +18,8 @@ from apicsim.ops import HostOnly, SetEoiExitBitmap, SetIf, Unsupported, op_from_
 from apicsim.scenario import Runner, build_vm
 from hypervisor.accel.apicv import ApicvState
 
+from .scenario_files import line_of
+
 HEADER = """\
 name = "t"
 description = "A test scenario.  Model-only."
@@ -30,13 +32,6 @@ def write(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "t.toml"
     path.write_text(HEADER + textwrap.dedent(body), encoding="utf-8")
     return path
-
-
-def line_of(path: Path, text: str) -> int:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if text in line:
-            return number
-    raise AssertionError(f"{text!r} is not in {path}")
 
 
 VM = """

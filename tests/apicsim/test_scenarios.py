@@ -17,6 +17,8 @@ from apicsim import scenario
 from apicsim.cli import main
 from lapic.profile import LowestPriorityPolicy
 
+from .scenario_files import line_of
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "specs" / "scenarios"
 SHIPPED = sorted(SCENARIOS.glob("*.toml"))
@@ -33,14 +35,6 @@ def write(tmp_path: Path, body: str, name: str = "t.toml") -> Path:
     path = tmp_path / name
     path.write_text(HEADER + textwrap.dedent(body), encoding="utf-8")
     return path
-
-
-def line_of(path: Path, text: str) -> int:
-    """1-based line of the first line of ``path`` that contains ``text``."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if text in line:
-            return number
-    raise AssertionError(f"{text!r} is not in {path}")
 
 
 # =========================================================================================
