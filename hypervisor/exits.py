@@ -17,6 +17,8 @@ operand.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -47,7 +49,17 @@ class ExitReason(IntEnum):
 
 
 EXIT_SLOTS: dict[ExitReason, int] = {reason: i for i, reason in enumerate(ExitReason)}
-"""Each reason's index in the VM's list of exit counts (``Stats.exit_counts``)."""
+"""Each reason's index in a list of exit counts (``Vcpu.exit_counts``, ``Stats.exit_counts``)."""
+
+
+def exits_by_reason(counts: Sequence[int]) -> Counter[ExitReason]:
+    """The non-zero counts of a list of exit counts (indexed by ``EXIT_SLOTS``), by reason."""
+    return Counter({r: counts[i] for r, i in EXIT_SLOTS.items() if counts[i]})
+
+
+ExitRecord = tuple[int, ExitReason, int, int]
+"""One exit as ``Vm.exit_log`` keeps it: ``(vcpu index, reason, qualification, value)``, a
+plain tuple (the cheapest record to make per exit); ``Vm.exits`` reads them as :class:`Exit`."""
 
 
 class Exit(NamedTuple):

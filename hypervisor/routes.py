@@ -47,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hypervisor.delivery import AcceptFn
+from hypervisor.exits import ExitRecord
 from lapic.apic import LocalApic
 from lapic.icr import Interrupt
 
@@ -61,11 +62,12 @@ Route = tuple[Interrupt, Accepts, Targets, int, int, int, int]
 """A kept route: the decoded message (compared whole on a hit), its targets' acceptors, the
 targets, then the message's vector, delivery mode, trigger and level as
 ``LocalApic.accept_fast`` takes them (what the acceptors were made from)."""
-IcrRoute = tuple[Accepts, object, int, Targets, int, int, int, int]
+IcrRoute = tuple[Accepts, object, int, Targets, int, int, int, int, ExitRecord]
 """A kept x2APIC ICR route: the targets' acceptors, the ``send_hook`` the message was sent
 through (a hit requires the sender's hook to be that very object still), the quadword the
 write stores (``LocalApic.x2apic_icr_image``), then the targets, vector, delivery mode,
-trigger and level, as in :data:`Route`."""
+trigger and level, as in :data:`Route`, and last the exit log's record of the write
+(``(vcpu index, MSR_WRITE, 0x830, value)``, as ``Vm.exit_log`` holds it)."""
 
 
 class RouteCache:
@@ -159,16 +161,22 @@ class RouteCache:
         by[address_lo] = _route(irq, seen)
 
     def learn_icr(
-        self, source: LocalApic, value: int, route: Route, hook: object, image: int
+        self,
+        source: LocalApic,
+        value: int,
+        route: Route,
+        hook: object,
+        image: int,
+        record: ExitRecord,
     ) -> None:
         """Keep ``route`` (kept for the message ICR ``value`` decodes to) for ``value``, which
-        stores ``image`` in the ICR."""
+        stores ``image`` in the ICR and is logged as ``record``."""
         if self._icr_count >= LIMIT:
             self.forget()
         routes = self.icr_of(source)
         if not routes:
             self._icr_filled.append(routes)
-        routes[value] = (route[1], hook, image, *route[2:])
+        routes[value] = (route[1], hook, image, *route[2:], record)
         self._icr_count += 1
 
     def _grow(self) -> None:

@@ -53,12 +53,12 @@ list indexed by the reason, read as ``exits_by_reason``; ``exits`` is their sum)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from hypervisor.exits import EXIT_SLOTS, ExitReason
+from hypervisor.exits import EXIT_SLOTS, ExitReason, exits_by_reason
 from lapic.faults import ApicTypeError, ApicValueError
 from lapic.registers import REGISTER_BY_OFFSET
 
@@ -470,6 +470,12 @@ def _one_or_many(what: str, value: object, kind: type) -> set[Any] | None:
     return out
 
 
+class HasExitCounts(Protocol):
+    """What :class:`Stats` reads of a vCPU: its exits by reason (``Vcpu.exit_counts``)."""
+
+    exit_counts: list[int]
+
+
 _NOT_COUNTS = frozenset({"exits_by_reason", "notifications"})
 """The :class:`Stats` counters read as Counters, not plain counts."""
 _ACCEL_COUNTS = frozenset({"doorbells", "posted", "notifications"})
@@ -496,17 +502,16 @@ class Stats:
     )
     """The counters, in the order ``as_dict``, ``snapshot`` and ``repr`` list them."""
 
-    __slots__ = ("exit_counts", *(n for n in NAMES if n not in ("exits", "exits_by_reason")))
-    """The counters kept per event (``exits`` and ``exits_by_reason`` are read from
-    ``exit_counts``)."""
+    __slots__ = ("_vcpus", *(n for n in NAMES if n not in ("exits", "exits_by_reason")))
+    """The counters kept per event (``exits`` and ``exits_by_reason`` are read from the
+    vCPUs' counts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, vcpus: Sequence[HasExitCounts] = ()) -> None:
+        self._vcpus = vcpus
+        """The VM's vCPUs (its own list, so hotplugged vCPUs count too): KVM counts exits
+        per vCPU and sums them for the VM (``kvm_vcpu_stat``), and so does this."""
         self.doorbells = 0
         """AVIC doorbells rung for this VM's vCPUs (by the CPU or by KVM)."""
-        self.exit_counts = [0] * len(EXIT_SLOTS)
-        """Exits by reason, at each reason's index in ``hypervisor.exits.EXIT_SLOTS`` (a
-        list item costs a third of a Counter keyed by the enum to count).  Read them as
-        :attr:`exits_by_reason`."""
         self.hypercalls = 0
         self.ipis = 0
         """Interrupt messages sent by vCPUs (ICR/SELF IPI writes and PV IPI hypercalls)."""
@@ -524,26 +529,35 @@ class Stats:
         self.notifications: Counter[int] = Counter()
         """APICv: notification IPIs sent, by vector (posted-interrupt, wake-up)."""
 
+    def clear(self) -> None:
+        """Every counter back to 0, the vCPUs' exit counts included (what writing 0 to a KVM
+        debugfs stat does: ``kvm_stat_data_clear`` clears the VM's and every vCPU's)."""
+        vcpus = self._vcpus
+        self.__init__(vcpus)  # type: ignore[misc]
+        for v in vcpus:
+            v.exit_counts[:] = [0] * len(EXIT_SLOTS)
+
+    @property
+    def exit_counts(self) -> list[int]:
+        """The VM's exits by reason, at each reason's index in
+        ``hypervisor.exits.EXIT_SLOTS``: the sums of its vCPUs' ``exit_counts`` (a new
+        list at each read)."""
+        counts = [0] * len(EXIT_SLOTS)
+        for vcpu in self._vcpus:
+            for i, n in enumerate(vcpu.exit_counts):
+                counts[i] += n
+        return counts
+
     @property
     def exits(self) -> int:
-        """Every exit: the sum of :attr:`exit_counts` (read-only; no count of its own to keep
-        per exit)."""
-        return sum(self.exit_counts)
+        """Every exit of every vCPU (read-only: the vCPUs count them)."""
+        return sum(sum(v.exit_counts) for v in self._vcpus)
 
     @property
     def exits_by_reason(self) -> Counter[ExitReason]:
         """The exits by reason: a new Counter of the non-zero counts at each read (a copy:
-        later exits do not change it, and changing it changes nothing); assigning a mapping
-        of reason to count replaces them all."""
-        counts = self.exit_counts
-        return Counter({r: counts[i] for r, i in EXIT_SLOTS.items() if counts[i]})
-
-    @exits_by_reason.setter
-    def exits_by_reason(self, value: dict[ExitReason, int]) -> None:
-        counts = [0] * len(EXIT_SLOTS)
-        for r, n in value.items():
-            counts[EXIT_SLOTS[ExitReason(r)]] = int(n)
-        self.exit_counts = counts
+        later exits do not change it, and changing it changes nothing)."""
+        return exits_by_reason(self.exit_counts)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {name: getattr(self, name) for name in self.NAMES}

@@ -23,12 +23,13 @@ in the order Linux would execute the instructions), interrupt shadows, SMM entry
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING
 
-from hypervisor.exits import EXIT_SLOTS, ExitReason
+from hypervisor.exits import EXIT_SLOTS, ExitReason, exits_by_reason
 from hypervisor.pv_ipi import emulate_hypercall
 from hypervisor.trace import (
     KvmApicWrite,
@@ -111,7 +112,10 @@ class Vcpu:
         """Vectors handled by the default handler (no guest handler installed)."""
         self.sipi_entry: int | None = None
         """Physical start address from the last SIPI (vector << 12), if any."""
-        self.exits = 0
+        self.exit_counts = [0] * len(EXIT_SLOTS)
+        """This vCPU's exits by reason, at each reason's index in ``hypervisor.exits.EXIT_SLOTS``
+        (KVM counts exits per vCPU, ``kvm_vcpu_stat``, and sums them for the VM: so does
+        ``vm.stats``).  Read them as :attr:`exits_by_reason`, their sum as :attr:`exits`."""
         self.guest_if = True
         """RFLAGS.IF of the guest: False is ``cli`` (``halt()`` is then ``cli; hlt``)."""
         accel = vm.accel
@@ -230,8 +234,7 @@ class Vcpu:
         vm = self.vm
         if vm.sync_cr8_at_exit:
             self.sync_cr8_to_lapic()
-        self.exits += 1
-        vm.stats.exit_counts[EXIT_SLOTS[reason]] += 1
+        self.exit_counts[EXIT_SLOTS[reason]] += 1
         log = vm.exit_log
         if log is not None:  # a plain tuple; Vm.exits reads it as an Exit
             log.append((self.index, reason, qualification, value))
@@ -311,26 +314,27 @@ class Vcpu:
         kept route), with no decode and no lookup, while nothing a hit cannot see changed
         (the route cache switch, tracing, queued steps, the sender's send seam).  Anything
         else is :meth:`emulate_wrmsr`, after which an ICR value that sent its message has its
-        route kept (``Vm.learn_icr``)."""
+        route kept (``Vm.learn_icr``).  A kept value's route is looked up first: it also
+        holds this exit's record for the exit log, made when the route was kept (the same
+        tuple a fresh record would be, so a hit allocates nothing)."""
         vm = self.vm
+        route = self.icr_routes.get(value) if msr == 0x830 else None
         if vm.sync_cr8_at_exit:
             self.sync_cr8_to_lapic()
-        self.exits += 1
-        stats = vm.stats
-        stats.exit_counts[_MSR_WRITE_SLOT] += 1
+        self.exit_counts[_MSR_WRITE_SLOT] += 1
         log = vm.exit_log
         if log is not None:  # a plain tuple; Vm.exits reads it as an Exit
-            log.append((self.index, _MSR_WRITE, msr, value))
+            log.append((self.index, _MSR_WRITE, msr, value) if route is None else route[8])
         tracer = vm.tracer
         if tracer.on:
             tracer.emit(KvmExit(self.vcpu_id, _MSR_WRITE, msr))
         elif msr == 0x830 and vm.route_cache and not vm._steps.queued:
-            route = self.icr_routes.get(value)
+            stats = vm.stats
             if route is None:
                 sent = stats.ipis
                 self.emulate_wrmsr(msr, value)
                 if stats.ipis != sent:  # the write sent its message (no #GP, no ESR refusal)
-                    vm.learn_icr(self.apic, value)
+                    vm.learn_icr(self, value)
                 return
             apic = self.apic
             if apic._op_send is None and apic.send_hook is route[1]:
@@ -374,6 +378,16 @@ class Vcpu:
     # ===================================================================================
     # Scheduling and events
     # ===================================================================================
+    @property
+    def exits(self) -> int:
+        """This vCPU's exits (KVM's per-vCPU ``exits`` stat): the sum of :attr:`exit_counts`."""
+        return sum(self.exit_counts)
+
+    @property
+    def exits_by_reason(self) -> Counter[ExitReason]:
+        """This vCPU's exits by reason: a new Counter of the non-zero counts at each read."""
+        return exits_by_reason(self.exit_counts)
+
     @property
     def pcpu(self) -> int | None:
         """Id of the pCPU this vCPU was last loaded on (None before its first entry)."""

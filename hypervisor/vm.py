@@ -69,7 +69,7 @@ from hypervisor.config import (
     check_max_vcpu_ids,
 )
 from hypervisor.delivery import AcceptFn, deliver
-from hypervisor.exits import Exit, ExitReason
+from hypervisor.exits import Exit, ExitReason, ExitRecord
 from hypervisor.host.machine import MAX_PCPUS, Host
 from hypervisor.pv_ipi import pv_send_ipi
 from hypervisor.routes import RouteCache
@@ -182,15 +182,15 @@ class Vm:
         """KVMB-11: SVM without AVIC copies V_TPR into the APIC after each exit."""
         self.pv_features = options.pv_features
         self.aps_started = config.aps_started
-        self.stats = Stats()
         self.tracer = Tracer(config.trace, self.clock)
         exit_log = config.exit_log
-        self.exit_log: deque[tuple[int, ExitReason, int, int]] | None = (
+        self.exit_log: deque[ExitRecord] | None = (
             deque(maxlen=exit_log) if exit_log else None
         )
         """The latest exits as plain ``(vcpu, reason, qualification, value)`` tuples (the
         cheapest record to make per exit); :attr:`exits` reads them as :class:`Exit`."""
         self._vcpus: list[Vcpu] = []
+        self.stats = Stats(self._vcpus)
         self._apics: list[LocalApic] = []
         # The map, its dirty bit and its inhibits are set again by add_vcpu (every VM has a
         # vCPU), and read only through apic_map, which rebuilds a dirty map first (and by a
@@ -418,13 +418,15 @@ class Vm:
             self._routes.learn_source(source, irq, seen)
         return r
 
-    def learn_icr(self, source: LocalApic, value: int) -> None:
-        """After ``source``'s guest wrote ``value`` to the x2APIC ICR (WRMSR 0x830) the slow
+    def learn_icr(self, vcpu: Vcpu, value: int) -> None:
+        """After ``vcpu``'s guest wrote ``value`` to the x2APIC ICR (WRMSR 0x830) the slow
         way and the write sent its message: keep the route of that ICR value
         (``RouteCache.learn_icr``) if the message it decodes to went through this VM's
         delivery and its route was kept, so the next write of ``value`` goes straight to the
         targets (``Vcpu.msr_exit``).  A value with reserved bits is never kept (the true
-        mask, whatever a replay made WRMSR accept)."""
+        mask, whatever a replay made WRMSR accept).  The route also keeps the exit-log record
+        of the write (``Vcpu.msr_exit`` logs it on a hit)."""
+        source = vcpu.apic
         if (
             not self.route_cache
             or self.tracer.on
@@ -442,7 +444,8 @@ class Vm:
         by_source = self._routes.by_source.get(source)
         route = None if by_source is None else by_source.get(irq[6] << 8 | irq[0])
         if route is not None and route[0] == irq:
-            self._routes.learn_icr(source, value, route, source.send_hook, image)
+            record = (vcpu.index, ExitReason.MSR_WRITE, 0x830, value)
+            self._routes.learn_icr(source, value, route, source.send_hook, image, record)
 
     def _on_eoi(self, apic: LocalApic, vector: int, level: bool, suppressed: bool) -> None:
         if self.tracer.on:

@@ -8,6 +8,7 @@ per x2APIC register write); these properties hold the copy to the original.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from hypothesis import given, settings
@@ -165,3 +166,63 @@ def test_exits_by_reason_is_a_copy_and_exits_is_their_sum__EXIT_1() -> None:
     assert held == {ExitReason.MSR_WRITE: 1, ExitReason.HLT: 5}
     assert vm.stats.exits_by_reason == {ExitReason.MSR_WRITE: 2} and vm.stats.exits == 2
     assert len(vm.stats.exit_counts) == len(ExitReason)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 4),  # vCPU; 4 is hotplugged halfway
+            st.sampled_from(["wrmsr", "rdmsr", "mmio", "hlt", "cr8"]),
+            st.integers(0, (1 << 64) - 1),
+        ),
+        max_size=40,
+    ),
+    cut=st.integers(0, 40),
+)
+def test_the_vm_counts_the_sum_of_its_vcpus_exits_and_a_restore_brings_each_vcpus_back__EXIT_1(
+    ops: list[tuple[int, str, int]], cut: int
+) -> None:
+    """KVM counts exits per vCPU (``kvm_vcpu_stat``) and the VM's are their sums: every exit
+    the log holds is counted once, at its vCPU and reason; a snapshot taken at ``cut`` and
+    restored brings every vCPU's counts back; ``clear`` zeroes them all."""
+    vm = Vm(4, exit_log=1 << 16)
+    for i in range(4):
+        vm.vcpu(i).wrmsr(0x1B, ENABLE_X2APIC)
+    snap = counts = None
+    for step, (i, what, value) in enumerate(ops):
+        if step == len(ops) // 2 and len(vm.vcpus) == 4:
+            vm.add_vcpu(4)
+        if step == cut:
+            snap = vm.snapshot()
+            counts = [list(v.exit_counts) for v in vm.vcpus]
+        if i >= len(vm.vcpus):
+            continue
+        vcpu = vm.vcpu(i)
+        try:
+            if what == "wrmsr":
+                vcpu.wrmsr(X2APIC_MSRS[value % len(X2APIC_MSRS)], value)
+            elif what == "rdmsr":
+                vcpu.rdmsr(X2APIC_MSRS[value % len(X2APIC_MSRS)])
+            elif what == "mmio":
+                vcpu.mmio_write(0xFEE00000 + (value & 0xFF0), value & 0xFFFFFFFF)
+            elif what == "hlt":
+                vcpu.halt()
+                vcpu.run()
+            else:
+                vcpu.mov_to_cr8(value & 0xF)
+        except (GuestFault, ApicValueError):
+            pass
+    logged = Counter((e.vcpu, e.reason) for e in vm.exits)
+    for v in vm.vcpus:
+        assert v.exits_by_reason == Counter({r: n for (i, r), n in logged.items() if i == v.index})
+        assert v.exits == sum(v.exit_counts)
+    assert vm.stats.exits_by_reason == Counter(e.reason for e in vm.exits)
+    assert vm.stats.exits == len(vm.exits) == sum(v.exits for v in vm.vcpus)
+    if snap is not None and len(snap.vcpus) == len(vm.vcpus):
+        vm.restore(snap)
+        assert [v.exit_counts for v in vm.vcpus] == counts
+        assert vm.stats.exits == sum(map(sum, counts or []))
+    vm.stats.clear()
+    assert vm.stats.exits == 0 and not vm.stats.exits_by_reason
+    assert all(v.exits == 0 and not v.exits_by_reason for v in vm.vcpus)

@@ -500,7 +500,7 @@ def test_exit_and_eoi_events_name_the_vcpu_id__EXIT_1() -> None:
 
 def test_stats_render_every_counter_and_exits_by_reason_name__EXIT_1() -> None:
     vm = x2apic_vm([0])
-    vm.stats.__init__()  # type: ignore[misc]
+    vm.stats.clear()
     vm.vcpu(0).wrmsr(MSR_TPR, 0x10)
     d = vm.stats.as_dict()
     assert d["exits_by_reason"] == {"MSR_WRITE": 1}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from hypervisor import Vm
+from hypervisor import ExitReason, Vm
 from hypervisor.apic_map import build
 from hypervisor.config import VmConfig
 from hypervisor.delivery import deliver
@@ -253,7 +253,9 @@ def _check_every_kept_route(vm: Vm) -> int:
             assert len(accepts) == len(targets)
             checked += 1
     for source, by_value in routes.icr.items():
-        for value, (accepts, hook, image, targets, *fields) in by_value.items():
+        vcpu = next(v for v in vm.vcpus if v.apic is source)
+        for value, (accepts, hook, image, targets, *fields, record) in by_value.items():
+            assert record == (vcpu.index, ExitReason.MSR_WRITE, 0x830, value)  # its exit's
             assert source.x2apic_mode and not value & X2APIC_ICR_RESERVED
             assert hook == source.send_hook == vm._deliver
             assert not source.icr_split and image == value & ~DELIVERY_STATUS
