@@ -3,14 +3,19 @@
 Run: ``./dev python bench/bench_kernel.py`` (``--quick`` for a short run).  Prints the machine
 (CPU model as ``lscpu`` names it, kernel, Python, cores, load average at the start), one table
 of rates and one table of every ratio with its target (with ``--ipi``, the guest-driver rows
-of ``bench/bench_ipi.py`` too).  Each row is the best of many short repeats of a loop timed
-with ``time.thread_time`` (the CPU time of this thread: Python, the kernel's ioctl work and
-the guest's run time alike; not the time it waited for a CPU, which on a shared, loaded
-machine is most of the wall clock and none of the code's cost), and the repeats of all rows
-alternate, so that whatever load remains falls on every row alike.  Each timed repeat follows
-an untimed one an eighth its length, so that no row pays for refilling the caches and branch
-predictors the row before it used (the guest loop's KVM_RUN rows most of all).  Not a test: it
-exits 0 whatever it measures, and without a usable ``/dev/kvm`` it prints the model's rows only.
+of ``bench/bench_ipi.py`` too).  Each row is a loop run in many short repeats, timed with
+``time.thread_time`` (the CPU time of this thread: Python, the kernel's ioctl work and the
+guest's run time alike; not the time it waited for a CPU, which on a shared, loaded machine is
+most of the wall clock and none of the code's cost).  The repeats of all rows alternate (row 1,
+row 2, ..., row 1, ...), and each timed repeat follows an untimed one an eighth its length, so
+that no row pays for refilling the caches and branch predictors the row before it used (the
+guest loop's KVM_RUN rows most of all).  A rate is the median over the repeats; a ratio of two
+rows is the median of the ratios measured in the same repeat, side by side (a slow spell of
+the shared machine, which can last seconds and slow everything by a third, then falls on both
+rows of a pair alike: over five runs on this machine, this median of the ICR row moved
+between 0.370x and 0.381x, where the ratio of the two rows' best repeats moved between 0.296x
+and 0.409x).  Not a test: it exits 0 whatever it measures, and without a usable ``/dev/kvm``
+it prints the model's rows only.
 
 What is measured, on the same topology for both (4 vCPUs, every APIC software-enabled and in
 x2APIC mode; the model gets the guest CPUID features and ``vector_hashing`` of the host's KVM):
@@ -26,7 +31,8 @@ x2APIC mode; the model gets the guest CPUID features and ``vector_hashing`` of t
     then KVM's fastpath for an x2APIC ICR write: the kept route, the accept, the kick), with 4
     and with 4096 vCPUs (the 4096-vCPU VM sends to its last vCPU), and with 4 vCPUs and the
     exit log off (``exit_log=0``: what KVM itself keeps of an exit, its counters; no record is
-    allocated).  Kernel baseline: a guest loop ``wrmsr; out; jmp`` entered once
+    kept; with the log on, a kept value's record is kept with its route, so neither row
+    allocates per write).  Kernel baseline: a guest loop ``wrmsr; out; jmp`` entered once
     with its registers set, then one KVM_RUN per WRMSR (the fewest ioctls a VMM needs: KVM_RUN,
     then a look at ``kvm_run.exit_reason``).  Also shown, labelled: the ``KvmVcpu.wrmsr``
     wrapper (KVM_GET_MP_STATE, KVM_GET_SREGS, KVM_SET_REGS, KVM_RUN, KVM_GET_REGS per write).
@@ -48,6 +54,7 @@ import argparse
 import fcntl
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -103,19 +110,19 @@ def machine() -> str:
     )
 
 
-def best_rates(loops: list[tuple[Loop, int]], repeats: int) -> list[float]:
-    """Operations per second of each ``(fn, n)`` (``fn(n)`` does ``n`` operations): the best
-    of ``repeats``.  The repeats are interleaved (row 1, row 2, ..., row 1, ...) so that
-    background load falls on every row alike."""
-    best = [float("inf")] * len(loops)
+def timed_repeats(loops: list[tuple[Loop, int]], repeats: int) -> list[list[float]]:
+    """Seconds per operation of each ``(fn, n)`` (``fn(n)`` does ``n`` operations) in each of
+    ``repeats`` rounds.  The rounds are interleaved (row 1, row 2, ..., row 1, ...), so that
+    the ``k``-th times of all rows were measured side by side."""
+    times: list[list[float]] = [[] for _ in loops]
     clock = time.thread_time
     for _ in range(repeats):
-        for i, (fn, n) in enumerate(loops):
+        for (fn, n), row in zip(loops, times, strict=True):
             fn(max(1, n // 8))  # warm-up, untimed: the caches the row before filled are refilled
             t0 = clock()
             fn(n)
-            best[i] = min(best[i], clock() - t0)
-    return [n / t for (_, n), t in zip(loops, best, strict=True)]
+            row.append(max(clock() - t0, 1e-9) / n)
+    return times
 
 
 def model_vm(vcpus: int, exit_log: int = 4096) -> Vm:
@@ -195,7 +202,9 @@ class Row:
     key: str
     name: str
     rate: float | None
-    """Operations per second (None: not measured here)."""
+    """Operations per second, the median over the repeats (None: not measured here)."""
+    times: tuple[float, ...] = ()
+    """Seconds per operation in each repeat, in the order of every other row's repeats."""
 
 
 ROWS = {
@@ -212,7 +221,7 @@ ROWS = {
 
 def measure(quick: bool) -> tuple[list[Row], str | None]:
     """Every row of ``ROWS``; the reason KVM was not measured, if it was not."""
-    n, kvm_n, wrapper_n, repeats = (2_000, 1_000, 100, 5) if quick else (2_000, 1_000, 100, 40)
+    n, kvm_n, wrapper_n, repeats = (500, 500, 50, 20) if quick else (500, 500, 50, 160)
     vm = model_vm(VCPUS)
     nolog = model_vm(VCPUS, exit_log=0)
     big = model_vm(BIG_VCPUS)
@@ -225,8 +234,7 @@ def measure(quick: bool) -> tuple[list[Row], str | None]:
     }
     ok, why = kvm_available()
     if not ok:
-        rates = dict(zip(loops, best_rates(list(loops.values()), repeats), strict=True))
-        return [Row(key, name, rates.get(key)) for key, name in ROWS.items()], why
+        return rows(loops, timed_repeats(list(loops.values()), repeats)), why
     with KvmVm(VCPUS) as kvm:
         setup_x2apic([kvm.vcpu(i).wrmsr for i in range(VCPUS)])
         assert kvm.signal_msi(MSI_ADDRESS, 0, MSI_DATA, 0) == 1
@@ -236,26 +244,36 @@ def measure(quick: bool) -> tuple[list[Row], str | None]:
         raw_icr, release = raw_wrmsr_loop(kvm)
         loops["icr_raw"] = (raw_icr, kvm_n)
         try:
-            rates = dict(zip(loops, best_rates(list(loops.values()), repeats), strict=True))
+            times = timed_repeats(list(loops.values()), repeats)
         finally:
             release()
         assert VECTOR in kvm.lapic_view(1).irr and VECTOR in kvm.lapic_view(2).irr
     assert VECTOR in vm.lapic(1).irr and VECTOR in vm.lapic(2).irr
     assert VECTOR in nolog.lapic(1).irr and not nolog.exits
     assert VECTOR in big.lapic(BIG_VCPUS - 1).irr
-    return [Row(key, name, rates.get(key)) for key, name in ROWS.items()], None
+    return rows(loops, times), None
+
+
+def rows(loops: dict[str, tuple[Loop, int]], times: list[list[float]]) -> list[Row]:
+    """Every row of ``ROWS``, with the times measured for the keys of ``loops``."""
+    by_key = dict(zip(loops, times, strict=True))
+    out = []
+    for key, name in ROWS.items():
+        t = by_key.get(key)
+        out.append(Row(key, name, None if t is None else 1 / statistics.median(t), tuple(t or ())))
+    return out
 
 
 def ratios(rows: list[Row]) -> list[tuple[str, float, str, bool | None]]:
     """``(what, ratio, target, met)`` for every ratio that can be computed from ``rows``."""
-    r = {row.key: row.rate for row in rows}
+    r = {row.key: row.times for row in rows if row.times}
     out: list[tuple[str, float, str, bool | None]] = []
 
     def add(what: str, num: str, den: str, target: float | None, at_most: bool = False) -> None:
         a, b = r.get(num), r.get(den)
         if a is None or b is None:
             return
-        value = a / b
+        value = statistics.median(tb / ta for ta, tb in zip(a, b, strict=True))  # rate a / b
         if target is None:
             out.append((what, value, "", None))
         elif at_most:

@@ -13,9 +13,10 @@ looked up again:
 * per raw MSI (address_lo, data) with address_hi = 0 and no flags: the decoded message and
   its targets (KVM_SIGNAL_MSI then skips the decode too);
 * per source APIC in x2APIC mode (ICR not split), per raw 64-bit ICR value written with WRMSR
-  0x830: its targets, the ``send_hook`` it went through and what the write stores
-  (``Vcpu.msr_exit`` then neither decodes nor looks up the message: KVM's own fastpath for
-  this exit, ``handle_fastpath_set_x2apic_icr_irqoff``, is the model).  Learnt from a route
+  0x830: its targets, the ``send_hook`` it went through, what the write stores and the
+  exit's record for the exit log (``Vcpu.msr_exit`` then neither decodes nor looks up the
+  message, nor makes a record: KVM's own fastpath for this exit,
+  ``handle_fastpath_set_x2apic_icr_irqoff``, is the model).  Learnt from a route
   already kept for the decoded message, so it is exactly as valid as that route.
 
 What may be kept: only a route the map decided (``deliver`` reported the fast path) with at
