@@ -79,6 +79,12 @@ class GuestCpu:
         self.guest = guest
         self.index = index
         self.vcpu: Vcpu = guest.vm.vcpu(index)
+        self.driver: Driver = guest.driver
+        """The guest's driver (``Guest.driver``), bound here for the send paths."""
+        self.cpu_to_apicid: list[int] = guest.cpu_to_apicid
+        """``Guest.cpu_to_apicid`` (the same list), bound here for the send paths."""
+        self.ncpus = len(guest.vm)
+        """How many CPUs the guest has (CPU numbers are ``0 .. ncpus - 1``)."""
         self.x2apic = guest.driver.x2apic
         self.apic_base_address = self.vcpu.apic.base_address
         self.handled: list[int] = []
@@ -175,29 +181,47 @@ class GuestCpu:
     # ===================================================================================
     def send_IPI(self, target: int, vector: int) -> None:
         """``apic->send_IPI``: one CPU."""
-        check_int("target", target, 0, len(self.guest) - 1)
-        self.guest.driver.send_IPI(self, target, _vector(vector))
+        # Fast tests first (plain ints in range), as in send_IPI_mask; else the full checks.
+        if type(target) is not int or not 0 <= target < self.ncpus:
+            check_int("target", target, 0, self.ncpus - 1)
+        if type(vector) is not int or not 0 <= vector <= 0xFF:
+            vector = check_int("vector", vector, 0, 0xFF)
+        self.driver.send_IPI(self, target, vector)
 
     def send_IPI_mask(self, cpus: Iterable[int], vector: int) -> None:
         """``apic->send_IPI_mask``: every CPU in ``cpus`` (self included if listed)."""
-        self.guest.driver.send_IPI_mask(self, self.guest.cpumask(cpus), _vector(vector))
+        # The hot path (a unicast IPI is a one-CPU mask): the common case is tested inline,
+        # as Guest.cpumask's and _vector's fast tests do (a call costs as much as the tests):
+        # a list or tuple of plain ints, strictly ascending and in range, and a plain-int
+        # vector.  Anything else (including every bad argument) takes the full checks.
+        plain = type(cpus) is list or type(cpus) is tuple
+        if plain and type(vector) is int and 0 <= vector <= 0xFF:
+            last = -1
+            for c in cpus:
+                if type(c) is not int or c <= last:
+                    break
+                last = c
+            else:
+                if last < self.ncpus:
+                    self.driver.send_IPI_mask(self, cpus, vector)
+                    return
+        self.driver.send_IPI_mask(self, self.guest.cpumask(cpus), _vector(vector))
 
     def send_IPI_mask_allbutself(self, cpus: Iterable[int], vector: int) -> None:
         """``apic->send_IPI_mask_allbutself``: every CPU in ``cpus`` but this one."""
-        mask = self.guest.cpumask(cpus)
-        self.guest.driver.send_IPI_mask_allbutself(self, mask, _vector(vector))
+        self.driver.send_IPI_mask_allbutself(self, self.guest.cpumask(cpus), _vector(vector))
 
     def send_IPI_allbutself(self, vector: int) -> None:
         """``apic->send_IPI_allbutself``: the all-excluding-self shorthand."""
-        self.guest.driver.send_IPI_allbutself(self, _vector(vector))
+        self.driver.send_IPI_allbutself(self, _vector(vector))
 
     def send_IPI_all(self, vector: int) -> None:
         """``apic->send_IPI_all``: the all-including-self shorthand."""
-        self.guest.driver.send_IPI_all(self, _vector(vector))
+        self.driver.send_IPI_all(self, _vector(vector))
 
     def send_IPI_self(self, vector: int) -> None:
         """``apic->send_IPI_self``: the self shorthand."""
-        self.guest.driver.send_IPI_self(self, _vector(vector))
+        self.driver.send_IPI_self(self, _vector(vector))
 
     # ===================================================================================
     # Boot
@@ -222,6 +246,10 @@ class GuestCpu:
 
 
 def _vector(vector: int) -> int:
+    """``vector`` checked: a plain int in 0..255 passes a fast test, anything else (a bad
+    argument, a bool, an int subclass) gets ``check_int``."""
+    if type(vector) is int and 0 <= vector <= 0xFF:
+        return vector
     return check_int("vector", vector, 0, 0xFF)
 
 
@@ -266,9 +294,9 @@ class Guest:
         self.driver: Driver = chosen
         self._check_vm(vm, chosen)
 
-        self.cpus: tuple[GuestCpu, ...] = tuple(GuestCpu(self, i) for i in range(len(vm)))
         self.cpu_to_apicid: list[int] = []
         self.cpu_to_logical_apicid: list[int] = []
+        self.cpus: tuple[GuestCpu, ...] = tuple(GuestCpu(self, i) for i in range(len(vm)))
         for cpu in self.cpus:
             apicid, logical = cpu.boot()
             self.cpu_to_apicid.append(apicid)
@@ -313,7 +341,22 @@ class Guest:
         return self.cpus[i]
 
     def cpumask(self, cpus: Iterable[int]) -> Sequence[int]:
-        """A cpumask: the CPU numbers of ``cpus``, checked, without repeats, ascending."""
+        """A cpumask: the CPU numbers of ``cpus``, checked, without repeats, ascending.
+
+        Fast path: a list or tuple of plain ints, strictly ascending (so without repeats) and
+        in range, is already a cpumask and is returned as it is; anything else (unsorted,
+        repeats, bools, int subclasses, other iterables, bad values) is checked one CPU at a
+        time and returned as a new sorted list.
+        """
+        if type(cpus) is list or type(cpus) is tuple:
+            last = -1
+            for c in cpus:
+                if type(c) is not int or c <= last:
+                    break
+                last = c
+            else:
+                if last < len(self.cpus):
+                    return cpus
         try:
             if isinstance(cpus, int | str | bytes):
                 raise TypeError

@@ -102,6 +102,17 @@ def prepare_icr(shortcut: int, vector: int, dest_mode: int) -> int:
     return icr | APIC_DM_FIXED | vector
 
 
+ICR_LOW_PHYSICAL: tuple[int, ...] = tuple(
+    prepare_icr(0, v, APIC_DEST_PHYSICAL) for v in range(256)
+)
+ICR_LOW_LOGICAL: tuple[int, ...] = tuple(prepare_icr(0, v, APIC_DEST_LOGICAL) for v in range(256))
+"""``prepare_icr(0, vector, dest_mode)`` by vector, computed once: the ICR low dword of a
+destination-field IPI (no shorthand), physical or logical."""
+
+MSR_X2APIC_ICR = X2APIC_MSR_BASE + (APIC_ICR >> 4)
+"""0x830, the x2APIC ICR (one 64-bit register: destination in bits 63:32)."""
+
+
 class Driver:
     """One ``struct apic`` as the guest uses it.  Methods take the executing CPU first."""
 
@@ -249,7 +260,7 @@ class X2apicDriver(Driver):
     @staticmethod
     def icr_write(cpu: GuestCpu, low: int, dest: int) -> None:
         """``native_x2apic_icr_write``: WRMSR 0x830, ``dest << 32 | low``."""
-        cpu.vcpu.wrmsr(X2APIC_MSR_BASE + (APIC_ICR >> 4), (dest << 32) | low)
+        cpu.vcpu.wrmsr(MSR_X2APIC_ICR, (dest << 32) | low)
 
     def send_shorthand(self, cpu: GuestCpu, shortcut: int, vector: int) -> None:
         """``__x2apic_send_IPI_shorthand``: one ICR write, destination 0."""
@@ -267,23 +278,25 @@ class X2apicPhys(X2apicDriver):
 
     def send_IPI(self, cpu: GuestCpu, target: int, vector: int) -> None:
         """``x2apic_send_IPI``: ``__x2apic_send_IPI_dest(apicid, vector, PHYSICAL)``."""
-        low = prepare_icr(0, vector, APIC_DEST_PHYSICAL)
-        self.icr_write(cpu, low, cpu.guest.cpu_to_apicid[target])
-
-    def _send_mask(self, cpu: GuestCpu, cpus: Sequence[int], vector: int, allbut: bool) -> None:
-        """``__x2apic_send_IPI_mask``: one ICR write per CPU (skipping self for ALLBUT)."""
-        low = prepare_icr(0, vector, APIC_DEST_PHYSICAL)
-        apicids = cpu.guest.cpu_to_apicid
-        for c in cpus:
-            if allbut and c == cpu.index:
-                continue
-            self.icr_write(cpu, low, apicids[c])
+        cpu.vcpu.wrmsr(MSR_X2APIC_ICR, cpu.cpu_to_apicid[target] << 32 | ICR_LOW_PHYSICAL[vector])
 
     def send_IPI_mask(self, cpu: GuestCpu, cpus: Sequence[int], vector: int) -> None:
-        self._send_mask(cpu, cpus, vector, allbut=False)
+        """``__x2apic_send_IPI_mask``: one ICR write (``native_x2apic_icr_write``) per CPU."""
+        low = ICR_LOW_PHYSICAL[vector]
+        apicids = cpu.cpu_to_apicid
+        wrmsr = cpu.vcpu.wrmsr
+        for c in cpus:
+            wrmsr(MSR_X2APIC_ICR, apicids[c] << 32 | low)
 
     def send_IPI_mask_allbutself(self, cpu: GuestCpu, cpus: Sequence[int], vector: int) -> None:
-        self._send_mask(cpu, cpus, vector, allbut=True)
+        """``__x2apic_send_IPI_mask`` with ALLBUT: the same, skipping the sender."""
+        low = ICR_LOW_PHYSICAL[vector]
+        apicids = cpu.cpu_to_apicid
+        wrmsr = cpu.vcpu.wrmsr
+        me = cpu.index
+        for c in cpus:
+            if c != me:
+                wrmsr(MSR_X2APIC_ICR, apicids[c] << 32 | low)
 
 
 class X2apicCluster(X2apicDriver):
