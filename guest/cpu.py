@@ -194,8 +194,9 @@ class GuestCpu:
         # as Guest.cpumask's and _vector's fast tests do (a call costs as much as the tests):
         # a list or tuple of plain ints, strictly ascending and in range, and a plain-int
         # vector.  Anything else (including every bad argument) takes the full checks.
-        plain = type(cpus) is list or type(cpus) is tuple
-        if plain and type(vector) is int and 0 <= vector <= 0xFF:
+        if (type(cpus) is list or type(cpus) is tuple) and (
+            type(vector) is int and 0 <= vector <= 0xFF
+        ):
             last = -1
             for c in cpus:
                 if type(c) is not int or c <= last:
