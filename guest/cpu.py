@@ -246,6 +246,22 @@ class GuestCpu:
         return f"<GuestCpu {self.index} apicid={self.apicid:#x} {self.guest.driver.name}>"
 
 
+def checked_cpumask(cpus: Iterable[int], ncpus: int) -> list[int]:
+    """The full check behind ``Guest.cpumask`` (no fast path): every element of ``cpus`` an
+    int CPU number in ``0 .. ncpus - 1`` (``ApicTypeError``/``ApicValueError`` naming ``cpu``
+    otherwise; ``cpus`` itself must be an iterable other than int/str/bytes); returns the
+    numbers without repeats, ascending."""
+    try:
+        if isinstance(cpus, int | str | bytes):
+            raise TypeError
+        numbers = iter(cpus)
+    except TypeError:
+        raise ApicTypeError(
+            f"cpus must be an iterable of CPU numbers, not {type(cpus).__name__}"
+        ) from None
+    return sorted({check_int("cpu", c, 0, ncpus - 1) for c in numbers})
+
+
 def _vector(vector: int) -> int:
     """``vector`` checked: a plain int in 0..255 passes a fast test, anything else (a bad
     argument, a bool, an int subclass) gets ``check_int``."""
@@ -358,16 +374,7 @@ class Guest:
             else:
                 if last < len(self.cpus):
                     return cpus
-        try:
-            if isinstance(cpus, int | str | bytes):
-                raise TypeError
-            numbers = iter(cpus)
-        except TypeError:
-            raise ApicTypeError(
-                f"cpus must be an iterable of CPU numbers, not {type(cpus).__name__}"
-            ) from None
-        n = len(self.cpus)
-        return sorted({check_int("cpu", c, 0, n - 1) for c in numbers})
+        return checked_cpumask(cpus, len(self.cpus))
 
     def __len__(self) -> int:
         return len(self.cpus)
