@@ -171,7 +171,9 @@ def _diff_fields(
 
 def _diff_vcpu(a: VcpuState, b: VcpuState) -> list[str]:
     label = f"vcpu {a.index}"
-    out = _diff_fields(label, a, b, skip=("apic",))
+    # The exits by reason are shown only where the total alone would hide a difference.
+    skip = ("apic", "exits_by_reason") if a.exits != b.exits else ("apic",)
+    out = _diff_fields(label, a, b, skip=skip)
     out.extend(f"{label} {line}" for line in a.apic.diff(b.apic))
     return out
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypervisor import Host, RunState, Vm
+from hypervisor import ExitReason, Host, RunState, Vm
 from hypervisor.snapshot import SNAPSHOT_VERSION
 from lapic.faults import ApicTypeError, ApicValueError
 
@@ -225,3 +225,19 @@ def test_pickle_round_trip_of_a_vm_gives_an_equal_vm__VMSNAP_1() -> None:
     assert twin.snapshot() == vm.snapshot()
     assert twin.vcpu(2).run() == [0x52] and twin.vcpu(1).run() == [0x61]
     assert vm.lapic(2).pending_interrupt() == 0x52
+
+
+def test_diff_shows_a_vcpus_exits_by_reason_only_where_the_total_hides_the_change__VMSNAP_3() -> (
+    None
+):
+    vm = x2apic_vm([0, 1])
+    before = vm.snapshot()
+    vm.vcpu(0).wrmsr(MSR_TPR, 0x20)
+    after = vm.snapshot()
+    assert "vcpu 0 exits: 0x3 -> 0x4" in before.diff(after)
+    assert not any(line.startswith("vcpu 0 exits_by_reason") for line in before.diff(after))
+    v0 = after.vcpus[0]
+    relabelled = replace(v0, exits_by_reason=((int(ExitReason.HLT), 1), *v0.exits_by_reason[1:]))
+    same_total = replace(after, vcpus=(relabelled, *after.vcpus[1:]))
+    lines = after.diff(same_total)
+    assert len(lines) == 1 and lines[0].startswith("vcpu 0 exits_by_reason: ")
