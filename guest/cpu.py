@@ -18,7 +18,10 @@ executes them (so every one is a VM exit under trap-and-emulate):
   ``GuestCpu.handled``, then EOI through the mode's interface; an NMI handler
   (``Vcpu.nmi_handler``) that records vector 2 and takes no EOI;
 * the ``apic->send_IPI*`` entry points, with cpumasks given as iterables of CPU numbers
-  (visited in ascending order, as ``for_each_cpu`` does).
+  (visited in ascending order, as ``for_each_cpu`` does).  The common case (plain ints in
+  range; a list or tuple mask already ascending, without repeats) passes a fast inline test;
+  anything else gets the full checks (``checked_cpumask``, ``check_int``), which raise before
+  anything is sent (tests/guest/test_send_fast_path.py: both paths do the same).
 
 The APIC base address is the one the firmware tables report (the vCPU's IA32_APIC_BASE when
 the guest boots), read without an exit.

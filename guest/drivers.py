@@ -25,7 +25,8 @@ Linux's):
 
 Common to all: ``__prepare_ICR`` (``APIC_DM_FIXED | vector``, or ``APIC_DM_NMI`` with vector
 field 0 for ``NMI_VECTOR`` = 2; the assert bit is never set; it means nothing to KVM for fixed
-and NMI); the xAPIC wait for ICR idle before every send (``apic_mem_wait_icr_idle`` /
+and NMI; x2apic_phys reads it from ``ICR_LOW_PHYSICAL``, computed once per vector); the
+xAPIC wait for ICR idle before every send (``apic_mem_wait_icr_idle`` /
 ``..._timeout`` for NMI: one MMIO read of ICR when bit 12 is clear, which under KVM it always
 is); the shorthand sends ``send_IPI_allbutself``/``send_IPI_all``/``send_IPI_self`` as one ICR
 write with the shorthand and no ICR2 write (xAPIC ``__default_send_IPI_shortcut``, x2APIC
