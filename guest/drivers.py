@@ -25,8 +25,8 @@ Linux's):
 
 Common to all: ``__prepare_ICR`` (``APIC_DM_FIXED | vector``, or ``APIC_DM_NMI`` with vector
 field 0 for ``NMI_VECTOR`` = 2; the assert bit is never set; it means nothing to KVM for fixed
-and NMI; x2apic_phys reads it from ``ICR_LOW_PHYSICAL``, computed once per vector); the
-xAPIC wait for ICR idle before every send (``apic_mem_wait_icr_idle`` /
+and NMI; the x2APIC drivers read it from ``ICR_LOW_PHYSICAL``/``ICR_LOW_LOGICAL``, computed
+once per vector); the xAPIC wait for ICR idle before every send (``apic_mem_wait_icr_idle`` /
 ``..._timeout`` for NMI: one MMIO read of ICR when bit 12 is clear, which under KVM it always
 is); the shorthand sends ``send_IPI_allbutself``/``send_IPI_all``/``send_IPI_self`` as one ICR
 write with the shorthand and no ICR2 write (xAPIC ``__default_send_IPI_shortcut``, x2APIC
@@ -307,14 +307,13 @@ class X2apicCluster(X2apicDriver):
 
     def send_IPI(self, cpu: GuestCpu, target: int, vector: int) -> None:
         """``x2apic_send_IPI``: one logical IPI to the target's logical ID."""
-        low = prepare_icr(0, vector, APIC_DEST_LOGICAL)
-        self.icr_write(cpu, low, cpu.guest.cpu_to_logical_apicid[target])
+        self.icr_write(cpu, ICR_LOW_LOGICAL[vector], cpu.guest.cpu_to_logical_apicid[target])
 
     def _send_mask(self, cpu: GuestCpu, cpus: Sequence[int], vector: int, allbut: bool) -> None:
         """``__x2apic_send_IPI_mask``: collapse the CPUs of one cluster into one IPI."""
         logical = cpu.guest.cpu_to_logical_apicid
         tmpmsk = [c for c in cpus if not (allbut and c == cpu.index)]
-        low = prepare_icr(0, vector, APIC_DEST_LOGICAL)
+        low = ICR_LOW_LOGICAL[vector]
         while tmpmsk:
             cluster = logical[tmpmsk[0]] >> 16
             dest = 0
