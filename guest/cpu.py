@@ -193,22 +193,6 @@ class GuestCpu:
 
     def send_IPI_mask(self, cpus: Iterable[int], vector: int) -> None:
         """``apic->send_IPI_mask``: every CPU in ``cpus`` (self included if listed)."""
-        # The hot path (a unicast IPI is a one-CPU mask): the common case is tested inline,
-        # as Guest.cpumask's and _vector's fast tests do (a call costs as much as the tests):
-        # a list or tuple of plain ints, strictly ascending and in range, and a plain-int
-        # vector.  Anything else (including every bad argument) takes the full checks.
-        if (type(cpus) is list or type(cpus) is tuple) and (
-            type(vector) is int and 0 <= vector <= 0xFF
-        ):
-            last = -1
-            for c in cpus:
-                if type(c) is not int or c <= last:
-                    break
-                last = c
-            else:
-                if last < self.ncpus:
-                    self.driver.send_IPI_mask(self, cpus, vector)
-                    return
         self.driver.send_IPI_mask(self, self.guest.cpumask(cpus), _vector(vector))
 
     def send_IPI_mask_allbutself(self, cpus: Iterable[int], vector: int) -> None:
