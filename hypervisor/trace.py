@@ -44,8 +44,9 @@ Not modelled: the host task names and pids of a real trace (the task column is `
 the CPU column the vCPU index), KVM's RIP fields (no instruction stream), tracepoints for
 events the model does not simulate (page faults, ``kvm_entry``).
 
-Counters (``Stats``) are plain integer attributes, always updated (the exits by reason in a
-list indexed by the reason, read as ``exits_by_reason``; ``exits`` is their sum);
+Counters (``Stats``) are plain integer attributes, always updated, except the exits: each vCPU
+counts its own by reason (``Vcpu.exit_counts``, as KVM's ``kvm_vcpu_stat``), and the VM's
+``exit_counts``, ``exits_by_reason`` and ``exits`` are their sums, made when read;
 ``Stats.snapshot()`` is a frozen copy and ``stats - earlier`` the counts since then
 (:class:`StatsSnapshot`).
 """
