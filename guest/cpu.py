@@ -184,7 +184,8 @@ class GuestCpu:
     # ===================================================================================
     def send_IPI(self, target: int, vector: int) -> None:
         """``apic->send_IPI``: one CPU."""
-        # Fast tests first (plain ints in range), as in send_IPI_mask; else the full checks.
+        # Fast tests first (plain ints in range), as Guest.cpumask and _vector do; else the
+        # full checks.
         if type(target) is not int or not 0 <= target < self.ncpus:
             check_int("target", target, 0, self.ncpus - 1)
         if type(vector) is not int or not 0 <= vector <= 0xFF:
