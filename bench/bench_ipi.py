@@ -25,7 +25,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,7 +59,7 @@ def side_by_side(fns: list[Callable[[], None]], repeats: int) -> list[list[float
     return times
 
 
-def paired_ratio(a: list[float], b: list[float]) -> float:
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """The median of ``a[k] / b[k]``: a cost ratio measured side by side in each round, so that
     a slow spell of the shared machine falls on both sides of a pair alike."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))

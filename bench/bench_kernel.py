@@ -64,6 +64,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_ipi
+
 from apicsim.kvm import KvmVm, guest_features, host_vector_hashing, kvm_available
 from apicsim.kvm import ioctl as k
 from hypervisor import Vm
@@ -273,7 +275,7 @@ def ratios(rows: list[Row]) -> list[tuple[str, float, str, bool | None]]:
         a, b = r.get(num), r.get(den)
         if a is None or b is None:
             return
-        value = statistics.median(tb / ta for ta, tb in zip(a, b, strict=True))  # rate a / b
+        value = bench_ipi.paired_ratio(b, a)  # rate a / rate b: the cost of b over the cost of a
         if target is None:
             out.append((what, value, "", None))
         elif at_most:
@@ -296,8 +298,6 @@ def ratios(rows: list[Row]) -> list[tuple[str, float, str, bool | None]]:
 def guest_ratios(quick: bool) -> list[tuple[str, float, str, bool | None]]:
     """The ratios of ``bench/bench_ipi.py`` (the Linux guest driver's paths, model only), in
     :func:`ratios`' form, so that one table holds every ratio of ``bench/``."""
-    import bench_ipi
-
     n, repeats = (1_000, 5) if quick else (2_000, 40)
     u4, _, unicast_ratio = bench_ipi.unicast_costs(n, repeats)
     _, _, pv_ratio = bench_ipi.pv_vs_accept(max(50, n // 20), repeats)
