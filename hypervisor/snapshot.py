@@ -52,8 +52,6 @@ class VcpuState:
     run_state: RunState
     mp_state: MpState
     pcpu: int | None
-    exits: int
-    """The vCPU's exits, every reason (``Vcpu.exits``; printed by ``diff``)."""
     exits_by_reason: tuple[tuple[int, int], ...]
     """``(reason, count)`` of each reason this vCPU exited for (``Vcpu.exit_counts``, what a
     restore sets; the VM's counts are their sums)."""
@@ -61,6 +59,11 @@ class VcpuState:
     handled: tuple[int, ...]
     apic: ApicSnapshot
     """``LocalApic.snapshot()``: the page, pending events, timer and latches."""
+
+    @property
+    def exits(self) -> int:
+        """The vCPU's exits, every reason (``Vcpu.exits``)."""
+        return sum(n for _, n in self.exits_by_reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +174,10 @@ def _diff_fields(
 
 def _diff_vcpu(a: VcpuState, b: VcpuState) -> list[str]:
     label = f"vcpu {a.index}"
-    # The exits by reason are shown only where the total alone would hide a difference.
-    skip = ("apic", "exits_by_reason") if a.exits != b.exits else ("apic",)
-    out = _diff_fields(label, a, b, skip=skip)
+    out = _diff_fields(label, a, b, skip=("apic",))
+    if a.exits != b.exits:  # the total, unless it alone would hide the change of reasons
+        total = f"{label} exits: {_show(a.exits)} -> {_show(b.exits)}"
+        out = [total if line.startswith(f"{label} exits_by_reason:") else line for line in out]
     out.extend(f"{label} {line}" for line in a.apic.diff(b.apic))
     return out
 
@@ -251,7 +255,6 @@ def snapshot_vm(vm: Vm) -> VmSnapshot:
             v.run_state,
             v.mp_state,
             v.pcpu,
-            v.exits,
             tuple(sorted((int(r), n) for r, n in v.exits_by_reason.items())),
             v.sipi_entry,
             tuple(v.handled),
